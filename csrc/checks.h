@@ -1,0 +1,36 @@
+// Argument checks shared by every device's implementation: one place that
+// decides what the ops accept and says what to do when they do not.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+#include "geometry.h"
+
+namespace safebn {
+
+// Validates a batch-norm input (floating dtype, 2 to 5 dimensions).
+void check_input(const at::Tensor& input);
+
+// Validates a per-channel tensor (weight, bias, mean, invstd, running stats):
+// C elements, on the input's device, of the input's dtype or a float dtype.
+void check_channel_tensor(const at::Tensor& t, const at::Tensor& input, const char* name);
+void check_channel_tensor(const std::optional<at::Tensor>& t, const at::Tensor& input, const char* name);
+
+void check_eps(double eps);
+
+// The input in a layout the kernels walk directly: contiguous, channels_last
+// or channels_last_3d are returned as they are; any other strides are copied
+// to contiguous (the one case where the activation is copied).
+at::Tensor with_kernel_layout(const at::Tensor& input);
+
+// `t` (a gradient) laid out exactly like `like`, which has a kernel layout.
+at::Tensor with_layout_of(const at::Tensor& t, const at::Tensor& like);
+
+Geometry geometry_of(const at::Tensor& input_with_kernel_layout);
+
+// float32 for float/half/bfloat16 input, float64 for float64 input.
+at::ScalarType accumulate_type(at::ScalarType input_type);
+
+}  // namespace safebn

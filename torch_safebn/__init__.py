@@ -1,0 +1,40 @@
+"""torch_safebn: batch normalization for PyTorch with fused C++/CUDA kernels
+that cannot be silently poisoned. See README.md."""
+from ._ops import BACKEND as _BACKEND
+from .convert import convert_model, revert_model
+from .functional import batch_norm
+from .modules import SafeBatchNorm1d, SafeBatchNorm2d, SafeBatchNorm3d
+from .safety import (
+    DegenerateBatchError,
+    NonFiniteError,
+    Report,
+    SafetyError,
+    check,
+    name_modules,
+    report,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SafeBatchNorm1d",
+    "SafeBatchNorm2d",
+    "SafeBatchNorm3d",
+    "batch_norm",
+    "convert_model",
+    "revert_model",
+    "backend",
+    "report",
+    "check",
+    "name_modules",
+    "Report",
+    "SafetyError",
+    "DegenerateBatchError",
+    "NonFiniteError",
+]
+
+
+def backend() -> str:
+    """Which implementation is live: "cuda+cpu" or "cpu" (compiled kernels), or
+    "reference" (the pure-PyTorch fallback, when the extension did not load)."""
+    return _BACKEND

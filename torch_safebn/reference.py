@@ -1,0 +1,149 @@
+"""Pure-PyTorch batch norm: the oracle of the tests and the fallback when the
+compiled extension cannot load. It implements each safebn op with the same
+signature and the same guard rules, in composite (differentiable) ops, and
+computes in float64 when given float64."""
+from __future__ import annotations
+
+import torch
+
+from .safety import Counter
+
+__all__ = [
+    "accumulate_dtype",
+    "forward_train",
+    "forward_eval",
+    "backward",
+    "update_running_stats",
+    "check_eval_stats",
+]
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 input, float32 otherwise (float16 and bfloat16 included)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _reduce_dims(x: torch.Tensor) -> list[int]:
+    return [0] + list(range(2, x.dim()))
+
+
+def _per_channel(t: torch.Tensor | None, x: torch.Tensor, fill: float, dtype: torch.dtype) -> torch.Tensor:
+    """A per-channel tensor shaped to broadcast against x: [1, C, 1, ...]."""
+    shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
+    if t is None:
+        return torch.full(shape, fill, dtype=dtype, device=x.device)
+    return t.to(dtype).reshape(shape)
+
+
+def forward_train(input, weight, bias, eps):
+    acc = accumulate_dtype(input.dtype)
+    x = input.to(acc)
+    var, mean = torch.var_mean(x, dim=_reduce_dims(x), correction=0)
+    invstd = torch.rsqrt(var + eps)
+    scale = _per_channel(invstd, x, 1, acc) * _per_channel(weight, x, 1, acc)
+    out = (x - _per_channel(mean, x, 0, acc)) * scale + _per_channel(bias, x, 0, acc)
+    return out.to(input.dtype), mean, invstd
+
+
+def forward_eval(input, weight, bias, running_mean, running_var, eps):
+    acc = accumulate_dtype(input.dtype)
+    x = input.to(acc)
+    scale = torch.rsqrt(_per_channel(running_var, x, 1, acc) + eps) * _per_channel(weight, x, 1, acc)
+    out = (x - _per_channel(running_mean, x, 0, acc)) * scale + _per_channel(bias, x, 0, acc)
+    return out.to(input.dtype)
+
+
+def backward(grad_output, input, weight, mean, invstd, train, output_mask):
+    acc = accumulate_dtype(input.dtype)
+    x, dy = input.to(acc), grad_output.to(acc)
+    dims = _reduce_dims(x)
+    xmu = x - _per_channel(mean, x, 0, acc)
+    inv = _per_channel(invstd, x, 1, acc)
+    sum_dy = dy.sum(dims)
+    sum_dy_xmu = (dy * xmu).sum(dims)
+    grad_input = grad_weight = grad_bias = None
+    if output_mask[0]:
+        count = x.numel() // max(x.shape[1], 1)
+        if train:
+            proj = _per_channel(sum_dy_xmu, x, 0, acc) * inv * inv / count
+            dy = dy - _per_channel(sum_dy, x, 0, acc) / count - xmu * proj
+        grad_input = (dy * inv * _per_channel(weight, x, 1, acc)).to(input.dtype)
+    if weight is not None and output_mask[1]:
+        grad_weight = (sum_dy_xmu * invstd.to(acc)).to(weight.dtype)
+    if weight is not None and output_mask[2]:
+        grad_bias = sum_dy.to(weight.dtype)
+    return grad_input, grad_weight, grad_bias
+
+
+def _faults(mean, var_ok, weight, bias):
+    """Channels at fault: (mean, var, weight, bias) as int64 scalars on the device."""
+
+    def bad(t):
+        if t is None:
+            return torch.zeros((), dtype=torch.int64, device=mean.device)
+        return (~torch.isfinite(t)).sum()
+
+    return bad(mean), (~var_ok).sum(), bad(weight), bad(bias)
+
+
+def _record_nonfinite(counters, faults, happened):
+    """Adds one non-finite event where `happened`, with no host synchronization."""
+    counters[Counter.NONFINITE_EVENTS] += happened.long()
+    for slot, count in zip(
+        (Counter.BAD_MEAN_CHANNELS, Counter.BAD_VAR_CHANNELS, Counter.BAD_WEIGHT_CHANNELS, Counter.BAD_BIAS_CHANNELS),
+        faults,
+    ):
+        counters[slot] = torch.where(happened, count, counters[slot])
+
+
+def update_running_stats(
+    running_mean, running_var, num_batches_tracked, counters, mean, invstd, weight, bias, count, eps, momentum
+):
+    if (running_mean is None) != (running_var is None):
+        raise RuntimeError("running_mean and running_var must be given together")
+    if momentum is None and num_batches_tracked is None and running_mean is not None:
+        raise RuntimeError("momentum=None (a cumulative average) needs num_batches_tracked")
+    guarded = counters is not None
+    if guarded:
+        counters[Counter.BATCHES] += 1
+        if count < 2:
+            counters[Counter.SKIPPED_UPDATES] += 1
+            return
+    acc = mean.dtype
+    var = (1.0 / (invstd * invstd) - eps).clamp_min(0)
+    proceed = torch.ones((), dtype=torch.bool, device=mean.device)
+    if guarded:
+        var_ok = torch.isfinite(invstd) & (invstd > 0)
+        faults = _faults(mean, var_ok, weight, bias)
+        counters[Counter.LOW_VARIANCE_CHANNELS] += (var_ok & (var < eps)).sum()
+        nonfinite = sum(faults) > 0
+        _record_nonfinite(counters, faults, nonfinite)
+        counters[Counter.SKIPPED_UPDATES] += nonfinite.long()
+        proceed = ~nonfinite
+    if running_mean is None:
+        return
+    if momentum is None:
+        factor = 1.0 / (num_batches_tracked.to(acc) + 1)
+    else:
+        factor = torch.tensor(momentum, dtype=acc, device=mean.device)
+    new_mean = (1 - factor) * running_mean.to(acc) + factor * mean
+    new_var = (1 - factor) * running_var.to(acc) + factor * var * count / (count - 1)
+    if guarded:
+        limit = torch.finfo(running_mean.dtype).max
+        fits = torch.isfinite(new_mean) & torch.isfinite(new_var) & (new_mean.abs() <= limit) & (new_var <= limit)
+        overflow = proceed & ~fits.all()
+        zero = torch.zeros((), dtype=torch.int64, device=mean.device)
+        _record_nonfinite(counters, (zero, (~fits).sum(), zero, zero), overflow)
+        counters[Counter.SKIPPED_UPDATES] += overflow.long()
+        proceed = proceed & ~overflow
+    running_mean.copy_(torch.where(proceed, new_mean, running_mean.to(acc)))
+    running_var.copy_(torch.where(proceed, new_var, running_var.to(acc)))
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(proceed.long())
+
+
+def check_eval_stats(counters, running_mean, running_var, weight, bias, eps):
+    var = running_var.to(accumulate_dtype(running_var.dtype))
+    var_ok = torch.isfinite(var) & (var + eps > 0)
+    faults = _faults(running_mean, var_ok, weight, bias)
+    _record_nonfinite(counters, faults, sum(faults) > 0)
