@@ -80,6 +80,14 @@ TORCH_LIBRARY(safebn, m) {
         "Tensor running_var, float eps) -> Tensor");
   m.def("backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor invstd, "
         "bool train, bool[3] output_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // The pieces of a batch norm whose statistics span several processes
+  // (SafeSyncBatchNorm): per-process statistics, normalization with given
+  // statistics, and the backward split around the all-reduce of its two sums.
+  m.def("batch_stats(Tensor input) -> (Tensor mean, Tensor var)");
+  m.def("normalize(Tensor input, Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd) -> Tensor");
+  m.def("backward_reduce(Tensor grad_output, Tensor input, Tensor mean) -> (Tensor sum_dy, Tensor sum_dy_xmu)");
+  m.def("backward_elemt(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor invstd, "
+        "Tensor sum_dy, Tensor sum_dy_xmu, int count) -> Tensor");
   // Mutating ops, outside autograd. With counters, they guard: no non-finite
   // value reaches a running buffer and every decision is counted on the device.
   m.def("update_running_stats(Tensor(a!)? running_mean, Tensor(b!)? running_var, "

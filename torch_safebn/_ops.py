@@ -18,6 +18,11 @@ SCHEMAS = {
     "Tensor running_var, float eps) -> Tensor",
     "backward": "(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor invstd, "
     "bool train, bool[3] output_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)",
+    "batch_stats": "(Tensor input) -> (Tensor mean, Tensor var)",
+    "normalize": "(Tensor input, Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd) -> Tensor",
+    "backward_reduce": "(Tensor grad_output, Tensor input, Tensor mean) -> (Tensor sum_dy, Tensor sum_dy_xmu)",
+    "backward_elemt": "(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor invstd, "
+    "Tensor sum_dy, Tensor sum_dy_xmu, int count) -> Tensor",
     "update_running_stats": "(Tensor(a!)? running_mean, Tensor(b!)? running_var, "
     "Tensor(c!)? num_batches_tracked, Tensor(d!)? counters, Tensor mean, Tensor invstd, "
     "Tensor? weight, Tensor? bias, int count, float eps, float? momentum) -> ()",
@@ -86,6 +91,26 @@ def _(grad_output, input, weight, mean, invstd, train, output_mask):
     grad_weight = torch.empty_like(weight) if weight is not None and output_mask[1] else None
     grad_bias = torch.empty_like(weight) if weight is not None and output_mask[2] else None
     return grad_input, grad_weight, grad_bias
+
+
+@torch.library.register_fake("safebn::batch_stats")
+def _(input):
+    return _channel_stats_like(input), _channel_stats_like(input)
+
+
+@torch.library.register_fake("safebn::normalize")
+def _(input, weight, bias, mean, invstd):
+    return _output_like(input)
+
+
+@torch.library.register_fake("safebn::backward_reduce")
+def _(grad_output, input, mean):
+    return _channel_stats_like(input), _channel_stats_like(input)
+
+
+@torch.library.register_fake("safebn::backward_elemt")
+def _(grad_output, input, weight, mean, invstd, sum_dy, sum_dy_xmu, count):
+    return _output_like(input)
 
 
 @torch.library.register_fake("safebn::update_running_stats")

@@ -13,6 +13,10 @@ __all__ = [
     "forward_train",
     "forward_eval",
     "backward",
+    "batch_stats",
+    "normalize",
+    "backward_reduce",
+    "backward_elemt",
     "update_running_stats",
     "check_eval_stats",
 ]
@@ -35,41 +39,61 @@ def _per_channel(t: torch.Tensor | None, x: torch.Tensor, fill: float, dtype: to
     return t.to(dtype).reshape(shape)
 
 
-def forward_train(input, weight, bias, eps):
+def batch_stats(input):
     acc = accumulate_dtype(input.dtype)
     x = input.to(acc)
     var, mean = torch.var_mean(x, dim=_reduce_dims(x), correction=0)
-    invstd = torch.rsqrt(var + eps)
+    return mean, var
+
+
+def normalize(input, weight, bias, mean, invstd):
+    acc = accumulate_dtype(input.dtype)
+    x = input.to(acc)
     scale = _per_channel(invstd, x, 1, acc) * _per_channel(weight, x, 1, acc)
     out = (x - _per_channel(mean, x, 0, acc)) * scale + _per_channel(bias, x, 0, acc)
-    return out.to(input.dtype), mean, invstd
+    return out.to(input.dtype)
+
+
+def forward_train(input, weight, bias, eps):
+    mean, var = batch_stats(input)
+    invstd = torch.rsqrt(var + eps)
+    return normalize(input, weight, bias, mean, invstd), mean, invstd
 
 
 def forward_eval(input, weight, bias, running_mean, running_var, eps):
     acc = accumulate_dtype(input.dtype)
-    x = input.to(acc)
-    scale = torch.rsqrt(_per_channel(running_var, x, 1, acc) + eps) * _per_channel(weight, x, 1, acc)
-    out = (x - _per_channel(running_mean, x, 0, acc)) * scale + _per_channel(bias, x, 0, acc)
-    return out.to(input.dtype)
+    return normalize(input, weight, bias, running_mean.to(acc), torch.rsqrt(running_var.to(acc) + eps))
 
 
-def backward(grad_output, input, weight, mean, invstd, train, output_mask):
+def backward_reduce(grad_output, input, mean):
     acc = accumulate_dtype(input.dtype)
     x, dy = input.to(acc), grad_output.to(acc)
     dims = _reduce_dims(x)
-    xmu = x - _per_channel(mean, x, 0, acc)
+    return dy.sum(dims), (dy * (x - _per_channel(mean, x, 0, acc))).sum(dims)
+
+
+def _grad_input(grad_output, input, weight, mean, invstd, sum_dy, sum_dy_xmu, count, train):
+    acc = accumulate_dtype(input.dtype)
+    x, dy = input.to(acc), grad_output.to(acc)
     inv = _per_channel(invstd, x, 1, acc)
-    sum_dy = dy.sum(dims)
-    sum_dy_xmu = (dy * xmu).sum(dims)
+    if train:
+        proj = _per_channel(sum_dy_xmu, x, 0, acc) * inv * inv / count
+        dy = dy - _per_channel(sum_dy, x, 0, acc) / count - (x - _per_channel(mean, x, 0, acc)) * proj
+    return (dy * inv * _per_channel(weight, x, 1, acc)).to(input.dtype)
+
+
+def backward_elemt(grad_output, input, weight, mean, invstd, sum_dy, sum_dy_xmu, count):
+    return _grad_input(grad_output, input, weight, mean, invstd, sum_dy, sum_dy_xmu, count, True)
+
+
+def backward(grad_output, input, weight, mean, invstd, train, output_mask):
+    sum_dy, sum_dy_xmu = backward_reduce(grad_output, input, mean)
     grad_input = grad_weight = grad_bias = None
     if output_mask[0]:
-        count = x.numel() // max(x.shape[1], 1)
-        if train:
-            proj = _per_channel(sum_dy_xmu, x, 0, acc) * inv * inv / count
-            dy = dy - _per_channel(sum_dy, x, 0, acc) / count - xmu * proj
-        grad_input = (dy * inv * _per_channel(weight, x, 1, acc)).to(input.dtype)
+        count = input.numel() // max(input.shape[1], 1)
+        grad_input = _grad_input(grad_output, input, weight, mean, invstd, sum_dy, sum_dy_xmu, count, train)
     if weight is not None and output_mask[1]:
-        grad_weight = (sum_dy_xmu * invstd.to(acc)).to(weight.dtype)
+        grad_weight = (sum_dy_xmu * invstd.to(sum_dy_xmu.dtype)).to(weight.dtype)
     if weight is not None and output_mask[2]:
         grad_bias = sum_dy.to(weight.dtype)
     return grad_input, grad_weight, grad_bias

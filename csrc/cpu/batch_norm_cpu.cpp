@@ -20,13 +20,20 @@ template <typename scalar_t> struct Storage { using type = scalar_t; };
 template <> struct Storage<c10::BFloat16> { using type = cpu::bf16; };
 template <> struct Storage<c10::Half> { using type = cpu::f16; };
 
+#define SAFEBN_DISPATCH_INPUT(TYPE, NAME, ...)                                              \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, [&] {               \
+    using T = typename Storage<scalar_t>::type;                                             \
+    using acc_t = cpu::acc_type<T>;                                                         \
+    __VA_ARGS__();                                                                          \
+  })
+
 template <typename T>
 const T* data_of(const at::Tensor& t) {
   return reinterpret_cast<const T*>(t.const_data_ptr());
 }
 template <typename T>
 T* mutable_data_of(at::Tensor& t) {
-  return reinterpret_cast<T*>(t.mutable_data_ptr());
+  return t.defined() ? reinterpret_cast<T*>(t.mutable_data_ptr()) : nullptr;
 }
 
 // A per-channel tensor as a vector of acc_t; `fill` stands in for a missing one.
@@ -38,28 +45,33 @@ std::vector<acc_t> channel_values(const std::optional<at::Tensor>& t, int64_t ch
   return std::vector<acc_t>(p, p + channels);
 }
 
+template <typename acc_t>
+at::Tensor channel_tensor(const std::vector<acc_t>& values, const at::Tensor& like) {
+  return at::tensor(values, like.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+}
+
 // How a contiguous-layout pass is split: one task per channel while there are
-// enough channels to keep every thread busy (the channel then stays in cache
-// between the reduction and the elementwise pass), otherwise several tasks per
-// channel over slices of its plane.
+// enough channels to keep every thread busy (a channel then stays in cache
+// between its reduction and its elementwise pass), otherwise several tasks
+// per channel over slices of its plane.
 struct PlaneSplit {
-  int64_t slices;       // tasks per channel
-  int64_t slice_len;    // plane indices per task
+  int64_t slices;     // tasks per channel
+  int64_t slice_len;  // plane indices per task
   bool fused() const { return slices == 1; }
 };
 
 PlaneSplit split_planes(const Geometry& g) {
+  constexpr int64_t kMinSlice = 4096;
   const int64_t threads = at::get_num_threads();
   const int64_t per_channel = g.per_channel();
-  if (g.channels >= 4 * threads || per_channel < 4096) return {1, per_channel};
-  const int64_t slices = std::min(at::divup(4 * threads, g.channels), at::divup(per_channel, int64_t(4096)));
+  if (g.channels >= 4 * threads || per_channel < 2 * kMinSlice) return {1, per_channel};
+  const int64_t slices = std::min(at::divup(4 * threads, g.channels), per_channel / kMinSlice);
   return {slices, at::divup(per_channel, slices)};
 }
 
-// Channels-last passes split the rows into one contiguous range per task.
+// Channels-last passes give each task one contiguous range of rows.
 int64_t row_tasks(const Geometry& g) {
-  const int64_t threads = at::get_num_threads();
-  return std::max<int64_t>(1, std::min(threads, g.rows() / 64));
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), g.rows() / 64));
 }
 
 template <typename Fn>
@@ -68,7 +80,7 @@ void for_each_slice(const Geometry& g, const PlaneSplit& split, Fn fn) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t c = task / split.slices, slice = task % split.slices;
       const int64_t lo = slice * split.slice_len;
-      fn(c, lo, std::min(lo + split.slice_len, g.per_channel()));
+      fn(c, slice, lo, std::min(lo + split.slice_len, g.per_channel()));
     }
   });
 }
@@ -82,241 +94,354 @@ void for_each_row_range(const Geometry& g, Fn fn) {
   });
 }
 
+// Per-channel constants of y = (x - mean) * scale + bias.
 template <typename acc_t>
-struct ChannelStats {
-  std::vector<acc_t> mean, invstd;
+struct NormalizeParams {
+  std::vector<acc_t> mean, scale, bias;
+  explicit NormalizeParams(int64_t channels) : mean(channels), scale(channels), bias(channels) {}
+  void set(int64_t c, acc_t m, acc_t s, acc_t b) { mean[c] = m; scale[c] = s; bias[c] = b; }
 };
 
 template <typename T, typename acc_t>
-void normalize(const T* x, T* y, const Geometry& g, const acc_t* mean, const acc_t* scale,
-               const acc_t* bias) {
+void normalize_all(const T* x, T* y, const Geometry& g, const NormalizeParams<acc_t>& p) {
   const auto& k = cpu::kernels<T>();
   if (g.channels_last) {
     for_each_row_range(g, [&](int64_t, int64_t lo, int64_t hi) {
-      k.rows_normalize(x, y, g.channels, lo, hi, mean, scale, bias);
+      k.rows_normalize(x, y, g.channels, lo, hi, p.mean.data(), p.scale.data(), p.bias.data());
     });
   } else {
-    for_each_slice(g, split_planes(g), [&](int64_t c, int64_t lo, int64_t hi) {
-      k.plane_normalize(x, y, g, c, lo, hi, mean[c], scale[c], bias[c]);
+    for_each_slice(g, split_planes(g), [&](int64_t c, int64_t, int64_t lo, int64_t hi) {
+      k.plane_normalize(x, y, g, c, lo, hi, p.mean[c], p.scale[c], p.bias[c]);
     });
   }
 }
 
-// Batch statistics, and the output when `y` is given. Contiguous inputs with
-// many channels normalize each channel right after reducing it, while it is
-// still in cache.
-template <typename T, typename acc_t>
-void train_forward(const T* x, T* y, const Geometry& g, acc_t eps, const std::vector<acc_t>& weight,
-                   const std::vector<acc_t>& bias, acc_t* mean, acc_t* invstd) {
+// Reduces every channel to its Welford statistics and hands each to
+// `finish(c, stats)`, which returns nothing or, when `y` is given, fills
+// `params` for the normalization that follows. Contiguous inputs with many
+// channels normalize each channel right after reducing it, while it is hot.
+template <typename T, typename acc_t, typename Finish>
+void reduce_channels(const T* x, T* y, const Geometry& g, NormalizeParams<acc_t>& params, Finish finish) {
   const auto& k = cpu::kernels<T>();
   const int64_t C = g.channels;
-  std::vector<acc_t> scale(C);
-  auto finish_channel = [&](int64_t c, const Welford<acc_t>& w) {
-    mean[c] = w.mean;
-    invstd[c] = invstd_from_var(w.variance(), eps);
-    scale[c] = weight[c] * invstd[c];
-  };
   if (!g.channels_last) {
     const PlaneSplit split = split_planes(g);
     if (split.fused()) {
       at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
         for (int64_t c = begin; c < end; ++c) {
-          finish_channel(c, k.plane_stats(x, g, c, 0, g.per_channel()));
-          k.plane_normalize(x, y, g, c, 0, g.per_channel(), mean[c], scale[c], bias[c]);
+          finish(c, k.plane_stats(x, g, c, 0, g.per_channel()));
+          if (y) k.plane_normalize(x, y, g, c, 0, g.per_channel(), params.mean[c], params.scale[c], params.bias[c]);
         }
       });
       return;
     }
     std::vector<Welford<acc_t>> partial(C * split.slices);
-    for_each_slice(g, split, [&](int64_t c, int64_t lo, int64_t hi) {
-      partial[c * split.slices + lo / split.slice_len] = k.plane_stats(x, g, c, lo, hi);
+    for_each_slice(g, split, [&](int64_t c, int64_t slice, int64_t lo, int64_t hi) {
+      partial[c * split.slices + slice] = k.plane_stats(x, g, c, lo, hi);
     });
     for (int64_t c = 0; c < C; ++c) {
       Welford<acc_t> total;
       for (int64_t s = 0; s < split.slices; ++s) total.merge(partial[c * split.slices + s]);
-      finish_channel(c, total);
+      finish(c, total);
     }
   } else {
-    std::vector<Welford<acc_t>> partial(row_tasks(g) * C);
+    const int64_t tasks = row_tasks(g);
+    std::vector<Welford<acc_t>> partial(tasks * C);
     for_each_row_range(g, [&](int64_t task, int64_t lo, int64_t hi) {
       k.rows_stats(x, C, lo, hi, partial.data() + task * C);
     });
     for (int64_t c = 0; c < C; ++c) {
       Welford<acc_t> total;
-      for (int64_t t = 0; t < row_tasks(g); ++t) total.merge(partial[t * C + c]);
-      finish_channel(c, total);
+      for (int64_t t = 0; t < tasks; ++t) total.merge(partial[t * C + c]);
+      finish(c, total);
     }
   }
-  normalize(x, y, g, mean, scale.data(), bias.data());
+  if (y) normalize_all(x, y, g, params);
+}
+
+// sum(dy) and sum(dy * (x - mean)) per channel, in double; when `dx` is given,
+// also the input gradient from the coefficients `coeffs(c, sums)` returns,
+// fused per channel as in reduce_channels.
+struct GradSums {
+  std::vector<double> dy, dy_xmu;
+  explicit GradSums(int64_t channels) : dy(channels, 0.0), dy_xmu(channels, 0.0) {}
+};
+
+template <typename T, typename acc_t>
+void grad_input_all(const T* dy, const T* x, T* dx, const Geometry& g,
+                    const std::vector<GradInputCoefficients<acc_t>>& k) {
+  const auto& kern = cpu::kernels<T>();
+  if (g.channels_last) {
+    for_each_row_range(g, [&](int64_t, int64_t lo, int64_t hi) {
+      kern.rows_grad_input(dy, x, dx, g.channels, lo, hi, k.data());
+    });
+  } else {
+    for_each_slice(g, split_planes(g), [&](int64_t c, int64_t, int64_t lo, int64_t hi) {
+      kern.plane_grad_input(dy, x, dx, g, c, lo, hi, k[c]);
+    });
+  }
+}
+
+template <typename T, typename acc_t, typename Coefficients>
+GradSums reduce_grads(const T* dy, const T* x, T* dx, const Geometry& g, const std::vector<acc_t>& mean,
+                      Coefficients coeffs) {
+  const auto& k = cpu::kernels<T>();
+  const int64_t C = g.channels;
+  GradSums sums(C);
+  if (!g.channels_last) {
+    const PlaneSplit split = split_planes(g);
+    if (split.fused()) {
+      at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t c = begin; c < end; ++c) {
+          k.plane_grad_sums(dy, x, g, c, 0, g.per_channel(), mean[c], &sums.dy[c], &sums.dy_xmu[c]);
+          if (dx) k.plane_grad_input(dy, x, dx, g, c, 0, g.per_channel(), coeffs(c, sums));
+        }
+      });
+      return sums;
+    }
+    GradSums partial(C * split.slices);
+    for_each_slice(g, split, [&](int64_t c, int64_t slice, int64_t lo, int64_t hi) {
+      const int64_t slot = c * split.slices + slice;
+      k.plane_grad_sums(dy, x, g, c, lo, hi, mean[c], &partial.dy[slot], &partial.dy_xmu[slot]);
+    });
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t s = 0; s < split.slices; ++s) {
+        sums.dy[c] += partial.dy[c * split.slices + s];
+        sums.dy_xmu[c] += partial.dy_xmu[c * split.slices + s];
+      }
+  } else {
+    const int64_t tasks = row_tasks(g);
+    GradSums partial(tasks * C);
+    for_each_row_range(g, [&](int64_t task, int64_t lo, int64_t hi) {
+      k.rows_grad_sums(dy, x, C, lo, hi, mean.data(), partial.dy.data() + task * C, partial.dy_xmu.data() + task * C);
+    });
+    for (int64_t t = 0; t < tasks; ++t)
+      for (int64_t c = 0; c < C; ++c) {
+        sums.dy[c] += partial.dy[t * C + c];
+        sums.dy_xmu[c] += partial.dy_xmu[t * C + c];
+      }
+  }
+  if (dx) {
+    std::vector<GradInputCoefficients<acc_t>> all(C);
+    for (int64_t c = 0; c < C; ++c) all[c] = coeffs(c, sums);
+    grad_input_all(dy, x, dx, g, all);
+  }
+  return sums;
+}
+
+struct Prepared {
+  at::Tensor input;
+  Geometry geometry;
+};
+
+Prepared prepare(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                 const std::optional<at::Tensor>& bias) {
+  check_input(input);
+  check_channel_tensor(weight, input, "weight");
+  check_channel_tensor(bias, input, "bias");
+  const at::Tensor laid_out = with_kernel_layout(input);
+  return {laid_out, geometry_of(laid_out)};
+}
+
+at::Tensor channel_stat_tensor(const at::Tensor& input) {
+  return at::empty({input.size(1)}, input.options().dtype(accumulate_type(input.scalar_type())));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train(
     const at::Tensor& input_arg, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps) {
-  check_input(input_arg);
-  check_channel_tensor(weight, input_arg, "weight");
-  check_channel_tensor(bias, input_arg, "bias");
   check_eps(eps);
-  const at::Tensor input = with_kernel_layout(input_arg);
-  const Geometry g = geometry_of(input);
+  const auto [input, g] = prepare(input_arg, weight, bias);
   at::Tensor output = at::empty_like(input);
-  const auto acc = accumulate_type(input.scalar_type());
-  at::Tensor mean = at::empty({g.channels}, input.options().dtype(acc));
-  at::Tensor invstd = at::empty({g.channels}, input.options().dtype(acc));
+  at::Tensor mean = channel_stat_tensor(input), invstd = channel_stat_tensor(input);
   if (g.per_channel() == 0) {  // nothing to normalize; the statistics are undefined
     mean.fill_(NAN);
     invstd.fill_(NAN);
     return {output, mean, invstd};
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "safebn_forward_train", [&] {
-    using T = typename Storage<scalar_t>::type;
-    using acc_t = cpu::acc_type<T>;
-    train_forward<T, acc_t>(data_of<T>(input), mutable_data_of<T>(output), g, acc_t(eps),
-                            channel_values<acc_t>(weight, g.channels, 1),
-                            channel_values<acc_t>(bias, g.channels, 0),
-                            mean.mutable_data_ptr<acc_t>(), invstd.mutable_data_ptr<acc_t>());
+  SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_forward_train", [&] {
+    const std::vector<acc_t> w = channel_values<acc_t>(weight, g.channels, 1);
+    const std::vector<acc_t> b = channel_values<acc_t>(bias, g.channels, 0);
+    acc_t* mean_out = mean.mutable_data_ptr<acc_t>();
+    acc_t* invstd_out = invstd.mutable_data_ptr<acc_t>();
+    NormalizeParams<acc_t> params(g.channels);
+    reduce_channels(data_of<T>(input), mutable_data_of<T>(output), g, params,
+                    [&](int64_t c, const Welford<acc_t>& s) {
+                      mean_out[c] = s.mean;
+                      invstd_out[c] = invstd_from_var(s.variance(), acc_t(eps));
+                      params.set(c, s.mean, w[c] * invstd_out[c], b[c]);
+                    });
   });
   return {output, mean, invstd};
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& input_arg) {
+  const auto [input, g] = prepare(input_arg, std::nullopt, std::nullopt);
+  at::Tensor mean = channel_stat_tensor(input), var = channel_stat_tensor(input);
+  if (g.per_channel() == 0) {
+    mean.fill_(NAN);
+    var.fill_(NAN);
+    return {mean, var};
+  }
+  SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_batch_stats", [&] {
+    acc_t* mean_out = mean.mutable_data_ptr<acc_t>();
+    acc_t* var_out = var.mutable_data_ptr<acc_t>();
+    NormalizeParams<acc_t> unused(0);
+    reduce_channels<T, acc_t>(data_of<T>(input), nullptr, g, unused, [&](int64_t c, const Welford<acc_t>& s) {
+      mean_out[c] = s.mean;
+      var_out[c] = s.variance();
+    });
+  });
+  return {mean, var};
+}
+
+
+template <typename acc_t>
+NormalizeParams<acc_t> normalize_params(int64_t channels, const std::optional<at::Tensor>& weight,
+                                        const std::optional<at::Tensor>& bias, const std::vector<acc_t>& mean,
+                                        const std::vector<acc_t>& invstd) {
+  const std::vector<acc_t> w = channel_values<acc_t>(weight, channels, 1);
+  const std::vector<acc_t> b = channel_values<acc_t>(bias, channels, 0);
+  NormalizeParams<acc_t> params(channels);
+  for (int64_t c = 0; c < channels; ++c) params.set(c, mean[c], w[c] * invstd[c], b[c]);
+  return params;
+}
+
+at::Tensor normalize(const at::Tensor& input_arg, const std::optional<at::Tensor>& weight,
+                     const std::optional<at::Tensor>& bias, const at::Tensor& mean,
+                     const at::Tensor& invstd) {
+  const auto [input, g] = prepare(input_arg, weight, bias);
+  check_channel_tensor(mean, input, "mean");
+  check_channel_tensor(invstd, input, "invstd");
+  at::Tensor output = at::empty_like(input);
+  if (output.numel() == 0) return output;
+  SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_normalize", [&] {
+    normalize_all(data_of<T>(input), mutable_data_of<T>(output), g,
+                  normalize_params<acc_t>(g.channels, weight, bias, channel_values<acc_t>(mean, g.channels, 0),
+                                          channel_values<acc_t>(invstd, g.channels, 0)));
+  });
+  return output;
 }
 
 at::Tensor forward_eval(const at::Tensor& input_arg, const std::optional<at::Tensor>& weight,
                         const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
                         const at::Tensor& running_var, double eps) {
-  check_input(input_arg);
-  check_channel_tensor(weight, input_arg, "weight");
-  check_channel_tensor(bias, input_arg, "bias");
-  check_channel_tensor(running_mean, input_arg, "running_mean");
-  check_channel_tensor(running_var, input_arg, "running_var");
-  const at::Tensor input = with_kernel_layout(input_arg);
-  const Geometry g = geometry_of(input);
+  const auto [input, g] = prepare(input_arg, weight, bias);
+  check_channel_tensor(running_mean, input, "running_mean");
+  check_channel_tensor(running_var, input, "running_var");
   at::Tensor output = at::empty_like(input);
   if (output.numel() == 0) return output;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "safebn_forward_eval", [&] {
-    using T = typename Storage<scalar_t>::type;
-    using acc_t = cpu::acc_type<T>;
-    const std::vector<acc_t> w = channel_values<acc_t>(weight, g.channels, 1);
-    const std::vector<acc_t> mean = channel_values<acc_t>(running_mean, g.channels, 0);
-    const std::vector<acc_t> var = channel_values<acc_t>(running_var, g.channels, 0);
-    std::vector<acc_t> scale(g.channels);
-    for (int64_t c = 0; c < g.channels; ++c) scale[c] = w[c] * invstd_from_var(var[c], acc_t(eps));
-    normalize(data_of<T>(input), mutable_data_of<T>(output), g, mean.data(), scale.data(),
-              channel_values<acc_t>(bias, g.channels, 0).data());
+  SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_forward_eval", [&] {
+    std::vector<acc_t> invstd = channel_values<acc_t>(running_var, g.channels, 0);
+    for (acc_t& v : invstd) v = invstd_from_var(v, acc_t(eps));
+    normalize_all(data_of<T>(input), mutable_data_of<T>(output), g,
+                  normalize_params<acc_t>(g.channels, weight, bias,
+                                          channel_values<acc_t>(running_mean, g.channels, 0), invstd));
   });
   return output;
 }
 
-template <typename acc_t>
-std::vector<GradInputCoefficients<acc_t>> coefficients(
-    const std::vector<acc_t>& mean, const std::vector<acc_t>& invstd, const std::vector<acc_t>& weight,
-    const std::vector<double>& sum_dy, const std::vector<double>& sum_dy_xmu, int64_t count, bool train) {
-  std::vector<GradInputCoefficients<acc_t>> k(mean.size());
-  for (size_t c = 0; c < k.size(); ++c)
-    k[c] = grad_input_coefficients<acc_t>(mean[c], invstd[c], weight[c], acc_t(sum_dy[c]),
-                                          acc_t(sum_dy_xmu[c]), acc_t(count), train);
-  return k;
+Prepared prepare_backward(const at::Tensor& grad_output, const at::Tensor& input_arg,
+                          const std::optional<at::Tensor>& weight, const at::Tensor& mean, at::Tensor* dy) {
+  Prepared p = prepare(input_arg, weight, std::nullopt);
+  check_channel_tensor(mean, input_arg, "mean");
+  TORCH_CHECK(grad_output.sizes() == input_arg.sizes(), "grad_output has shape ", grad_output.sizes(),
+              " but the input has shape ", input_arg.sizes());
+  *dy = with_layout_of(grad_output.to(p.input.scalar_type()), p.input);
+  return p;
+}
+
+// grad_weight = sum(dy * xhat), grad_bias = sum(dy), in the weight's dtype.
+std::tuple<at::Tensor, at::Tensor> parameter_grads(const GradSums& sums, const at::Tensor& invstd,
+                                                   const at::Tensor& weight, bool want_weight, bool want_bias) {
+  at::Tensor grad_weight, grad_bias;
+  if (want_weight)
+    grad_weight = (channel_tensor(sums.dy_xmu, invstd) * invstd.to(at::kDouble)).to(weight.scalar_type());
+  if (want_bias) grad_bias = channel_tensor(sums.dy, invstd).to(weight.scalar_type());
+  return {grad_weight, grad_bias};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
-    const at::Tensor& grad_output_arg, const at::Tensor& input_arg,
-    const std::optional<at::Tensor>& weight, const at::Tensor& mean_arg,
-    const at::Tensor& invstd_arg, bool train, std::array<bool, 3> output_mask) {
-  check_input(input_arg);
-  check_channel_tensor(weight, input_arg, "weight");
-  check_channel_tensor(mean_arg, input_arg, "mean");
-  check_channel_tensor(invstd_arg, input_arg, "invstd");
-  TORCH_CHECK(grad_output_arg.sizes() == input_arg.sizes(), "grad_output has shape ",
-              grad_output_arg.sizes(), " but the input has shape ", input_arg.sizes());
-  const at::Tensor input = with_kernel_layout(input_arg);
-  const at::Tensor grad_output = with_layout_of(grad_output_arg.to(input.scalar_type()), input);
-  const Geometry g = geometry_of(input);
+    const at::Tensor& grad_output, const at::Tensor& input_arg, const std::optional<at::Tensor>& weight,
+    const at::Tensor& mean_arg, const at::Tensor& invstd_arg, bool train, std::array<bool, 3> output_mask) {
+  at::Tensor dy;
+  const auto [input, g] = prepare_backward(grad_output, input_arg, weight, mean_arg, &dy);
+  check_channel_tensor(invstd_arg, input, "invstd");
   const bool has_weight = weight.has_value() && weight->defined();
   const bool want_input = output_mask[0], want_weight = output_mask[1] && has_weight,
              want_bias = output_mask[2] && has_weight;
-  const bool want_sums = (want_input && train) || want_weight || want_bias;
-
   at::Tensor grad_input = want_input ? at::empty_like(input) : at::Tensor();
-  std::vector<double> sum_dy(g.channels, 0.0), sum_dy_xmu(g.channels, 0.0);
+  GradSums sums(g.channels);
   if (g.per_channel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "safebn_backward", [&] {
-      using T = typename Storage<scalar_t>::type;
-      using acc_t = cpu::acc_type<T>;
-      const auto& k = cpu::kernels<T>();
-      const T* dy = data_of<T>(grad_output);
-      const T* x = data_of<T>(input);
-      T* dx = want_input ? mutable_data_of<T>(grad_input) : nullptr;
+    SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_backward", [&] {
       const std::vector<acc_t> mean = channel_values<acc_t>(mean_arg, g.channels, 0);
       const std::vector<acc_t> invstd = channel_values<acc_t>(invstd_arg, g.channels, 0);
       const std::vector<acc_t> w = channel_values<acc_t>(weight, g.channels, 1);
-      const int64_t count = g.per_channel();
-      if (!g.channels_last) {
-        const PlaneSplit split = split_planes(g);
-        if (split.fused()) {  // reduce and write each channel while it is in cache
-          at::parallel_for(0, g.channels, 1, [&](int64_t begin, int64_t end) {
-            for (int64_t c = begin; c < end; ++c) {
-              if (want_sums) k.plane_grad_sums(dy, x, g, c, 0, count, mean[c], &sum_dy[c], &sum_dy_xmu[c]);
-              if (!want_input) continue;
-              const auto kc = grad_input_coefficients<acc_t>(mean[c], invstd[c], w[c], acc_t(sum_dy[c]),
-                                                             acc_t(sum_dy_xmu[c]), acc_t(count), train);
-              k.plane_grad_input(dy, x, dx, g, c, 0, count, kc);
-            }
-          });
-        } else {
-          if (want_sums) {
-            std::vector<double> partial_dy(g.channels * split.slices, 0.0), partial_dyx(partial_dy.size(), 0.0);
-            for_each_slice(g, split, [&](int64_t c, int64_t lo, int64_t hi) {
-              const int64_t slot = c * split.slices + lo / split.slice_len;
-              k.plane_grad_sums(dy, x, g, c, lo, hi, mean[c], &partial_dy[slot], &partial_dyx[slot]);
-            });
-            for (int64_t c = 0; c < g.channels; ++c)
-              for (int64_t s = 0; s < split.slices; ++s) {
-                sum_dy[c] += partial_dy[c * split.slices + s];
-                sum_dy_xmu[c] += partial_dyx[c * split.slices + s];
-              }
-          }
-          if (want_input) {
-            const auto kc = coefficients(mean, invstd, w, sum_dy, sum_dy_xmu, count, train);
-            for_each_slice(g, split, [&](int64_t c, int64_t lo, int64_t hi) {
-              k.plane_grad_input(dy, x, dx, g, c, lo, hi, kc[c]);
-            });
-          }
-        }
-      } else {
-        if (want_sums) {
-          const int64_t tasks = row_tasks(g);
-          std::vector<double> partial_dy(tasks * g.channels, 0.0), partial_dyx(partial_dy.size(), 0.0);
-          for_each_row_range(g, [&](int64_t task, int64_t lo, int64_t hi) {
-            k.rows_grad_sums(dy, x, g.channels, lo, hi, mean.data(), partial_dy.data() + task * g.channels,
-                             partial_dyx.data() + task * g.channels);
-          });
-          for (int64_t t = 0; t < tasks; ++t)
-            for (int64_t c = 0; c < g.channels; ++c) {
-              sum_dy[c] += partial_dy[t * g.channels + c];
-              sum_dy_xmu[c] += partial_dyx[t * g.channels + c];
-            }
-        }
-        if (want_input) {
-          const auto kc = coefficients(mean, invstd, w, sum_dy, sum_dy_xmu, count, train);
-          for_each_row_range(g, [&](int64_t, int64_t lo, int64_t hi) {
-            k.rows_grad_input(dy, x, dx, g.channels, lo, hi, kc.data());
-          });
-        }
+      const acc_t count = acc_t(g.per_channel());
+      auto coeffs = [&](int64_t c, const GradSums& s) {
+        return grad_input_coefficients<acc_t>(mean[c], invstd[c], w[c], acc_t(s.dy[c]), acc_t(s.dy_xmu[c]), count, train);
+      };
+      const T* x = data_of<T>(input);
+      T* dx = mutable_data_of<T>(grad_input);
+      if (want_weight || want_bias || (want_input && train)) {
+        sums = reduce_grads<T, acc_t>(data_of<T>(dy), x, dx, g, mean, coeffs);
+      } else if (want_input) {  // eval mode without parameter gradients: no reduction needed
+        std::vector<GradInputCoefficients<acc_t>> k(g.channels);
+        for (int64_t c = 0; c < g.channels; ++c) k[c] = coeffs(c, sums);
+        grad_input_all(data_of<T>(dy), x, dx, g, k);
       }
     });
   }
-  at::Tensor grad_weight, grad_bias;
-  const auto channel_options = at::TensorOptions().dtype(at::kDouble);
-  if (want_weight) {
-    at::Tensor dyx = at::from_blob(sum_dy_xmu.data(), {g.channels}, channel_options);
-    grad_weight = (dyx * invstd_arg.to(at::kDouble)).to(weight->scalar_type());
-  }
-  if (want_bias) grad_bias = at::from_blob(sum_dy.data(), {g.channels}, channel_options).to(weight->scalar_type());
+  auto [grad_weight, grad_bias] =
+      parameter_grads(sums, invstd_arg, has_weight ? *weight : at::Tensor(), want_weight, want_bias);
   return {grad_input, grad_weight, grad_bias};
+}
+
+std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad_output, const at::Tensor& input_arg,
+                                                   const at::Tensor& mean_arg) {
+  at::Tensor dy;
+  const auto [input, g] = prepare_backward(grad_output, input_arg, std::nullopt, mean_arg, &dy);
+  GradSums sums(g.channels);
+  if (g.per_channel() > 0) {
+    SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_backward_reduce", [&] {
+      const std::vector<acc_t> mean = channel_values<acc_t>(mean_arg, g.channels, 0);
+      sums = reduce_grads<T, acc_t>(data_of<T>(dy), data_of<T>(input), nullptr, g, mean,
+                                    [](int64_t, const GradSums&) { return GradInputCoefficients<acc_t>{}; });
+    });
+  }
+  const at::Tensor like = channel_stat_tensor(input);
+  return {channel_tensor(sums.dy, like).to(like.scalar_type()), channel_tensor(sums.dy_xmu, like).to(like.scalar_type())};
+}
+
+at::Tensor backward_elemt(const at::Tensor& grad_output, const at::Tensor& input_arg,
+                          const std::optional<at::Tensor>& weight, const at::Tensor& mean_arg,
+                          const at::Tensor& invstd_arg, const at::Tensor& sum_dy_arg,
+                          const at::Tensor& sum_dy_xmu_arg, int64_t count) {
+  at::Tensor dy;
+  const auto [input, g] = prepare_backward(grad_output, input_arg, weight, mean_arg, &dy);
+  check_channel_tensor(invstd_arg, input, "invstd");
+  check_channel_tensor(sum_dy_arg, input, "sum_dy");
+  check_channel_tensor(sum_dy_xmu_arg, input, "sum_dy_xmu");
+  TORCH_CHECK(count > 0, "count (values per channel over every process) must be > 0, got ", count);
+  at::Tensor grad_input = at::empty_like(input);
+  if (grad_input.numel() == 0) return grad_input;
+  SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_backward_elemt", [&] {
+    const std::vector<acc_t> mean = channel_values<acc_t>(mean_arg, g.channels, 0);
+    const std::vector<acc_t> invstd = channel_values<acc_t>(invstd_arg, g.channels, 0);
+    const std::vector<acc_t> w = channel_values<acc_t>(weight, g.channels, 1);
+    const std::vector<acc_t> sum_dy = channel_values<acc_t>(sum_dy_arg, g.channels, 0);
+    const std::vector<acc_t> sum_dy_xmu = channel_values<acc_t>(sum_dy_xmu_arg, g.channels, 0);
+    std::vector<GradInputCoefficients<acc_t>> k(g.channels);
+    for (int64_t c = 0; c < g.channels; ++c)
+      k[c] = grad_input_coefficients<acc_t>(mean[c], invstd[c], w[c], sum_dy[c], sum_dy_xmu[c], acc_t(count), true);
+    grad_input_all(data_of<T>(dy), data_of<T>(input), mutable_data_of<T>(grad_input), g, k);
+  });
+  return grad_input;
 }
 
 int64_t* counters_data(const std::optional<at::Tensor>& counters) {
   if (!counters.has_value()) return nullptr;
-  TORCH_CHECK(counters->scalar_type() == at::kLong && counters->numel() == kNumCounters &&
-                  counters->is_contiguous(),
+  TORCH_CHECK(counters->scalar_type() == at::kLong && counters->numel() == kNumCounters && counters->is_contiguous(),
               "counters must be a contiguous int64 tensor of ", int64_t(kNumCounters), " elements");
   return counters->mutable_data_ptr<int64_t>();
 }
@@ -330,8 +455,7 @@ acc_t largest_finite(at::ScalarType type) {
   return static_cast<acc_t>(std::min<double>(value, std::numeric_limits<acc_t>::max()));
 }
 
-void update_running_stats(const std::optional<at::Tensor>& running_mean,
-                          const std::optional<at::Tensor>& running_var,
+void update_running_stats(const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
                           const std::optional<at::Tensor>& num_batches_tracked,
                           const std::optional<at::Tensor>& counters, const at::Tensor& mean_arg,
                           const at::Tensor& invstd_arg, const std::optional<at::Tensor>& weight,
@@ -348,17 +472,16 @@ void update_running_stats(const std::optional<at::Tensor>& running_mean,
     using acc_t = scalar_t;
     const std::vector<acc_t> mean = channel_values<acc_t>(mean_arg, channels, 0);
     const std::vector<acc_t> invstd = channel_values<acc_t>(invstd_arg, channels, 0);
-    const std::vector<acc_t> w = channel_values<acc_t>(weight, channels, 1);
-    const std::vector<acc_t> b = channel_values<acc_t>(bias, channels, 0);
     if (guarded) {
       counts[kBatches] += 1;
       if (count < 2) {  // no variance to learn from zero or one value
         counts[kSkippedUpdates] += 1;
         return;
       }
+      const std::vector<acc_t> w = channel_values<acc_t>(weight, channels, 1);
+      const std::vector<acc_t> b = channel_values<acc_t>(bias, channels, 0);
       ChannelFaults faults;
-      for (int64_t c = 0; c < channels; ++c)
-        faults.add(training_faults(mean[c], invstd[c], w[c], b[c], acc_t(eps)));
+      for (int64_t c = 0; c < channels; ++c) faults.add(training_faults(mean[c], invstd[c], w[c], b[c], acc_t(eps)));
       counts[kLowVarianceChannels] += faults.low_var;
       if (faults.any_nonfinite()) {
         record_nonfinite(counts, faults);
@@ -369,31 +492,30 @@ void update_running_stats(const std::optional<at::Tensor>& running_mean,
     if (!running_mean.has_value()) return;
     int64_t* tracked = num_batches_tracked.has_value() ? num_batches_tracked->mutable_data_ptr<int64_t>() : nullptr;
     const acc_t factor = momentum.has_value() ? acc_t(*momentum) : acc_t(1) / acc_t(*tracked + 1);
-    std::vector<acc_t> new_mean(channels), new_var(channels);
     const std::vector<acc_t> old_mean = channel_values<acc_t>(running_mean, channels, 0);
     const std::vector<acc_t> old_var = channel_values<acc_t>(running_var, channels, 0);
     const acc_t limit = largest_finite<acc_t>(running_mean->scalar_type());
+    std::vector<acc_t> new_mean(channels), new_var(channels);
     ChannelFaults overflow;
     for (int64_t c = 0; c < channels; ++c) {
       const RunningUpdate<acc_t> u = running_update(old_mean[c], old_var[c], mean[c], invstd[c], acc_t(eps), count, factor);
       new_mean[c] = u.mean;
       new_var[c] = u.var;
-      if (!u.fits(limit)) overflow.var += 1;
+      overflow.var += !u.fits(limit);
     }
-    if (guarded && overflow.any_nonfinite()) {  // the update itself would overflow the buffers' dtype
+    if (guarded && overflow.any_nonfinite()) {  // the update would overflow the buffers' dtype
       record_nonfinite(counts, overflow);
       counts[kSkippedUpdates] += 1;
       return;
     }
-    running_mean->copy_(at::from_blob(new_mean.data(), {channels}, mean_arg.options().device(at::kCPU)));
-    running_var->copy_(at::from_blob(new_var.data(), {channels}, mean_arg.options().device(at::kCPU)));
+    running_mean->copy_(channel_tensor(new_mean, mean_arg));
+    running_var->copy_(channel_tensor(new_var, mean_arg));
     if (tracked != nullptr) *tracked += 1;
   });
 }
 
-void check_eval_stats(const at::Tensor& counters, const at::Tensor& running_mean,
-                      const at::Tensor& running_var, const std::optional<at::Tensor>& weight,
-                      const std::optional<at::Tensor>& bias, double eps) {
+void check_eval_stats(const at::Tensor& counters, const at::Tensor& running_mean, const at::Tensor& running_var,
+                      const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps) {
   int64_t* counts = counters_data(counters);
   const int64_t channels = running_mean.numel();
   AT_DISPATCH_FLOATING_TYPES(accumulate_type(running_mean.scalar_type()), "safebn_check_eval_stats", [&] {
@@ -414,6 +536,10 @@ TORCH_LIBRARY_IMPL(safebn, CPU, m) {
   m.impl("forward_train", &forward_train);
   m.impl("forward_eval", &forward_eval);
   m.impl("backward", &backward);
+  m.impl("batch_stats", &batch_stats);
+  m.impl("normalize", &normalize);
+  m.impl("backward_reduce", &backward_reduce);
+  m.impl("backward_elemt", &backward_elemt);
   m.impl("update_running_stats", &update_running_stats);
   m.impl("check_eval_stats", &check_eval_stats);
 }

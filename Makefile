@@ -1,0 +1,48 @@
+# make setup  - .venv with the pinned requirements, and the extension built
+# make test   - the test suite (what CI runs)
+# make bench  - self-check, then the quick benchmark (table, JSON and PNG)
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+DEPS   := $(VENV)/.deps-installed
+BUILT  := $(VENV)/.extension-installed
+DEVICE ?= cpu
+
+# nvcc lives here on the development machines; torch would guess /usr/local.
+ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
+export CUDA_HOME ?= /usr/local/cuda
+endif
+
+SOURCES := setup.py $(shell find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.cuh')
+
+.PHONY: setup build test bench clean
+
+setup: build
+
+$(DEPS): requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+# The editable install registers the package and the torch-safebn script;
+# build_ext --inplace then rebuilds only what changed (ninja), with the
+# compiler's output (nvcc -Xptxas -v: registers, spills) kept in build/build.log.
+$(BUILT): $(DEPS) pyproject.toml
+	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(BUILT) $(SOURCES)
+	@mkdir -p build
+	$(PY) setup.py build_ext --inplace > build/build.log 2>&1 || (tail -n 60 build/build.log; exit 1)
+	@grep -E "ptxas info +: Used" build/build.log | sort | uniq -c | sort -rn | head -n 20 || true
+
+test: build
+	$(PY) -m pytest -q tests
+
+bench: build
+	$(PY) -m torch_safebn check
+	$(PY) -m torch_safebn bench --device $(DEVICE) --preset quick \
+	    --json benchmarks/results/quick-$(DEVICE).json --plot benchmarks/results/quick-$(DEVICE).png
+
+clean:
+	rm -rf build torch_safebn/_C*.so
