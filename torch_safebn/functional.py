@@ -100,8 +100,12 @@ def batch_norm(
         state.single_sample(counters, tuple(input.shape))
 
     output, mean, invstd = OPS.forward_train(input, weight, bias, eps)
-    if count == 0 and guarded:
-        return output  # an empty batch changes no buffer, num_batches_tracked included
+    if count == 0:
+        # An empty batch changes no buffer. Native still counts it in
+        # num_batches_tracked, which checks=False reproduces.
+        if not guarded and has_running_stats and num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        return output
     if has_running_stats or guarded:
         OPS.update_running_stats(
             running_mean, running_var, num_batches_tracked if has_running_stats else None, counters,

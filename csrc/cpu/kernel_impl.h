@@ -6,12 +6,15 @@
 constexpr int64_t kLanes = 16;
 
 // One Welford step for `width` lanes that have all seen the same number of
-// values (`inv_count` = 1 / that number, including this step).
+// values (`inv_count` = 1 / that number, including this step). Values are
+// taken relative to a per-lane shift near the data: with a large common
+// offset (1e4 + N(0, 1)) a float32 running mean cannot absorb increments
+// below half its ulp, and the variance would drift by the mean's error squared.
 template <typename T, typename acc_t>
-inline void welford_lanes(const T* __restrict__ x, acc_t* __restrict__ mean,
+inline void welford_lanes(const T* __restrict__ x, const acc_t* __restrict__ shift, acc_t* __restrict__ mean,
                           acc_t* __restrict__ m2, int64_t width, acc_t inv_count) {
   for (int64_t j = 0; j < width; ++j) {
-    const acc_t v = load(x[j]);
+    const acc_t v = load(x[j]) - shift[j];
     const acc_t delta = v - mean[j];
     mean[j] += delta * inv_count;
     m2[j] += delta * (v - mean[j]);
@@ -42,7 +45,12 @@ template <typename T>
 Welford<acc_type<T>> plane_stats(const T* x, const Geometry& g, int64_t c,
                                  int64_t begin, int64_t end) {
   using acc_t = acc_type<T>;
-  acc_t mean[kLanes] = {}, m2[kLanes] = {};
+  Welford<acc_t> total;
+  if (begin >= end) return total;
+  acc_t shift[kLanes], mean[kLanes] = {}, m2[kLanes] = {};
+  for_each_run(g, c, begin, begin + 1, [&](int64_t offset, int64_t) {
+    for (int64_t j = 0; j < kLanes; ++j) shift[j] = load(x[offset]);
+  });
   int64_t blocks = 0;
   Welford<acc_t> tail;
   for_each_run(g, c, begin, end, [&](int64_t offset, int64_t len) {
@@ -50,13 +58,13 @@ Welford<acc_type<T>> plane_stats(const T* x, const Geometry& g, int64_t c,
     int64_t i = 0;
     for (; i + kLanes <= len; i += kLanes) {
       ++blocks;
-      welford_lanes(p + i, mean, m2, kLanes, acc_t(1) / acc_t(blocks));
+      welford_lanes(p + i, shift, mean, m2, kLanes, acc_t(1) / acc_t(blocks));
     }
-    for (; i < len; ++i) tail.add(load(p[i]));
+    for (; i < len; ++i) tail.add(load(p[i]) - shift[0]);
   });
-  Welford<acc_t> total;
   merge_lanes(total, mean, m2, kLanes, blocks);
   total.merge(tail);
+  total.mean += shift[0];
   return total;
 }
 
@@ -131,16 +139,25 @@ template <typename T>
 void rows_stats(const T* x, int64_t channels, int64_t begin, int64_t end,
                 Welford<acc_type<T>>* stats) {
   using acc_t = acc_type<T>;
+  if (begin >= end) return;
   const int64_t step = rows_per_block(channels), width = step * channels;
+  std::vector<acc_t> first_row(channels);
+  for (int64_t c = 0; c < channels; ++c) first_row[c] = load(x[begin * channels + c]);
+  const std::vector<acc_t> shift = tile(first_row.data(), channels, width);
   std::vector<acc_t> mean(width), m2(width);
   int64_t blocks = 0, r = begin;
   for (; r + step <= end; r += step) {
     ++blocks;
-    welford_lanes(x + r * channels, mean.data(), m2.data(), width, acc_t(1) / acc_t(blocks));
+    welford_lanes(x + r * channels, shift.data(), mean.data(), m2.data(), width, acc_t(1) / acc_t(blocks));
   }
-  for (int64_t j = 0; j < width; ++j) stats[j % channels].merge({mean[j], m2[j], acc_t(blocks)});
+  std::vector<Welford<acc_t>> shifted(channels);
+  for (int64_t j = 0; j < width; ++j) shifted[j % channels].merge({mean[j], m2[j], acc_t(blocks)});
   for (; r < end; ++r)
-    for (int64_t c = 0; c < channels; ++c) stats[c].add(load(x[r * channels + c]));
+    for (int64_t c = 0; c < channels; ++c) shifted[c].add(load(x[r * channels + c]) - first_row[c]);
+  for (int64_t c = 0; c < channels; ++c) {
+    shifted[c].mean += first_row[c];
+    stats[c].merge(shifted[c]);
+  }
 }
 
 template <typename T>

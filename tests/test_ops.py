@@ -1,0 +1,107 @@
+"""The registered ops themselves: opcheck (schema, fake kernel, autograd
+registration), the schema copies of the fallback, and the counters layout."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_input
+from torch_safebn import _ops, reference
+from torch_safebn.safety import NUM_COUNTERS, Counter
+
+OPS = torch.ops.safebn
+CASES = [
+    ((4, 6, 5, 3), torch.float32, "contiguous"),
+    ((4, 6, 5, 3), torch.float32, "channels_last"),
+    ((8, 5), torch.float64, "contiguous"),
+    ((3, 4, 7), torch.bfloat16, "contiguous"),
+    ((2, 3, 2, 3, 4), torch.float16, "channels_last_3d"),
+]
+
+
+def _args(shape, dtype, layout, requires_grad=False):
+    x = make_input(shape, dtype, layout).requires_grad_(requires_grad)
+    C = shape[1]
+    acc = reference.accumulate_dtype(dtype)
+    w = (torch.rand(C, dtype=acc) + 0.5).requires_grad_(requires_grad)
+    b = torch.randn(C, dtype=acc).requires_grad_(requires_grad)
+    return x, w, b
+
+
+@pytest.mark.parametrize("shape,dtype,layout", CASES)
+def test_opcheck_every_op(shape, dtype, layout):
+    x, w, b = _args(shape, dtype, layout, requires_grad=True)
+    C, acc = shape[1], reference.accumulate_dtype(dtype)
+    eps = 1e-5
+    mean, var = OPS.batch_stats(x.detach())
+    invstd = torch.rsqrt(var + eps)
+    grad = make_input(shape, dtype, layout, seed=7)
+    sum_dy, sum_dy_xmu = OPS.backward_reduce(grad, x.detach(), mean)
+    count = x.numel() // C
+    calls = [
+        (OPS.forward_train.default, (x, w, b, eps)),
+        (OPS.forward_train.default, (x, None, None, eps)),
+        (OPS.forward_eval.default, (x, w, b, mean, var, eps)),
+        (OPS.backward.default, (grad, x.detach(), w.detach(), mean, invstd, True, [True, True, True])),
+        (OPS.backward.default, (grad, x.detach(), w.detach(), mean, invstd, False, [True, False, True])),
+        (OPS.batch_stats.default, (x.detach(),)),
+        (OPS.normalize.default, (x.detach(), w.detach(), b.detach(), mean, invstd)),
+        (OPS.backward_reduce.default, (grad, x.detach(), mean)),
+        (OPS.backward_elemt.default, (grad, x.detach(), w.detach(), mean, invstd, sum_dy, sum_dy_xmu, count)),
+        (OPS.update_running_stats.default, (torch.zeros(C, dtype=acc), torch.ones(C, dtype=acc),
+                                            torch.tensor(0), torch.zeros(NUM_COUNTERS, dtype=torch.int64),
+                                            mean, invstd, w.detach(), b.detach(), count, eps, None)),
+        (OPS.check_eval_stats.default, (torch.zeros(NUM_COUNTERS, dtype=torch.int64), mean, var,
+                                        w.detach(), b.detach(), eps)),
+    ]
+    for op, args in calls:
+        torch.library.opcheck(op, args)
+
+
+def test_fallback_schemas_equal_the_compiled_ones():
+    if _ops.BACKEND == "reference":
+        pytest.skip("the compiled extension is not loaded: there is nothing to compare with")
+    for name, schema in _ops.SCHEMAS.items():
+        compiled = str(getattr(OPS, name).default._schema)
+        assert compiled == f"safebn::{name}{schema}", name
+    assert set(_ops.SCHEMAS) == {n for n in dir(OPS) if not n.startswith("_") and isinstance(getattr(OPS, n), torch._ops.OpOverloadPacket)}
+
+
+def _update(counters, mean, invstd, weight=None, running=None, count=8, momentum=0.1):
+    rm, rv, nbt = running if running is not None else (None, None, None)
+    OPS.update_running_stats(rm, rv, nbt, counters, mean, invstd, weight, None, count, 1e-5, momentum)
+
+
+def test_counter_slots_agree_with_the_kernels():
+    """Each slot named in safety.Counter is the one the C++ code writes."""
+    c = torch.zeros(NUM_COUNTERS, dtype=torch.int64)
+    ok = torch.ones(3)
+    _update(c, ok, ok)
+    assert c.tolist() == [1, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+    _update(c, torch.tensor([float("nan"), 0.0, 0.0]), ok, weight=torch.tensor([1.0, float("inf"), float("inf")]))
+    assert c[Counter.BATCHES] == 2 and c[Counter.SKIPPED_UPDATES] == 1 and c[Counter.NONFINITE_EVENTS] == 1
+    assert c[Counter.BAD_MEAN_CHANNELS] == 1 and c[Counter.BAD_WEIGHT_CHANNELS] == 2
+    assert c[Counter.BAD_VAR_CHANNELS] == 0 and c[Counter.BAD_BIAS_CHANNELS] == 0
+    _update(c, torch.zeros(3), torch.full((3,), 1e5))  # variance 1e-10 - far below eps
+    assert c[Counter.LOW_VARIANCE_CHANNELS] == 3
+    assert len(Counter) == NUM_COUNTERS == c.numel()
+
+
+@pytest.mark.parametrize("impl", ["compiled", "reference"])
+def test_update_rules_of_compiled_and_reference_agree(impl):
+    update = OPS.update_running_stats if impl == "compiled" else reference.update_running_stats
+    rm, rv, nbt = torch.zeros(3), torch.ones(3), torch.tensor(4)
+    counters = torch.zeros(NUM_COUNTERS, dtype=torch.int64)
+    mean, invstd = torch.tensor([1.0, 2.0, 3.0]), torch.rsqrt(torch.tensor([4.0, 1.0, 0.25]) + 1e-5)
+    update(rm, rv, nbt, counters, mean, invstd, None, None, 5, 1e-5, None)  # cumulative: factor 1/5
+    torch.testing.assert_close(rm, mean / 5)
+    torch.testing.assert_close(rv, 0.8 + torch.tensor([4.0, 1.0, 0.25]) * 5 / 4 / 5)
+    assert nbt.item() == 5
+    update(rm, rv, nbt, counters, mean, invstd, None, torch.tensor([0.0, float("nan"), 0.0]), 5, 1e-5, 0.1)
+    assert nbt.item() == 5 and counters[Counter.BAD_BIAS_CHANNELS] == 1
+    update(rm, rv, nbt, counters, mean, invstd, None, None, 1, 1e-5, 0.1)  # one value: nothing to learn
+    assert counters[Counter.SKIPPED_UPDATES] == 2 and counters[Counter.BATCHES] == 3
+    half_rm, half_rv = torch.zeros(3, dtype=torch.float16), torch.ones(3, dtype=torch.float16)
+    update(half_rm, half_rv, None, counters, mean, torch.full((3,), 1e-4), None, None, 5, 1e-5, 0.5)
+    assert torch.equal(half_rv, torch.ones(3, dtype=torch.float16)), "an update overflowing float16 is skipped"
+    assert counters[Counter.NONFINITE_EVENTS] == 2

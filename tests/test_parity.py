@@ -1,0 +1,110 @@
+"""SafeBatchNorm* against nn.BatchNorm*: outputs, running statistics,
+num_batches_tracked and every gradient, over several training steps and then
+eval, across ranks, layouts, dtypes and module options."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from conftest import assert_close, make_input, module_pair
+
+# (shape, layout): every rank; odd sizes (C=1, N=1 with spatial > 1, C not a
+# multiple of the vector width, large C).
+SHAPES = [
+    ((16, 5), "contiguous"),
+    ((6, 300), "contiguous"),
+    ((4, 3, 17), "contiguous"),
+    ((1, 4, 7), "contiguous"),
+    ((4, 8, 5, 7), "contiguous"),
+    ((4, 8, 5, 7), "channels_last"),
+    ((2, 1, 9, 9), "contiguous"),
+    ((1, 3, 5, 6), "channels_last"),
+    ((2, 3, 13, 11), "channels_last"),
+    ((3, 70, 3, 3), "channels_last"),
+    ((2, 257, 4, 4), "contiguous"),
+    ((2, 4, 3, 5, 6), "contiguous"),
+    ((2, 4, 3, 5, 6), "channels_last_3d"),
+]
+# (input dtype, parameter dtype). Native computes bfloat16/bfloat16 in half
+# precision; torch_safebn accumulates in float32, so those run against native
+# with float32 parameters (DESIGN.md, Numerics).
+DTYPES = [
+    (torch.float32, torch.float32),
+    (torch.float64, torch.float64),
+    (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float32),
+    (torch.bfloat16, torch.bfloat16),
+]
+OPTIONS = [
+    dict(affine=a, track_running_stats=t, momentum=m)
+    for a, t, m in itertools.product([True, False], [True, False], [0.1, None])
+    if t or m == 0.1  # momentum only matters with running statistics
+]
+
+
+def _step(module, x, grad):
+    x = x.clone().requires_grad_()
+    y = module(x)
+    y.backward(grad)
+    return y, x.grad
+
+
+@pytest.mark.filterwarnings("ignore:.*single example")
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(f"{k[:5]}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("dtypes", DTYPES, ids=lambda d: f"{d[0]}-{d[1]}".replace("torch.", ""))
+@pytest.mark.parametrize("shape,layout", SHAPES, ids=[f"{s}-{l}" for s, l in SHAPES])
+def test_matches_native_over_training_then_eval(shape, layout, dtypes, options):
+    dtype, param_dtype = dtypes
+    native_param_dtype = torch.float32 if param_dtype in (torch.bfloat16, torch.float16) else param_dtype
+    native, _ = module_pair(shape[1], len(shape), native_param_dtype, **options)
+    _, safe = module_pair(shape[1], len(shape), param_dtype, **options)
+    if param_dtype != native_param_dtype:  # same parameter values, rounded to param_dtype
+        native.load_state_dict({k: v.to(param_dtype).to(v.dtype) if v.is_floating_point() else v
+                                for k, v in native.state_dict().items()})
+        safe.load_state_dict({k: v.to(param_dtype) if v.is_floating_point() else v
+                              for k, v in native.state_dict().items()})
+    compare_dtype = dtype if param_dtype != torch.bfloat16 else torch.bfloat16
+    for step, training in enumerate([True, True, True, False]):
+        native.train(training)
+        safe.train(training)
+        x = make_input(shape, dtype, layout, seed=step)
+        grad = make_input(shape, dtype, layout, offset=0.0, scale=1.0, seed=100 + step)
+        y_native, gx_native = _step(native, x, grad)
+        y_safe, gx_safe = _step(safe, x, grad)
+        where = f"step {step} ({'train' if training else 'eval'})"
+        assert y_safe.dtype == y_native.dtype and y_safe.shape == y_native.shape
+        assert y_safe.stride() == y_native.stride(), f"{where}: output layout differs"
+        assert_close(y_safe, y_native, compare_dtype, f"{where} output")
+        assert_close(gx_safe, gx_native, compare_dtype, f"{where} grad_input")
+        if native.weight is not None:
+            # parameter gradients sum over N*S values: scale the tolerance with it
+            scale = max(1.0, (x.numel() / shape[1]) ** 0.5)
+            for name in ("weight", "bias"):
+                g_safe, g_native = getattr(safe, name).grad, getattr(native, name).grad
+                assert g_safe.dtype == getattr(safe, name).dtype
+                assert_close(g_safe / scale, g_native / scale, compare_dtype, f"{where} grad_{name}")
+                getattr(safe, name).grad = getattr(native, name).grad = None
+        if native.track_running_stats:
+            assert_close(safe.running_mean, native.running_mean, compare_dtype, f"{where} running_mean")
+            assert_close(safe.running_var, native.running_var, compare_dtype, f"{where} running_var")
+            assert safe.num_batches_tracked.item() == native.num_batches_tracked.item()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_non_standard_strides_are_accepted(layout):
+    """A transposed view is neither contiguous nor channels_last: it is copied
+    once to contiguous, and the numbers still match native."""
+    native, safe = module_pair(6, 4)
+    x = make_input((5, 6, 4, 3), layout=layout).transpose(2, 3)
+    assert_close(safe(x), native(x), torch.float32, "output")
+
+
+def test_empty_batch_matches_native_shape_and_changes_no_buffer():
+    native, safe = module_pair(4, 4)
+    x = torch.randn(0, 4, 3, 3)
+    before = {k: v.clone() for k, v in safe.state_dict().items()}
+    assert safe(x).shape == native(x).shape == x.shape
+    for key, value in safe.state_dict().items():
+        assert torch.equal(value, before[key]), key
