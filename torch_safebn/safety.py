@@ -224,7 +224,8 @@ class SafetyState:
         where = f" (input shape {list(shape)})" if shape is not None else ""
         if training:
             return (
-                f"{self.describe()} at training step {values[Counter.BATCHES]}{where}: non-finite values: {found}. "
+                f"{self.describe()} at training step {values[Counter.BATCHES] - 1} (the "
+                f"{_ordinal(values[Counter.BATCHES])} batch it saw){where}: non-finite values: {found}. "
                 "The running statistics were not updated from this batch. NaN/Inf in the weight or bias "
                 "usually means the optimizer diverged: lower the learning rate or clip gradients; NaN/Inf "
                 "in the mean or variance means the input itself holds NaN/Inf or overflows its dtype. "
@@ -235,6 +236,11 @@ class SafetyState:
             "(a variance counts when running_var + eps <= 0). The output is not trustworthy: reload the "
             "running statistics from a good checkpoint or recompute them in training mode."
         )
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
 
 
 @dataclasses.dataclass
@@ -272,21 +278,34 @@ def name_modules(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _counter_values(modules) -> list[list[int] | None]:
-    """All modules' counters in one host transfer (one sync per device)."""
-    counters = [m.safety_counters for m in modules]
-    present = [c for c in counters if c is not None]
-    if not present:
-        return [None] * len(counters)
-    values = iter(torch.stack([c.to("cpu", non_blocking=False) for c in present]).tolist())
-    return [next(values) if c is not None else None for c in counters]
+_WATCHED = ("weight", "bias", "running_mean", "running_var")
+
+
+def _snapshots(modules) -> list[tuple[list[int] | None, list[str]]]:
+    """Each module's counters and the names of its parameters and running
+    statistics that hold NaN/Inf now, in one host transfer for the model."""
+    if not modules:
+        return []
+    rows = []
+    for m in modules:
+        device = next((t.device for t in m.buffers()), torch.device("cpu"))
+        counters = m.safety_counters if m.safety_counters is not None else torch.full((NUM_COUNTERS,), -1, device=device)
+        finite = [torch.isfinite(t).all() if t is not None else torch.ones((), dtype=torch.bool, device=device)
+                  for t in (getattr(m, name) for name in _WATCHED)]
+        rows.append(torch.cat([counters.long(), torch.stack(finite).long()]).cpu())
+    snapshots = []
+    for m, row in zip(modules, torch.stack(rows).tolist()):
+        counters = row[:NUM_COUNTERS] if m.safety_counters is not None else None
+        nonfinite = [name for name, ok in zip(_WATCHED, row[NUM_COUNTERS:]) if not ok]
+        snapshots.append((counters, nonfinite))
+    return snapshots
 
 
 def report(model: torch.nn.Module) -> Report:
     """Reads the counters of every torch_safebn module of `model` (one sync)."""
     pairs = list(_guarded_modules(model))
     rows = []
-    for (module, state), values in zip(pairs, _counter_values([m for m, _ in pairs])):
+    for (module, state), (values, _) in zip(pairs, _snapshots([m for m, _ in pairs])):
         row = {"module": state.name or "(root)", "class": type(module).__name__}
         for counter in REPORTED:
             row[counter.name.lower()] = values[counter] if values is not None else "-"
@@ -295,12 +314,21 @@ def report(model: torch.nn.Module) -> Report:
 
 
 def check(model: torch.nn.Module) -> None:
-    """Raises NonFiniteError for the first module whose on_nonfinite='raise'
-    policy was violated by an event that no forward has raised yet (on CUDA a
-    forward raises one step late, so call this after the last step)."""
+    """Raises NonFiniteError for the first module with on_nonfinite='raise'
+    that either counted a non-finite event no forward has raised yet (on CUDA
+    a forward raises one step late), or whose parameters or running
+    statistics hold NaN/Inf now (say, after the optimizer's last step, which
+    no forward has seen). Call it after training, or every few steps."""
     pairs = list(_guarded_modules(model))
-    for (module, state), values in zip(pairs, _counter_values([m for m, _ in pairs])):
-        if values is None or state.policy.on_nonfinite != "raise" or not state.unreported_nonfinite(values):
+    for (module, state), (values, nonfinite) in zip(pairs, _snapshots([m for m, _ in pairs])):
+        if state.policy.on_nonfinite != "raise":
             continue
-        state._reported_nonfinite = values[Counter.NONFINITE_EVENTS]
-        raise NonFiniteError(state.nonfinite_message(values, None, module.training))
+        if values is not None and state.unreported_nonfinite(values):
+            state._reported_nonfinite = values[Counter.NONFINITE_EVENTS]
+            raise NonFiniteError(state.nonfinite_message(values, None, module.training))
+        if nonfinite:
+            raise NonFiniteError(
+                f"{state.describe()}: {', '.join(nonfinite)} hold NaN/Inf now. A non-finite weight or bias "
+                "means the optimizer diverged since the last forward: lower the learning rate or clip "
+                "gradients, and restart from the last good checkpoint."
+            )
