@@ -183,6 +183,8 @@ class SafetyState:
         took, if that copy has landed, so that no call waits on the device."""
         if counters is None or torch.compiler.is_compiling():
             return
+        if counters.is_cuda and torch.cuda.is_current_stream_capturing():
+            return  # inside a CUDA graph the device-side guard acts alone; check() reports
         if counters.device.type == "cpu" or self.policy.sync:
             self._act(counters.tolist(), shape, training)
             return
