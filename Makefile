@@ -24,11 +24,12 @@ $(DEPS): requirements-dev.txt
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $@
 
-# The editable install registers the package and the torch-safebn script;
-# build_ext --inplace then rebuilds only what changed (ninja), with the
-# compiler's output (nvcc -Xptxas -v: registers, spills) kept in build/build.log.
+# The editable install registers the package and the torch-safebn script
+# only; build_ext --inplace builds the extension and rebuilds only what
+# changed (ninja), with the compiler's output (nvcc -Xptxas -v: registers,
+# spills) kept in build/build.log.
 $(BUILT): $(DEPS) pyproject.toml
-	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	SAFEBN_NO_EXTENSION=1 $(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 	touch $@
 
 build: $(BUILT) $(SOURCES)

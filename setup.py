@@ -51,6 +51,9 @@ def _extension():
 setup(
     name="torch_safebn",
     packages=find_packages(include=["torch_safebn", "torch_safebn.*"]),
-    ext_modules=[_extension()],
+    # The Makefile registers the package once with SAFEBN_NO_EXTENSION=1 and
+    # builds the extension with `build_ext --inplace`, which ninja keeps
+    # incremental; a plain `pip install` builds it here.
+    ext_modules=[] if os.environ.get("SAFEBN_NO_EXTENSION") else [_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension},
 )
