@@ -2,6 +2,7 @@
 that cannot be silently poisoned. See README.md."""
 from ._ops import BACKEND as _BACKEND
 from .convert import convert_model, revert_model
+from .distributed import SafeSyncBatchNorm
 from .functional import batch_norm
 from .modules import SafeBatchNorm1d, SafeBatchNorm2d, SafeBatchNorm3d
 from .safety import (
@@ -20,6 +21,7 @@ __all__ = [
     "SafeBatchNorm1d",
     "SafeBatchNorm2d",
     "SafeBatchNorm3d",
+    "SafeSyncBatchNorm",
     "batch_norm",
     "convert_model",
     "revert_model",

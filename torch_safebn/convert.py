@@ -1,22 +1,28 @@
-"""convert_model() and revert_model(): swap nn.BatchNorm* for SafeBatchNorm*
-(and back) in a model tree, keeping parameters, buffers, device, dtype and
-train/eval state."""
+"""convert_model() and revert_model(): swap nn.BatchNorm* and nn.SyncBatchNorm
+for their torch_safebn counterparts (and back) in a model tree, keeping
+parameters, buffers, device, dtype, train/eval state and process group."""
 from __future__ import annotations
 
 from torch import nn
 
+from .distributed import SafeSyncBatchNorm
 from .modules import SAFE_FOR_NATIVE
 from .safety import name_modules
 
 __all__ = ["convert_model", "revert_model"]
 
-_NATIVE_FOR_SAFE = {safe: native for native, safe in SAFE_FOR_NATIVE.items()}
+_SAFE_FOR_NATIVE = {**SAFE_FOR_NATIVE, nn.SyncBatchNorm: SafeSyncBatchNorm}
+_NATIVE_FOR_SAFE = {safe: native for native, safe in _SAFE_FOR_NATIVE.items()}
 
 
-def _rebuild(module: nn.Module, cls: type, **options) -> nn.Module:
+def _rebuild(module: nn.Module, cls: type, process_group=None, **options) -> nn.Module:
     native_options = {}
     if module.affine and module.bias is None:  # torch's bias=False
         native_options["bias"] = False
+    if issubclass(cls, (nn.SyncBatchNorm, SafeSyncBatchNorm)):
+        # a synchronized module keeps its group unless another is given
+        own_group = getattr(module, "process_group", None)
+        native_options["process_group"] = process_group if process_group is not None else own_group
     reference = next(iter(module.state_dict().values()), None)
     new = cls(
         module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
@@ -43,13 +49,22 @@ def _swap(model: nn.Module, table: dict, **options) -> nn.Module:
     return model
 
 
-def convert_model(model: nn.Module, **options) -> nn.Module:
+def convert_model(model: nn.Module, *, distributed: bool = False, process_group=None, **options) -> nn.Module:
     """Replaces every nn.BatchNorm1d/2d/3d in `model` (the model itself
-    included) by its SafeBatchNorm counterpart, in place, and returns the
-    model. Keyword options (on_nonfinite="skip", ...) go to every new module."""
-    return name_modules(_swap(model, SAFE_FOR_NATIVE, **options))
+    included) by its SafeBatchNorm counterpart and every nn.SyncBatchNorm by a
+    SafeSyncBatchNorm, in place, and returns the model. Keyword options
+    (on_nonfinite="skip", ...) go to every new module.
+
+    distributed=True makes every batch norm a SafeSyncBatchNorm, whose
+    statistics span the ranks of `process_group` (default: the whole world;
+    an nn.SyncBatchNorm keeps its own), as nn.SyncBatchNorm.convert_sync_batchnorm
+    does for nn.SyncBatchNorm. (Not `sync=True`: that is the safety option
+    that raises CUDA errors at once, and it goes to every module.)"""
+    table = dict.fromkeys(_SAFE_FOR_NATIVE, SafeSyncBatchNorm) if distributed else _SAFE_FOR_NATIVE
+    return name_modules(_swap(model, table, process_group=process_group, **options))
 
 
 def revert_model(model: nn.Module) -> nn.Module:
-    """Replaces every SafeBatchNorm1d/2d/3d by the plain nn.BatchNorm class."""
+    """Replaces every SafeBatchNorm1d/2d/3d by the plain nn.BatchNorm class,
+    and every SafeSyncBatchNorm by an nn.SyncBatchNorm of the same group."""
     return _swap(model, _NATIVE_FOR_SAFE)

@@ -14,7 +14,9 @@ __all__ = ["SafeBatchNorm1d", "SafeBatchNorm2d", "SafeBatchNorm3d"]
 
 
 class _SafeBatchNormMixin:
-    """The safe forward, shared by the three classes; put before the nn class."""
+    """The safe forward, shared by the safe classes; put before the nn class."""
+
+    _safety_state_class = SafetyState  # SafeSyncBatchNorm's also speaks for its rank
 
     def __init__(
         self,
@@ -39,7 +41,7 @@ class _SafeBatchNormMixin:
         if freeze_stats and not track_running_stats:
             raise ValueError("freeze_stats=True needs track_running_stats=True: there are no running statistics to use")
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **native_options)
-        self.safety_state = SafetyState(policy, owner=f"{type(self).__name__}({num_features})")
+        self.safety_state = self._safety_state_class(policy, owner=f"{type(self).__name__}({num_features})")
         counters = torch.zeros(NUM_COUNTERS, dtype=torch.int64, device=device) if checks else None
         # Not persistent: state_dict keys stay those of nn.BatchNorm.
         self.register_buffer("safety_counters", counters, persistent=False)

@@ -1,0 +1,331 @@
+"""SafeSyncBatchNorm against nn.BatchNorm on the concatenated batch, on CPU with gloo.
+
+Each multi-process test spawns its ranks once and runs a group of checks in
+them (spawning costs seconds); a check that fails raises in its rank and the
+test shows that rank's traceback. Every spawned job is bounded in time, so a
+rank left waiting in a collective fails the test instead of hanging it."""
+from __future__ import annotations
+
+import importlib.util
+import re
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import torch_safebn
+from torch_safebn import DegenerateBatchError, NonFiniteError, SafeSyncBatchNorm
+
+ROOT = Path(__file__).resolve().parents[1]
+NATIVE_FOR_DIM = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+TIGHT = {"atol": 1e-10, "rtol": 1e-10}  # float64: the two differ by summation order only
+JOB_TIMEOUT_S = 120  # a job takes 10 to 40 s on 2 cores, with other work or without; a hang never ends
+
+
+# -- running checks on several processes ------------------------------------------------
+def _rank_main(rank: int, world_size: int, init_method: str, checks, args: tuple) -> None:
+    torch.set_num_threads(1)  # the ranks share the machine's cores
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
+    try:
+        checks(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_on_ranks(checks, world_size: int, tmp_path: Path, *args) -> None:
+    """Runs checks(rank, world_size, *args) in `world_size` new processes
+    joined in a gloo group; fails with a rank's traceback if one raises, or
+    after JOB_TIMEOUT_S if a rank does not finish."""
+    init_method = (tmp_path / "rendezvous").as_uri()  # a file store: no port to pick
+    context = mp.start_processes(
+        _rank_main, args=(world_size, init_method, checks, args), nprocs=world_size, join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not context.join(timeout=max(deadline - time.monotonic(), 0)):  # raises if a rank failed
+        if time.monotonic() >= deadline:
+            for process in context.processes:
+                process.terminate()
+            for process in context.processes:
+                process.join()
+            pytest.fail(
+                f"{checks.__name__} on {world_size} processes did not finish in {JOB_TIMEOUT_S} s: "
+                "is a rank waiting in a collective that another rank skipped?"
+            )
+
+
+def _shares(sizes: list[int], rank: int) -> slice:
+    """This rank's rows of the concatenated batch, when rank r holds sizes[r] examples."""
+    start = sum(sizes[:rank])
+    return slice(start, start + sizes[rank])
+
+
+def _module_pair(num_features: int, dim: int, **options):
+    """nn.BatchNorm with random affine parameters, and a SafeSyncBatchNorm with its state."""
+    native = NATIVE_FOR_DIM[dim](num_features, dtype=torch.float64, momentum=options.pop("momentum", 0.1))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        native.weight.copy_(torch.rand(num_features, generator=g, dtype=torch.float64) + 0.5)
+        native.bias.copy_(torch.randn(num_features, generator=g, dtype=torch.float64))
+    safe = SafeSyncBatchNorm(num_features, momentum=native.momentum, dtype=torch.float64, **options)
+    safe.load_state_dict(native.state_dict())
+    return native, safe
+
+
+def _buffers(module: nn.Module) -> dict:
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+# -- the checks (they run in the spawned ranks) ------------------------------------------
+def _check_parity(sizes, tail, memory_format=torch.contiguous_format, momentum=0.1, group=None):
+    """Two training steps, the group's rank r holding sizes[r] examples of
+    shape [C, *tail]: outputs, input gradients and running statistics equal
+    nn.BatchNorm's on the concatenated batch, and so do the parameter
+    gradients summed over the ranks (each rank's is its share, as with
+    nn.SyncBatchNorm; DDP averages them)."""
+    assert len(sizes) == dist.get_world_size(group)
+    native, safe = _module_pair(3, 2 + len(tail), momentum=momentum, process_group=group)
+    mine = _shares(sizes, dist.get_rank(group))
+    for step in range(2):
+        g = torch.Generator().manual_seed(step)
+        batch = torch.randn(sum(sizes), 3, *tail, generator=g, dtype=torch.float64) * 2 + 0.5
+        grad = torch.randn(batch.shape, generator=g, dtype=torch.float64)
+
+        expected_input = batch.clone().requires_grad_()
+        expected = native(expected_input)
+        expected.backward(grad)
+        input = batch[mine].contiguous(memory_format=memory_format).requires_grad_()
+        output = safe(input)
+        output.backward(grad[mine].contiguous(memory_format=memory_format))
+
+        torch.testing.assert_close(output, expected[mine].detach(), **TIGHT)
+        assert output.is_contiguous(memory_format=memory_format)
+        torch.testing.assert_close(input.grad, expected_input.grad[mine], **TIGHT)
+        for name in ("weight", "bias"):
+            group_grad = getattr(safe, name).grad.clone()
+            dist.all_reduce(group_grad, group=group)
+            torch.testing.assert_close(group_grad, getattr(native, name).grad, **TIGHT)
+        native.zero_grad()
+        safe.zero_grad()
+    for name, value in native.state_dict().items():
+        torch.testing.assert_close(safe.state_dict()[name], value, **TIGHT, msg=f"{name} differs")
+
+
+def _named(module: nn.Module) -> nn.Module:
+    """`module` as the child 'bn' of a model, named for messages."""
+    return torch_safebn.name_modules(nn.Sequential(OrderedDict(bn=module)))
+
+
+def _check_nonfinite_raises_on_every_rank(rank, bad_rank, group=None):
+    model = _named(_module_pair(3, 4, process_group=group)[1])
+    before = _buffers(model)
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    if rank == bad_rank:
+        x[1, 2, 0, 3] = float("nan")
+    with pytest.raises(NonFiniteError) as error:
+        model(x)
+    message = str(error.value)
+    assert "'bn'" in message and f"rank {rank} " in message, message
+    assert re.search(rf"came from rank {bad_rank} of the process group", message), message
+    for name, value in before.items():
+        assert torch.equal(model.state_dict()[name], value), f"{name} changed on rank {rank}"
+
+
+def _check_nonfinite_skip_counts_on_every_rank(rank, bad_rank):
+    model = _named(_module_pair(3, 4, on_nonfinite="skip")[1])
+    before = _buffers(model)
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    if rank == bad_rank:
+        x[0, 0, 1, 1] = float("inf")
+    model(x)  # no error
+    for name, value in before.items():
+        assert torch.equal(model.state_dict()[name], value), f"{name} changed on rank {rank}"
+    row = torch_safebn.report(model).rows[0]
+    assert (row["batches"], row["skipped_updates"], row["nonfinite_events"]) == (1, 1, 1), row
+    model(torch.randn(2, 3, 4, 4, dtype=torch.float64))  # a finite batch is applied again
+    assert model.bn.num_batches_tracked.item() == 1
+    assert torch_safebn.report(model).rows[0]["skipped_updates"] == 1
+
+
+def _check_one_value_per_channel_in_the_group(rank, world_size):
+    sizes = [0, 1] + [0] * (world_size - 2)
+    x = torch.randn(sizes[rank], 3, dtype=torch.float64)
+    raising = _module_pair(3, 2)[1]
+    before = _buffers(raising)
+    with pytest.raises(DegenerateBatchError, match=r"'bn', rank \d+ \(.*by rank.*\{0: 0, 1: 1"):
+        _named(raising)(x)
+    # on_degenerate="running_stats": every rank normalizes with them and leaves them be
+    native, safe = _module_pair(3, 2, on_degenerate="running_stats")
+    with pytest.warns(RuntimeWarning, match="normalized with the running statistics"):
+        output = _named(safe)(x)
+    torch.testing.assert_close(output, native.eval()(x), **TIGHT)
+    assert torch_safebn.report(safe).rows[0]["degenerate_batches"] == 1
+    for name, value in before.items():
+        assert torch.equal(raising.state_dict()[name], value), f"{name} changed on rank {rank}"
+        assert torch.equal(safe.state_dict()[name], value), f"{name} changed on rank {rank}"
+
+
+def _check_single_example_in_the_group_warns(rank, world_size):
+    sizes = [0, 1] + [0] * (world_size - 2)
+    safe = _module_pair(3, 3)[1]
+    with pytest.warns(RuntimeWarning, match="single example"):
+        safe(torch.randn(sizes[rank], 3, 5, dtype=torch.float64))
+    assert torch_safebn.report(safe).rows[0]["single_sample_batches"] == 1
+
+
+def _check_empty_group_batch_changes_nothing(rank):
+    safe = _module_pair(3, 4)[1]
+    before = _buffers(safe)
+    x = torch.randn(0, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+    output = safe(x)
+    output.sum().backward()
+    assert output.shape == x.shape and x.grad.shape == x.shape
+    for name, value in before.items():
+        assert torch.equal(safe.state_dict()[name], value), f"{name} changed on rank {rank}"
+
+
+def _check_process_group(rank):
+    """Modules synchronized over ranks 0 and 2 only; messages give global ranks."""
+    group = dist.new_group([0, 2])  # every rank takes part in creating it
+    if rank == 1:
+        return
+    _check_parity([2, 1], (4, 5), group=group)
+    _check_nonfinite_raises_on_every_rank(rank, bad_rank=2, group=group)
+
+
+def three_ranks(rank, world_size):
+    _check_parity([3, 1, 0], (4, 5))
+    _check_parity([1, 0, 4], (4, 5), torch.channels_last)
+    _check_parity([3, 1, 0], ())  # rank 1: one value per channel
+    _check_parity([2, 0, 3], (6,), momentum=None)
+    _check_parity([0, 2, 1], (2, 3, 4), torch.channels_last_3d)
+    _check_nonfinite_raises_on_every_rank(rank, bad_rank=1)
+    _check_nonfinite_skip_counts_on_every_rank(rank, bad_rank=2)
+    _check_one_value_per_channel_in_the_group(rank, world_size)
+    _check_single_example_in_the_group_warns(rank, world_size)
+    _check_empty_group_batch_changes_nothing(rank)
+    _check_process_group(rank)
+
+
+def _example():
+    spec = importlib.util.spec_from_file_location("ddp_train", ROOT / "examples" / "ddp_train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _check_ddp_training_matches_one_process(rank, world_size, data):
+    """The example's DDP training, in float64, against the same steps in one
+    process on the whole batches with plain nn.BatchNorm2d."""
+    example = _example()
+    images, labels = data
+    model = torch.nn.parallel.DistributedDataParallel(
+        torch_safebn.convert_model(example.make_model(torch.float64), distributed=True)
+    )
+    steps = dict(batch_size=32, max_steps=4)
+    losses = example.train_epoch(model, example.make_optimizer(model), images, labels, 0,
+                                 rank=rank, world_size=world_size, **steps)
+    reference = example.make_model(torch.float64)
+    expected = example.train_epoch(reference, example.make_optimizer(reference), images, labels, 0, **steps)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), **TIGHT)
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(model.module.state_dict()[name], value, **TIGHT, msg=f"{name} differs")
+
+
+def two_ranks(rank, world_size, data):
+    _check_ddp_training_matches_one_process(rank, world_size, data)
+    _check_nonfinite_raises_on_every_rank(rank, bad_rank=0)
+    _check_one_value_per_channel_in_the_group(rank, world_size)
+
+
+# -- the tests ----------------------------------------------------------------------------
+def test_three_ranks_match_native_and_guard_together(tmp_path):
+    run_on_ranks(three_ranks, 3, tmp_path)
+
+
+def test_two_ranks_ddp_training_matches_one_process(tmp_path):
+    (images, labels), _ = _example().digits(torch.float64)
+    run_on_ranks(two_ranks, 2, tmp_path, (images[:128], labels[:128]))
+
+
+# -- one process: the fallbacks, the checkpoint format, the conversion ------------------
+def _assert_same_training(native: nn.Module, safe: nn.Module, x: torch.Tensor) -> None:
+    expected_input, input = x.clone().requires_grad_(), x.clone().requires_grad_()
+    expected, output = native(expected_input), safe(input)
+    grad = torch.randn_like(x)
+    expected.backward(grad)
+    output.backward(grad)
+    torch.testing.assert_close(output, expected, **TIGHT)
+    torch.testing.assert_close(input.grad, expected_input.grad, **TIGHT)
+    torch.testing.assert_close(safe.weight.grad, native.weight.grad, **TIGHT)
+    for name, value in native.state_dict().items():
+        torch.testing.assert_close(safe.state_dict()[name], value, **TIGHT, msg=f"{name} differs")
+
+
+def test_without_a_process_group_it_is_safe_batch_norm():
+    native, safe = _module_pair(4, 4)
+    x = torch.randn(5, 4, 3, 3, dtype=torch.float64)
+    _assert_same_training(native, safe, x)
+    _assert_same_training(native.eval(), safe.eval(), x)
+    with pytest.raises(DegenerateBatchError, match="more than 1 value per channel"):
+        safe.train()(torch.randn(1, 4, dtype=torch.float64))
+
+
+def test_a_group_of_one_is_safe_batch_norm(tmp_path):
+    dist.init_process_group("gloo", init_method=(tmp_path / "rendezvous").as_uri(), rank=0, world_size=1)
+    try:
+        native, safe = _module_pair(4, 3)
+        _assert_same_training(native, safe, torch.randn(5, 4, 6, dtype=torch.float64))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_checkpoints_load_both_ways_with_nn_sync_batch_norm():
+    native = nn.SyncBatchNorm(4)
+    with torch.no_grad():
+        native.running_mean.uniform_()
+    safe = SafeSyncBatchNorm(4, on_nonfinite="skip")
+    safe.load_state_dict(native.state_dict(), strict=True)
+    nn.SyncBatchNorm(4).load_state_dict(safe.state_dict(), strict=True)
+    assert list(safe.state_dict()) == list(native.state_dict())
+    assert torch.equal(safe.running_mean, native.running_mean)
+
+
+def test_construction_is_validated_like_safe_batch_norm():
+    with pytest.raises(ValueError, match="eps must be"):
+        SafeSyncBatchNorm(4, eps=0.0)
+    with pytest.raises(ValueError, match="on_nonfinite must be"):
+        SafeSyncBatchNorm(4, on_nonfinite="ignore")
+    assert SafeSyncBatchNorm(4, 1e-3, 0.2, True, True, "group").process_group == "group"  # nn.SyncBatchNorm's order
+
+
+def test_convert_model_distributed_and_back():
+    group = object()  # any process group object: conversion only carries it
+    model = nn.Sequential(nn.BatchNorm1d(3), nn.Sequential(nn.BatchNorm2d(4), nn.SyncBatchNorm(5)), nn.BatchNorm3d(6))
+    model[1][1].process_group = group
+    with torch.no_grad():
+        model[0].running_mean.fill_(0.5)
+    torch_safebn.convert_model(model, distributed=True, on_nonfinite="warn")
+    bns = [model[0], model[1][0], model[1][1], model[2]]
+    assert all(type(m) is SafeSyncBatchNorm and m.policy.on_nonfinite == "warn" for m in bns)
+    assert [m.process_group for m in bns] == [None, None, group, None]
+    assert model[1][1].safety_state.name == "1.1"
+    assert torch.equal(model[0].running_mean, torch.full((3,), 0.5))
+
+    torch_safebn.revert_model(model)
+    assert all(type(m) is nn.SyncBatchNorm for m in [model[0], model[1][0], model[1][1], model[2]])
+    assert model[1][1].process_group is group and torch.equal(model[0].running_mean, torch.full((3,), 0.5))
+
+    other = object()
+    torch_safebn.convert_model(model, distributed=True, process_group=other)
+    assert all(m.process_group is other for m in [model[0], model[1][0], model[1][1], model[2]])
+
+
+def test_convert_model_makes_nn_sync_batch_norm_safe():
+    model = torch_safebn.convert_model(nn.Sequential(nn.BatchNorm2d(3), nn.SyncBatchNorm(3)))
+    assert [type(m) for m in model] == [torch_safebn.SafeBatchNorm2d, SafeSyncBatchNorm]
