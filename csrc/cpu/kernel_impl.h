@@ -4,27 +4,58 @@
 // Deliberately no #pragma once and no includes: kernels.cpp provides them.
 
 constexpr int64_t kLanes = 16;
+// Widest block a channels-last pass accumulates in registers/stack at once.
+constexpr int64_t kMaxWidth = 512;
 
-// One Welford step for `width` lanes that have all seen the same number of
-// values (`inv_count` = 1 / that number, including this step). Values are
-// taken relative to a per-lane shift near the data: with a large common
-// offset (1e4 + N(0, 1)) a float32 running mean cannot absorb increments
-// below half its ulp, and the variance would drift by the mean's error squared.
-template <typename T, typename acc_t>
-inline void welford_lanes(const T* __restrict__ x, const acc_t* __restrict__ shift, acc_t* __restrict__ mean,
-                          acc_t* __restrict__ m2, int64_t width, acc_t inv_count) {
-  for (int64_t j = 0; j < width; ++j) {
-    const acc_t v = load(x[j]) - shift[j];
-    const acc_t delta = v - mean[j];
-    mean[j] += delta * inv_count;
-    m2[j] += delta * (v - mean[j]);
+// Statistics are accumulated as sums of x - shift and (x - shift)^2, with the
+// shift a value of the same channel: two independent FMAs per element, where
+// a per-element Welford update is a dependent chain. The shift keeps the sums
+// small for data with a large common offset (1e4 + N(0, 1)); the lanes hold
+// at most kFlushEvery values each in acc_t before they are added to double
+// totals, so float32 rounding stays far below the 1e-4 the variance needs.
+constexpr int64_t kFlushEvery = 256;
+
+struct ShiftedSums {
+  double sum = 0, sum_sq = 0;
+  int64_t count = 0;
+
+  template <typename acc_t>
+  Welford<acc_t> welford(acc_t shift) const {
+    Welford<acc_t> w;
+    if (count == 0) return w;
+    const double mean = sum / double(count);
+    w.count = acc_t(count);
+    w.mean = acc_t(double(shift) + mean);
+    w.m2 = acc_t(std::max(0.0, sum_sq - sum * mean));
+    return w;
   }
-}
+};
 
-template <typename acc_t>
-inline void merge_lanes(Welford<acc_t>& total, const acc_t* mean, const acc_t* m2,
-                        int64_t width, int64_t count) {
-  for (int64_t j = 0; j < width; ++j) total.merge({mean[j], m2[j], acc_t(count)});
+// Adds `blocks` blocks of `width` contiguous values, `stride` apart, lane j
+// relative to shift[j], to the lanes' sums and flushes them into
+// totals[j % channels].
+template <typename T, typename acc_t>
+inline void shifted_sums(const T* __restrict__ x, const acc_t* __restrict__ shift, int64_t width,
+                         int64_t stride, int64_t blocks, int64_t channels, ShiftedSums* totals) {
+  acc_t s1[kMaxWidth], s2[kMaxWidth];
+  for (int64_t b = 0; b < blocks; b += kFlushEvery) {
+    for (int64_t j = 0; j < width; ++j) s1[j] = s2[j] = 0;
+    const int64_t stop = std::min(blocks, b + kFlushEvery);
+    for (int64_t k = b; k < stop; ++k) {
+      const T* __restrict__ p = x + k * stride;
+      for (int64_t j = 0; j < width; ++j) {
+        const acc_t v = load(p[j]) - shift[j];
+        s1[j] += v;
+        s2[j] += v * v;
+      }
+    }
+    for (int64_t j = 0; j < width; ++j) {
+      ShiftedSums& t = totals[j % channels];
+      t.sum += s1[j];
+      t.sum_sq += s2[j];
+      t.count += stop - b;
+    }
+  }
 }
 
 // Calls fn(offset, length) for each contiguous run of channel c's plane
@@ -45,27 +76,23 @@ template <typename T>
 Welford<acc_type<T>> plane_stats(const T* x, const Geometry& g, int64_t c,
                                  int64_t begin, int64_t end) {
   using acc_t = acc_type<T>;
-  Welford<acc_t> total;
-  if (begin >= end) return total;
-  acc_t shift[kLanes], mean[kLanes] = {}, m2[kLanes] = {};
+  if (begin >= end) return {};
+  acc_t shift[kLanes];
   for_each_run(g, c, begin, begin + 1, [&](int64_t offset, int64_t) {
     for (int64_t j = 0; j < kLanes; ++j) shift[j] = load(x[offset]);
   });
-  int64_t blocks = 0;
-  Welford<acc_t> tail;
+  ShiftedSums total;
   for_each_run(g, c, begin, end, [&](int64_t offset, int64_t len) {
-    const T* p = x + offset;
-    int64_t i = 0;
-    for (; i + kLanes <= len; i += kLanes) {
-      ++blocks;
-      welford_lanes(p + i, shift, mean, m2, kLanes, acc_t(1) / acc_t(blocks));
+    const int64_t blocks = len / kLanes;
+    shifted_sums(x + offset, shift, kLanes, kLanes, blocks, 1, &total);
+    for (int64_t i = blocks * kLanes; i < len; ++i) {
+      const double v = double(load(x[offset + i])) - double(shift[0]);
+      total.sum += v;
+      total.sum_sq += v * v;
+      total.count += 1;
     }
-    for (; i < len; ++i) tail.add(load(p[i]) - shift[0]);
   });
-  merge_lanes(total, mean, m2, kLanes, blocks);
-  total.merge(tail);
-  total.mean += shift[0];
-  return total;
+  return total.welford(shift[0]);
 }
 
 template <typename T>
@@ -140,24 +167,31 @@ void rows_stats(const T* x, int64_t channels, int64_t begin, int64_t end,
                 Welford<acc_type<T>>* stats) {
   using acc_t = acc_type<T>;
   if (begin >= end) return;
-  const int64_t step = rows_per_block(channels), width = step * channels;
   std::vector<acc_t> first_row(channels);
   for (int64_t c = 0; c < channels; ++c) first_row[c] = load(x[begin * channels + c]);
-  const std::vector<acc_t> shift = tile(first_row.data(), channels, width);
-  std::vector<acc_t> mean(width), m2(width);
-  int64_t blocks = 0, r = begin;
-  for (; r + step <= end; r += step) {
-    ++blocks;
-    welford_lanes(x + r * channels, shift.data(), mean.data(), m2.data(), width, acc_t(1) / acc_t(blocks));
+  std::vector<ShiftedSums> totals(channels);
+  // Blocks of whole rows, at least kLanes values wide (lane j is channel
+  // j % C); rows wider than kMaxWidth are walked as strips of channels.
+  const int64_t step = rows_per_block(channels);
+  if (step * channels <= kMaxWidth) {
+    const int64_t width = step * channels, blocks = (end - begin) / step;
+    const std::vector<acc_t> shift = tile(first_row.data(), channels, width);
+    shifted_sums(x + begin * channels, shift.data(), width, width, blocks, channels, totals.data());
+    for (int64_t r = begin + blocks * step; r < end; ++r)
+      for (int64_t c = 0; c < channels; ++c) {
+        const double v = double(load(x[r * channels + c])) - double(first_row[c]);
+        totals[c].sum += v;
+        totals[c].sum_sq += v * v;
+        totals[c].count += 1;
+      }
+  } else {
+    for (int64_t c0 = 0; c0 < channels; c0 += kMaxWidth) {
+      const int64_t width = std::min(kMaxWidth, channels - c0);
+      shifted_sums(x + begin * channels + c0, first_row.data() + c0, width, channels, end - begin, width,
+                   totals.data() + c0);
+    }
   }
-  std::vector<Welford<acc_t>> shifted(channels);
-  for (int64_t j = 0; j < width; ++j) shifted[j % channels].merge({mean[j], m2[j], acc_t(blocks)});
-  for (; r < end; ++r)
-    for (int64_t c = 0; c < channels; ++c) shifted[c].add(load(x[r * channels + c]) - first_row[c]);
-  for (int64_t c = 0; c < channels; ++c) {
-    shifted[c].mean += first_row[c];
-    stats[c].merge(shifted[c]);
-  }
+  for (int64_t c = 0; c < channels; ++c) stats[c].merge(totals[c].welford(first_row[c]));
 }
 
 template <typename T>
