@@ -26,7 +26,8 @@ struct ShiftedSums {
     const double mean = sum / double(count);
     w.count = acc_t(count);
     w.mean = acc_t(double(shift) + mean);
-    w.m2 = acc_t(std::max(0.0, sum_sq - sum * mean));
+    const double m2 = sum_sq - sum * mean;
+    w.m2 = acc_t(m2 < 0 ? 0.0 : m2);  // rounding can dip below 0; NaN stays NaN
     return w;
   }
 };
