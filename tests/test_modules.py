@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import torch_safebn
-from conftest import NATIVE_FOR_DIM, make_input, module_pair
+from conftest import make_input
 
 PAIRS = [(nn.BatchNorm1d, torch_safebn.SafeBatchNorm1d), (nn.BatchNorm2d, torch_safebn.SafeBatchNorm2d),
          (nn.BatchNorm3d, torch_safebn.SafeBatchNorm3d)]

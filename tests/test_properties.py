@@ -3,7 +3,6 @@ SafeBatchNorm either matches native or reports, and never poisons its buffers.""
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 from hypothesis import HealthCheck, given, settings

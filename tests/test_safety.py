@@ -4,7 +4,6 @@ that leave nothing lost, report() and check()."""
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 
 import pytest

@@ -202,23 +202,10 @@ def sync_batch_norm(
         state.single_sample(counters, shape)
 
     output = _SyncBatchNormFunction.apply(input, weight, bias, stats.mean, stats.invstd, stats.count, group)
-    if stats.count == 0:
-        # An empty batch changes no buffer. Native still counts it in
-        # num_batches_tracked, which checks=False reproduces.
-        if not guarded and has_running_stats and num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
-        return output
-    if has_running_stats or guarded:
-        OPS.update_running_stats(
-            running_mean, running_var, num_batches_tracked if has_running_stats else None, counters,
-            stats.mean, stats.invstd, _detached(weight), _detached(bias), stats.count, eps, momentum,
-        )
-        state.after_op(counters, shape, training=True)
+    functional.record_batch(stats.mean, stats.invstd, stats.count, running_mean, running_var, weight, bias,
+                            momentum, eps, num_batches_tracked=num_batches_tracked, counters=counters,
+                            state=state, shape=shape)
     return output
-
-
-def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.detach()
 
 
 class SafeSyncBatchNorm(_SafeBatchNormMixin, _BatchNorm):

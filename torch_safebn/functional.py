@@ -100,19 +100,43 @@ def batch_norm(
         state.single_sample(counters, tuple(input.shape))
 
     output, mean, invstd = OPS.forward_train(input, weight, bias, eps)
+    record_batch(mean, invstd, count, running_mean, running_var, weight, bias, momentum, eps,
+                 num_batches_tracked=num_batches_tracked, counters=counters, state=state, shape=tuple(input.shape))
+    return output
+
+
+def record_batch(
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    count: int,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    momentum: float | None,
+    eps: float,
+    *,
+    num_batches_tracked: torch.Tensor | None,
+    counters: torch.Tensor | None,
+    state: SafetyState,
+    shape: tuple,
+) -> None:
+    """After a training forward over `count` values per channel: the guarded
+    running-statistics update (guarded when `counters` is given), then the
+    policy's response to what it counted. Shared with SafeSyncBatchNorm."""
+    has_running_stats = running_mean is not None and running_var is not None
     if count == 0:
         # An empty batch changes no buffer. Native still counts it in
         # num_batches_tracked, which checks=False reproduces.
-        if not guarded and has_running_stats and num_batches_tracked is not None:
+        if counters is None and has_running_stats and num_batches_tracked is not None:
             num_batches_tracked.add_(1)
-        return output
-    if has_running_stats or guarded:
+        return
+    if has_running_stats or counters is not None:
         OPS.update_running_stats(
             running_mean, running_var, num_batches_tracked if has_running_stats else None, counters,
             mean, invstd, _detached(weight), _detached(bias), count, eps, momentum,
         )
-        state.after_op(counters, tuple(input.shape), training=True)
-    return output
+        state.after_op(counters, shape, training=True)
 
 
 def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
