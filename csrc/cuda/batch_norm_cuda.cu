@@ -1,0 +1,508 @@
+// CUDA implementations of the safebn ops: argument checks, dtype dispatch and
+// kernel launches, op for op the counterpart of cpu/batch_norm_cpu.cpp (which
+// defines the semantics). Kernels live in kernels.cuh, their launch shapes in
+// launch.cuh. Nothing here waits for the device: every result, the guard's
+// decisions and counters included, is written by kernels on the current stream.
+#include <ATen/ATen.h>
+#include <ATen/AccumulateType.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <array>
+#include <cstdint>
+#include <initializer_list>
+#include <limits>
+#include <optional>
+#include <tuple>
+
+#include "../checks.h"
+#include "../guard.h"
+#include "kernels.cuh"
+
+namespace safebn {
+namespace cuda {
+namespace {
+
+// Input dtypes, with the accumulate type of each (float32; float64 for
+// float64), which is also accumulate_type() of checks.h.
+#define SAFEBN_DISPATCH_INPUT(TYPE, NAME, ...)                                \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, [&] { \
+    using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;                   \
+    __VA_ARGS__();                                                            \
+  })
+
+// ---- arguments ---------------------------------------------------------------
+
+void check_on_cuda(const at::Tensor& input) {
+  TORCH_CHECK(input.is_cuda(), "the input is on ", input.device(),
+              " while other arguments are on a CUDA device. Move the module and the input to the same device.");
+}
+
+void check_forward_args(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                        const std::optional<at::Tensor>& bias) {
+  check_input(input);
+  check_channel_tensor(weight, input, "weight");
+  check_channel_tensor(bias, input, "bias");
+  check_on_cuda(input);
+}
+
+// A per-channel tensor as a contiguous tensor of acc_t on the device (the
+// tensor itself when it already is one); undefined when absent.
+at::Tensor channel_values(const std::optional<at::Tensor>& t, at::ScalarType acc) {
+  return t.has_value() && t->defined() ? t->to(acc).contiguous() : at::Tensor();
+}
+
+template <typename T>
+const T* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+template <typename T>
+T* mutable_data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.mutable_data_ptr<T>() : nullptr;
+}
+
+at::Tensor channel_stat_tensor(const at::Tensor& input) {
+  return at::empty({input.size(1)}, input.options().dtype(accumulate_type(input.scalar_type())));
+}
+
+// ---- launches ----------------------------------------------------------------
+
+// Whether the tensors can be read and written in 16-byte Packs: the runs the
+// kernels walk (S values per (n, c), or the C channels of a row) hold whole
+// Packs and every pointer is 16-byte aligned (a sliced view may not be).
+bool packable(const Geometry& g, int pack_width, std::initializer_list<const void*> data) {
+  const int64_t run = g.channels_last ? g.channels : g.spatial;
+  if (run % pack_width != 0) return false;
+  for (const void* p : data)
+    if (p != nullptr && reinterpret_cast<uintptr_t>(p) % kPackBytes != 0) return false;
+  return true;
+}
+
+// The partial totals of a reduction that split each channel over `splits`
+// blocks, and their merge. The caching allocator keeps the scratch valid for
+// the kernels queued on this stream after it is freed.
+template <typename Op>
+class Partials {
+ public:
+  using State = typename Op::State;
+
+  Partials(int64_t splits, int64_t channels, const at::TensorOptions& options)
+      : splits_(splits), channels_(channels) {
+    if (splits > 1) scratch_ = at::empty({splits * channels * int64_t(sizeof(State))}, options.dtype(at::kByte));
+  }
+
+  // Where the reduction kernel leaves its blocks' totals; nullptr with one
+  // split, when the kernel finishes each channel itself.
+  State* data() const { return scratch_.defined() ? static_cast<State*>(scratch_.mutable_data_ptr()) : nullptr; }
+
+  // `in0` and `first_stride` locate each channel's first value, for op.channel().
+  template <typename scalar_t>
+  void merge(const Op& op, const scalar_t* in0, int64_t first_stride, cudaStream_t stream) const {
+    if (splits_ == 1) return;
+    merge_partials_kernel<<<merge_grid(channels_), kBlockThreads, 0, stream>>>(op, data(), splits_, channels_, in0,
+                                                                                first_stride);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+ private:
+  int64_t splits_, channels_;
+  at::Tensor scratch_;
+};
+
+template <typename Op, typename scalar_t, int V>
+void launch_reduce(const Op& op, const Geometry& g, const scalar_t* in0, const scalar_t* in1,
+                   const at::TensorOptions& options) {
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (g.channels_last) {
+    const auto kernel = rows_reduce_kernel<Op, scalar_t, V>;
+    const RowsLaunch l = rows_launch(g, V, resident_blocks(kernel));
+    const Partials<Op> partials(l.grid.y, g.channels, options);
+    kernel<<<l.grid, l.block, 0, stream>>>(op, in0, in1, l.shape, partials.data());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    partials.merge(op, in0, /*first_stride=*/1, stream);
+  } else {
+    const auto kernel = plane_reduce_kernel<Op, scalar_t, V>;
+    const PlaneLaunch l = plane_launch(g, V, resident_blocks(kernel));
+    const Partials<Op> partials(l.grid.y, g.channels, options);
+    kernel<<<l.grid, l.block, 0, stream>>>(op, in0, in1, l.shape, partials.data());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    partials.merge(op, in0, /*first_stride=*/g.spatial, stream);
+  }
+}
+
+template <typename Op, typename scalar_t, int V>
+void launch_map(const Op& op, const Geometry& g, const scalar_t* in0, const scalar_t* in1, scalar_t* out) {
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (g.channels_last) {
+    const auto kernel = rows_map_kernel<Op, scalar_t, V>;
+    const RowsLaunch l = rows_launch(g, V, resident_blocks(kernel));
+    kernel<<<l.grid, l.block, 0, stream>>>(op, in0, in1, out, l.shape);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else {
+    const auto kernel = plane_map_kernel<Op, scalar_t, V>;
+    const PlaneLaunch l = plane_launch(g, V, resident_blocks(kernel));
+    kernel<<<l.grid, l.block, 0, stream>>>(op, in0, in1, out, l.shape);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+// Per-channel reduction of `in0` (and `in1` for two-input ops) into op.finish.
+// The input must be non-empty and in a kernel layout.
+template <typename Op, typename scalar_t>
+void reduce_channels(const Op& op, const at::Tensor& input, const Geometry& g, const scalar_t* in0,
+                     const scalar_t* in1) {
+  constexpr int V = kPackBytes / sizeof(scalar_t);
+  if (packable(g, V, {in0, in1}))
+    launch_reduce<Op, scalar_t, V>(op, g, in0, in1, input.options());
+  else
+    launch_reduce<Op, scalar_t, 1>(op, g, in0, in1, input.options());
+}
+
+// out = op.apply(channel constants, in0[, in1]) elementwise, out laid out as the input.
+template <typename Op, typename scalar_t>
+void map_channels(const Op& op, const Geometry& g, const scalar_t* in0, const scalar_t* in1, scalar_t* out) {
+  constexpr int V = kPackBytes / sizeof(scalar_t);
+  if (packable(g, V, {in0, in1, out}))
+    launch_map<Op, scalar_t, V>(op, g, in0, in1, out);
+  else
+    launch_map<Op, scalar_t, 1>(op, g, in0, in1, out);
+}
+
+// ---- forward ops ---------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train(
+    const at::Tensor& input_arg, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps) {
+  check_eps(eps);
+  check_forward_args(input_arg, weight, bias);
+  const c10::cuda::CUDAGuard device_guard(input_arg.device());
+  const at::Tensor input = with_kernel_layout(input_arg);
+  const Geometry g = geometry_of(input);
+  at::Tensor output = at::empty_like(input);
+  at::Tensor mean = channel_stat_tensor(input), invstd = channel_stat_tensor(input);
+  if (input.numel() == 0) {  // nothing to normalize; the statistics are undefined
+    mean.fill_(NAN);
+    invstd.fill_(NAN);
+    return {output, mean, invstd};
+  }
+  SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_forward_train", [&] {
+    const at::Tensor w = channel_values(weight, mean.scalar_type()), b = channel_values(bias, mean.scalar_type());
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    reduce_channels(MomentsOp<acc_t>{mean.mutable_data_ptr<acc_t>(), invstd.mutable_data_ptr<acc_t>(),
+                                     /*spread_is_invstd=*/true, acc_t(eps)},
+                    input, g, x, static_cast<const scalar_t*>(nullptr));
+    map_channels(NormalizeOp<acc_t>{mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
+                                    /*spread_is_var=*/false, acc_t(eps), data_or_null<acc_t>(w),
+                                    data_or_null<acc_t>(b)},
+                 g, x, static_cast<const scalar_t*>(nullptr), output.mutable_data_ptr<scalar_t>());
+  });
+  return {output, mean, invstd};
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& input_arg) {
+  check_forward_args(input_arg, std::nullopt, std::nullopt);
+  const c10::cuda::CUDAGuard device_guard(input_arg.device());
+  const at::Tensor input = with_kernel_layout(input_arg);
+  const Geometry g = geometry_of(input);
+  at::Tensor mean = channel_stat_tensor(input), var = channel_stat_tensor(input);
+  if (input.numel() == 0) {
+    mean.fill_(NAN);
+    var.fill_(NAN);
+    return {mean, var};
+  }
+  SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_batch_stats", [&] {
+    reduce_channels(MomentsOp<acc_t>{mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>(),
+                                     /*spread_is_invstd=*/false, acc_t(0)},
+                    input, g, input.const_data_ptr<scalar_t>(), static_cast<const scalar_t*>(nullptr));
+  });
+  return {mean, var};
+}
+
+// y = (x - mean) * weight * invstd + bias, with invstd given (normalize) or
+// derived from a variance (forward_eval).
+at::Tensor normalize_with(const at::Tensor& input_arg, const std::optional<at::Tensor>& weight,
+                          const std::optional<at::Tensor>& bias, const at::Tensor& mean_arg,
+                          const at::Tensor& spread_arg, bool spread_is_var, double eps) {
+  const c10::cuda::CUDAGuard device_guard(input_arg.device());
+  const at::Tensor input = with_kernel_layout(input_arg);
+  const Geometry g = geometry_of(input);
+  at::Tensor output = at::empty_like(input);
+  if (output.numel() == 0) return output;
+  const at::ScalarType acc = accumulate_type(input.scalar_type());
+  const at::Tensor mean = channel_values(mean_arg, acc), spread = channel_values(spread_arg, acc);
+  const at::Tensor w = channel_values(weight, acc), b = channel_values(bias, acc);
+  SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_normalize", [&] {
+    map_channels(NormalizeOp<acc_t>{mean.const_data_ptr<acc_t>(), spread.const_data_ptr<acc_t>(), spread_is_var,
+                                    acc_t(eps), data_or_null<acc_t>(w), data_or_null<acc_t>(b)},
+                 g, input.const_data_ptr<scalar_t>(), static_cast<const scalar_t*>(nullptr),
+                 output.mutable_data_ptr<scalar_t>());
+  });
+  return output;
+}
+
+at::Tensor normalize(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                     const std::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& invstd) {
+  check_forward_args(input, weight, bias);
+  check_channel_tensor(mean, input, "mean");
+  check_channel_tensor(invstd, input, "invstd");
+  return normalize_with(input, weight, bias, mean, invstd, /*spread_is_var=*/false, /*eps=*/0);
+}
+
+at::Tensor forward_eval(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                        const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
+                        const at::Tensor& running_var, double eps) {
+  check_forward_args(input, weight, bias);
+  check_channel_tensor(running_mean, input, "running_mean");
+  check_channel_tensor(running_var, input, "running_var");
+  return normalize_with(input, weight, bias, running_mean, running_var, /*spread_is_var=*/true, eps);
+}
+
+// ---- backward ops ----------------------------------------------------------------
+
+void check_backward_args(const at::Tensor& grad_output, const at::Tensor& input,
+                         const std::optional<at::Tensor>& weight, const at::Tensor& mean) {
+  check_forward_args(input, weight, std::nullopt);
+  check_channel_tensor(mean, input, "mean");
+  TORCH_CHECK(grad_output.sizes() == input.sizes(), "grad_output has shape ", grad_output.sizes(),
+              " but the input has shape ", input.sizes());
+  TORCH_CHECK(grad_output.device() == input.device(), "grad_output is on ", grad_output.device(),
+              " but the input is on ", input.device(), ".");
+}
+
+// grad_output in the input's dtype and exactly the input's layout.
+at::Tensor grad_in_layout_of(const at::Tensor& grad_output, const at::Tensor& input) {
+  return with_layout_of(grad_output.to(input.scalar_type()), input);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad_output, const at::Tensor& input_arg, const std::optional<at::Tensor>& weight,
+    const at::Tensor& mean_arg, const at::Tensor& invstd_arg, bool train, std::array<bool, 3> output_mask) {
+  check_backward_args(grad_output, input_arg, weight, mean_arg);
+  check_channel_tensor(invstd_arg, input_arg, "invstd");
+  const c10::cuda::CUDAGuard device_guard(input_arg.device());
+  const at::Tensor input = with_kernel_layout(input_arg);
+  const at::Tensor dy = grad_in_layout_of(grad_output, input);
+  const Geometry g = geometry_of(input);
+  const bool has_weight = weight.has_value() && weight->defined();
+  const bool want_input = output_mask[0], want_weight = output_mask[1] && has_weight,
+             want_bias = output_mask[2] && has_weight;
+  const at::ScalarType acc = accumulate_type(input.scalar_type());
+  const at::Tensor mean = channel_values(mean_arg, acc), invstd = channel_values(invstd_arg, acc);
+  at::Tensor grad_input = want_input ? at::empty_like(input) : at::Tensor();
+  at::Tensor sum_dy, sum_dy_xmu, grad_weight;
+  if (input.numel() == 0) {  // empty sums, as on the CPU: grad_weight = 0 * invstd
+    sum_dy = at::zeros({g.channels}, mean.options());
+    grad_weight = want_weight ? sum_dy * invstd : at::Tensor();
+  } else {
+    SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_backward", [&] {
+      const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
+      const scalar_t* x = input.const_data_ptr<scalar_t>();
+      // Eval mode without parameter gradients needs no reduction at all.
+      if (want_weight || want_bias || (want_input && train)) {
+        sum_dy = at::empty({g.channels}, mean.options());
+        sum_dy_xmu = at::empty({g.channels}, mean.options());
+        if (want_weight) grad_weight = at::empty({g.channels}, mean.options());
+        reduce_channels(GradSumsOp<acc_t>{mean.const_data_ptr<acc_t>(), sum_dy.mutable_data_ptr<acc_t>(),
+                                          sum_dy_xmu.mutable_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
+                                          mutable_data_or_null<acc_t>(grad_weight)},
+                        input, g, dy_data, x);
+      }
+      if (want_input) {
+        const at::Tensor w = channel_values(weight, acc);
+        map_channels(GradInputOp<acc_t>{mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
+                                        data_or_null<acc_t>(w), data_or_null<acc_t>(sum_dy),
+                                        data_or_null<acc_t>(sum_dy_xmu), acc_t(g.per_channel()), train},
+                     g, dy_data, x, grad_input.mutable_data_ptr<scalar_t>());
+      }
+    });
+  }
+  // Parameter gradients in the weight's dtype (a no-op for float32 weights).
+  return {grad_input, want_weight ? grad_weight.to(weight->scalar_type()) : at::Tensor(),
+          want_bias ? sum_dy.to(weight->scalar_type()) : at::Tensor()};
+}
+
+std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad_output, const at::Tensor& input_arg,
+                                                   const at::Tensor& mean_arg) {
+  check_backward_args(grad_output, input_arg, std::nullopt, mean_arg);
+  const c10::cuda::CUDAGuard device_guard(input_arg.device());
+  const at::Tensor input = with_kernel_layout(input_arg);
+  const at::Tensor dy = grad_in_layout_of(grad_output, input);
+  const Geometry g = geometry_of(input);
+  const at::Tensor mean = channel_values(mean_arg, accumulate_type(input.scalar_type()));
+  if (input.numel() == 0) return {at::zeros({g.channels}, mean.options()), at::zeros({g.channels}, mean.options())};
+  at::Tensor sum_dy = at::empty({g.channels}, mean.options()), sum_dy_xmu = at::empty({g.channels}, mean.options());
+  SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_backward_reduce", [&] {
+    reduce_channels(GradSumsOp<acc_t>{mean.const_data_ptr<acc_t>(), sum_dy.mutable_data_ptr<acc_t>(),
+                                      sum_dy_xmu.mutable_data_ptr<acc_t>(), nullptr, nullptr},
+                    input, g, dy.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>());
+  });
+  return {sum_dy, sum_dy_xmu};
+}
+
+at::Tensor backward_elemt(const at::Tensor& grad_output, const at::Tensor& input_arg,
+                          const std::optional<at::Tensor>& weight, const at::Tensor& mean_arg,
+                          const at::Tensor& invstd_arg, const at::Tensor& sum_dy_arg,
+                          const at::Tensor& sum_dy_xmu_arg, int64_t count) {
+  check_backward_args(grad_output, input_arg, weight, mean_arg);
+  check_channel_tensor(invstd_arg, input_arg, "invstd");
+  check_channel_tensor(sum_dy_arg, input_arg, "sum_dy");
+  check_channel_tensor(sum_dy_xmu_arg, input_arg, "sum_dy_xmu");
+  TORCH_CHECK(count > 0, "count (values per channel over every process) must be > 0, got ", count);
+  const c10::cuda::CUDAGuard device_guard(input_arg.device());
+  const at::Tensor input = with_kernel_layout(input_arg);
+  const at::Tensor dy = grad_in_layout_of(grad_output, input);
+  const Geometry g = geometry_of(input);
+  at::Tensor grad_input = at::empty_like(input);
+  if (grad_input.numel() == 0) return grad_input;
+  const at::ScalarType acc = accumulate_type(input.scalar_type());
+  const at::Tensor mean = channel_values(mean_arg, acc), invstd = channel_values(invstd_arg, acc);
+  const at::Tensor w = channel_values(weight, acc);
+  const at::Tensor sum_dy = channel_values(sum_dy_arg, acc), sum_dy_xmu = channel_values(sum_dy_xmu_arg, acc);
+  SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_backward_elemt", [&] {
+    map_channels(GradInputOp<acc_t>{mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
+                                    data_or_null<acc_t>(w), sum_dy.const_data_ptr<acc_t>(),
+                                    sum_dy_xmu.const_data_ptr<acc_t>(), acc_t(count), /*train=*/true},
+                 g, dy.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
+                 grad_input.mutable_data_ptr<scalar_t>());
+  });
+  return grad_input;
+}
+
+// ---- the guard -------------------------------------------------------------------
+
+// A per-channel or bookkeeping tensor the guard kernels read or write: on the
+// device of the statistics, and (for per-channel ones) one value per channel.
+void check_guard_tensor(const std::optional<at::Tensor>& t, const at::Tensor& mean, const char* name,
+                        bool per_channel) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->device() == mean.device(), name, " is on ", t->device(), " but the statistics are on ",
+              mean.device(), ". Move the module and the input to the same device.");
+  TORCH_CHECK(!per_channel || t->numel() == mean.numel(), name, " must have one value per channel (",
+              mean.numel(), "), got shape ", t->sizes(), ".");
+}
+
+int64_t* counters_data(const std::optional<at::Tensor>& counters) {
+  if (!counters.has_value()) return nullptr;
+  TORCH_CHECK(counters->scalar_type() == at::kLong && counters->numel() == kNumCounters && counters->is_contiguous(),
+              "counters must be a contiguous int64 tensor of ", int64_t(kNumCounters), " elements");
+  return counters->mutable_data_ptr<int64_t>();
+}
+
+// A running buffer the kernel can update in place: the buffer itself, or a
+// contiguous copy of it (same dtype) that write_back() returns.
+at::Tensor contiguous_or_null(const std::optional<at::Tensor>& buffer) {
+  return buffer.has_value() ? buffer->contiguous() : at::Tensor();
+}
+
+void write_back(const std::optional<at::Tensor>& buffer, const at::Tensor& work) {
+  if (buffer.has_value() && !work.is_same(*buffer)) buffer->copy_(work);
+}
+
+void update_running_stats(const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+                          const std::optional<at::Tensor>& num_batches_tracked,
+                          const std::optional<at::Tensor>& counters, const at::Tensor& mean_arg,
+                          const at::Tensor& invstd_arg, const std::optional<at::Tensor>& weight,
+                          const std::optional<at::Tensor>& bias, int64_t count, double eps,
+                          std::optional<double> momentum) {
+  TORCH_CHECK(running_mean.has_value() == running_var.has_value(),
+              "running_mean and running_var must be given together");
+  TORCH_CHECK(momentum.has_value() || num_batches_tracked.has_value() || !running_mean.has_value(),
+              "momentum=None (a cumulative average) needs num_batches_tracked");
+  TORCH_CHECK(mean_arg.is_cuda(), "the batch mean is on ", mean_arg.device(),
+              " while other arguments are on a CUDA device. Keep the statistics on the module's device.");
+  check_guard_tensor(invstd_arg, mean_arg, "invstd", true);
+  check_guard_tensor(weight, mean_arg, "weight", true);
+  check_guard_tensor(bias, mean_arg, "bias", true);
+  check_guard_tensor(running_mean, mean_arg, "running_mean", true);
+  check_guard_tensor(running_var, mean_arg, "running_var", true);
+  check_guard_tensor(num_batches_tracked, mean_arg, "num_batches_tracked", false);
+  check_guard_tensor(counters, mean_arg, "counters", false);
+  TORCH_CHECK(!running_mean.has_value() || running_mean->scalar_type() == running_var->scalar_type(),
+              "running_mean (", running_mean->scalar_type(), ") and running_var (", running_var->scalar_type(),
+              ") must have the same dtype, as nn.BatchNorm's buffers do.");
+  TORCH_CHECK(!num_batches_tracked.has_value() ||
+                  (num_batches_tracked->scalar_type() == at::kLong && num_batches_tracked->numel() == 1),
+              "num_batches_tracked must be a one-element int64 tensor, got ", num_batches_tracked->scalar_type(),
+              " of shape ", num_batches_tracked->sizes());
+  const c10::cuda::CUDAGuard device_guard(mean_arg.device());
+  int64_t* counts = counters_data(counters);
+  const at::ScalarType acc = mean_arg.scalar_type();
+  const at::Tensor mean = channel_values(mean_arg, acc), invstd = channel_values(invstd_arg, acc);
+  const at::Tensor w = channel_values(weight, acc), b = channel_values(bias, acc);
+  const at::Tensor new_mean = contiguous_or_null(running_mean), new_var = contiguous_or_null(running_var);
+  const at::ScalarType buffer_type = running_mean.has_value() ? running_mean->scalar_type() : acc;
+  AT_DISPATCH_FLOATING_TYPES(acc, "safebn_update_running_stats", [&] {
+    using acc_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, buffer_type, "safebn_update_running_stats", [&] {
+      using running_t = scalar_t;
+      const double limit = std::min<double>(std::numeric_limits<running_t>::max(), std::numeric_limits<acc_t>::max());
+      const RunningStatsArgs<acc_t, running_t> args{
+          mutable_data_or_null<running_t>(new_mean),
+          mutable_data_or_null<running_t>(new_var),
+          num_batches_tracked.has_value() ? num_batches_tracked->mutable_data_ptr<int64_t>() : nullptr,
+          counts,
+          mean.const_data_ptr<acc_t>(),
+          invstd.const_data_ptr<acc_t>(),
+          data_or_null<acc_t>(w),
+          data_or_null<acc_t>(b),
+          mean.numel(),
+          count,
+          acc_t(eps),
+          momentum.has_value(),
+          acc_t(momentum.value_or(0)),
+          acc_t(limit)};
+      update_running_stats_kernel<<<1, kBlockThreads, 0, at::cuda::getCurrentCUDAStream()>>>(args);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  write_back(running_mean, new_mean);
+  write_back(running_var, new_var);
+}
+
+void check_eval_stats(const at::Tensor& counters, const at::Tensor& running_mean_arg,
+                      const at::Tensor& running_var_arg, const std::optional<at::Tensor>& weight,
+                      const std::optional<at::Tensor>& bias, double eps) {
+  TORCH_CHECK(running_mean_arg.is_cuda(), "running_mean is on ", running_mean_arg.device(),
+              " while other arguments are on a CUDA device. Move the module to one device.");
+  check_guard_tensor(counters, running_mean_arg, "counters", false);
+  check_guard_tensor(running_var_arg, running_mean_arg, "running_var", true);
+  check_guard_tensor(weight, running_mean_arg, "weight", true);
+  check_guard_tensor(bias, running_mean_arg, "bias", true);
+  const c10::cuda::CUDAGuard device_guard(running_mean_arg.device());
+  int64_t* counts = counters_data(counters);
+  AT_DISPATCH_FLOATING_TYPES(accumulate_type(running_mean_arg.scalar_type()), "safebn_check_eval_stats", [&] {
+    using acc_t = scalar_t;
+    const at::ScalarType acc = accumulate_type(running_mean_arg.scalar_type());
+    const at::Tensor mean = channel_values(running_mean_arg, acc), var = channel_values(running_var_arg, acc);
+    const at::Tensor w = channel_values(weight, acc), b = channel_values(bias, acc);
+    const EvalStatsArgs<acc_t> args{counts,
+                                    mean.const_data_ptr<acc_t>(),
+                                    var.const_data_ptr<acc_t>(),
+                                    data_or_null<acc_t>(w),
+                                    data_or_null<acc_t>(b),
+                                    mean.numel(),
+                                    acc_t(eps)};
+    check_eval_stats_kernel<acc_t><<<1, kBlockThreads, 0, at::cuda::getCurrentCUDAStream()>>>(args);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace
+}  // namespace cuda
+
+TORCH_LIBRARY_IMPL(safebn, CUDA, m) {
+  m.impl("forward_train", &cuda::forward_train);
+  m.impl("forward_eval", &cuda::forward_eval);
+  m.impl("backward", &cuda::backward);
+  m.impl("batch_stats", &cuda::batch_stats);
+  m.impl("normalize", &cuda::normalize);
+  m.impl("backward_reduce", &cuda::backward_reduce);
+  m.impl("backward_elemt", &cuda::backward_elemt);
+  m.impl("update_running_stats", &cuda::update_running_stats);
+  m.impl("check_eval_stats", &cuda::check_eval_stats);
+}
+
+}  // namespace safebn

@@ -1,0 +1,593 @@
+// Device code of the safebn CUDA ops. Four kernel templates -- a per-channel
+// reduction and an elementwise map, for each of the two layouts -- take an op
+// that says what one element contributes and what a channel's total becomes;
+// a fifth merges the partial totals of channels split over several blocks;
+// two single-block kernels apply the running-statistics guard. Every formula
+// comes from welford.h and guard.h, the functions the CPU kernels call.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "../guard.h"
+#include "../welford.h"
+#include "launch.cuh"
+
+namespace safebn {
+namespace cuda {
+
+// ---- memory access ---------------------------------------------------------
+
+// V consecutive values moved as one access: 16 bytes on the vectorized path,
+// a single value on the scalar fallback (V = 1).
+template <typename scalar_t, int V>
+struct alignas(sizeof(scalar_t) * V) Pack {
+  scalar_t value[V];
+};
+
+template <int V, typename scalar_t>
+__device__ __forceinline__ Pack<scalar_t, V> load_pack(const scalar_t* __restrict__ data, int64_t pack) {
+  return reinterpret_cast<const Pack<scalar_t, V>*>(data)[pack];
+}
+
+template <int V, typename scalar_t>
+__device__ __forceinline__ void store_pack(scalar_t* __restrict__ data, int64_t pack, const Pack<scalar_t, V>& p) {
+  reinterpret_cast<Pack<scalar_t, V>*>(data)[pack] = p;
+}
+
+// An optional per-channel value: absent weight reads 1, absent bias 0.
+template <typename acc_t>
+__device__ __forceinline__ acc_t value_or(const acc_t* values, int64_t c, acc_t fill) {
+  return values != nullptr ? values[c] : fill;
+}
+
+// ---- reductions inside a block ---------------------------------------------
+
+// sum(dy) and sum(dy * (x - mean)) of a channel.
+template <typename acc_t>
+struct GradSums {
+  acc_t dy = 0;
+  acc_t dy_xmu = 0;
+};
+
+// How two partial states become one. Welford states merge with Chan's
+// formula: never by adding means.
+template <typename acc_t>
+__device__ __forceinline__ void combine(Welford<acc_t>& a, const Welford<acc_t>& b) {
+  a.merge(b);
+}
+template <typename acc_t>
+__device__ __forceinline__ void combine(GradSums<acc_t>& a, const GradSums<acc_t>& b) {
+  a.dy += b.dy;
+  a.dy_xmu += b.dy_xmu;
+}
+__device__ __forceinline__ void combine(ChannelFaults& a, const ChannelFaults& b) { a.add(b); }
+
+// Any state, shuffled down the warp 32 bits at a time.
+template <typename State>
+__device__ __forceinline__ State shuffle_down(const State& state, unsigned int delta) {
+  static_assert(sizeof(State) % sizeof(int) == 0, "shuffled in 32-bit words");
+  constexpr int kWords = sizeof(State) / sizeof(int);
+  int words[kWords];
+  memcpy(words, &state, sizeof(State));
+#pragma unroll
+  for (int i = 0; i < kWords; ++i) words[i] = __shfl_down_sync(0xffffffffu, words[i], delta);
+  State out;
+  memcpy(&out, words, sizeof(State));
+  return out;
+}
+
+// The combined state of a warp, in lane 0 (the other lanes hold partial
+// combinations). Every lane of the warp must take part.
+template <typename State>
+__device__ __forceinline__ State warp_reduce(State state) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) combine(state, shuffle_down(state, offset));
+  return state;
+}
+
+// The combined state of a one-dimensional block, returned to every thread:
+// warps reduce by shuffles, then the first warp reduces the warps' totals.
+template <typename State>
+__device__ State block_reduce(State state) {
+  // Raw storage: a __shared__ array may not have constructors to run.
+  __shared__ alignas(State) unsigned char storage[32 * sizeof(State)];
+  State* warp_totals = reinterpret_cast<State*>(storage);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  state = warp_reduce(state);
+  if (lane == 0) warp_totals[warp] = state;
+  __syncthreads();
+  if (warp == 0) {
+    state = warp_reduce(lane < int(blockDim.x / 32) ? warp_totals[lane] : State());
+    if (lane == 0) warp_totals[0] = state;
+  }
+  __syncthreads();
+  const State total = warp_totals[0];
+  __syncthreads();  // the storage is free again for the next call
+  return total;
+}
+
+// Combines each thread's V states with those of the other rows of its block
+// (threadIdx.y; blockDim.y a power of two) by halving in shared memory;
+// afterwards the threads of row 0 hold the block's totals. `shared` holds
+// blockDim.x * blockDim.y * V states.
+template <typename State, int V>
+__device__ void reduce_block_rows(State (&state)[V], State* shared) {
+  const int slot = (threadIdx.y * blockDim.x + threadIdx.x) * V;
+  for (int half = blockDim.y / 2; half > 0; half /= 2) {
+    if (threadIdx.y >= half && threadIdx.y < 2 * half) {
+#pragma unroll
+      for (int v = 0; v < V; ++v) shared[slot + v] = state[v];
+    }
+    __syncthreads();
+    if (threadIdx.y < half) {
+#pragma unroll
+      for (int v = 0; v < V; ++v) combine(state[v], shared[slot + half * blockDim.x * V + v]);
+    }
+    __syncthreads();
+  }
+}
+
+// Channel c's first value, element (0, c, 0), which reduction ops take as a
+// shift near the channel's data. `stride` is S for contiguous layouts and 1
+// for channels-last ones.
+template <typename acc_t, typename scalar_t>
+__device__ __forceinline__ acc_t first_value(const scalar_t* x, int64_t c, int64_t stride) {
+  return acc_t(x[c * stride]);
+}
+
+// A block's total for channel c: the channel's result when the block covers
+// the whole channel (one split), else one of merge_partials_kernel's inputs.
+template <typename Op>
+__device__ __forceinline__ void deliver(const Op& op, typename Op::State* partials, int64_t c,
+                                        const typename Op::Channel& k, const typename Op::State& total) {
+  if (gridDim.y == 1)
+    op.finish(c, k, total);
+  else
+    partials[c * gridDim.y + blockIdx.y] = total;
+}
+
+// ---- the ops ---------------------------------------------------------------
+// A reduction op gives: State (per thread, then merged), Channel (per-channel
+// constants), kInputs (1: x; 2: dy and x), channel(c, first value of in0 in
+// channel c), add(state, channel, in0, in1) and finish(c, channel, total). A
+// map op gives Channel, kInputs, channel(c) and apply(channel, in0, in1).
+
+// Mean and biased variance of x (forward_train, batch_stats); the second
+// output is invstd or the variance. Welford runs on x - shift, with the
+// channel's first value as the shift, from the first add to finish (every
+// block of a channel shifts alike, so partial states merge as they are): with
+// a large common offset (1e4 + N(0, 1)) a float32 running mean near the
+// offset cannot absorb increments below half its ulp, and the variance would
+// drift by the mean's error squared.
+template <typename acc_t>
+struct MomentsOp {
+  using accumulate_t = acc_t;
+  using State = Welford<acc_t>;
+  struct Channel {
+    acc_t shift;
+  };
+  static constexpr int kInputs = 1;
+
+  acc_t* mean;
+  acc_t* spread;
+  bool spread_is_invstd;
+  acc_t eps;
+
+  __device__ Channel channel(int64_t, acc_t first) const { return {first}; }
+  __device__ void add(State& s, const Channel& k, acc_t x, acc_t) const { s.add(x - k.shift); }
+  __device__ void finish(int64_t c, const Channel& k, const State& s) const {
+    mean[c] = k.shift + s.mean;
+    spread[c] = spread_is_invstd ? invstd_from_var(s.variance(), eps) : s.variance();
+  }
+};
+
+// sum(dy) and sum(dy * (x - mean)) (backward, backward_reduce); with
+// `grad_weight`, also sum(dy * xhat) = sum_dy_xmu * invstd.
+template <typename acc_t>
+struct GradSumsOp {
+  using accumulate_t = acc_t;
+  using State = GradSums<acc_t>;
+  using Channel = acc_t;  // the mean
+  static constexpr int kInputs = 2;
+
+  const acc_t* mean;
+  acc_t* sum_dy;
+  acc_t* sum_dy_xmu;
+  const acc_t* invstd;  // read only with grad_weight
+  acc_t* grad_weight;   // nullptr: not wanted
+
+  __device__ Channel channel(int64_t c, acc_t) const { return mean[c]; }
+  __device__ void add(State& s, Channel m, acc_t dy, acc_t x) const {
+    s.dy += dy;
+    s.dy_xmu += dy * (x - m);
+  }
+  __device__ void finish(int64_t c, Channel, const State& s) const {
+    sum_dy[c] = s.dy;
+    sum_dy_xmu[c] = s.dy_xmu;
+    if (grad_weight != nullptr) grad_weight[c] = s.dy_xmu * invstd[c];
+  }
+};
+
+// y = (x - mean) * weight * invstd + bias (forward_train, forward_eval,
+// normalize). forward_eval hands the running variance, from which invstd is
+// derived once per channel.
+template <typename acc_t>
+struct NormalizeOp {
+  using accumulate_t = acc_t;
+  struct Channel {
+    acc_t mean, scale, shift;
+  };
+  static constexpr int kInputs = 1;
+
+  const acc_t* mean;
+  const acc_t* spread;  // invstd, or the variance when spread_is_var
+  bool spread_is_var;
+  acc_t eps;
+  const acc_t* weight;  // nullptr: 1
+  const acc_t* bias;    // nullptr: 0
+
+  __device__ Channel channel(int64_t c) const {
+    const acc_t invstd = spread_is_var ? invstd_from_var(spread[c], eps) : spread[c];
+    return {mean[c], value_or(weight, c, acc_t(1)) * invstd, value_or(bias, c, acc_t(0))};
+  }
+  __device__ acc_t apply(const Channel& k, acc_t x, acc_t) const {
+    return normalize_value(x, k.mean, k.scale, k.shift);
+  }
+};
+
+// The input gradient (backward, backward_elemt). Without the sums (eval-mode
+// backward, which does not need them) they read as 0.
+template <typename acc_t>
+struct GradInputOp {
+  using accumulate_t = acc_t;
+  using Channel = GradInputCoefficients<acc_t>;
+  static constexpr int kInputs = 2;
+
+  const acc_t* mean;
+  const acc_t* invstd;
+  const acc_t* weight;      // nullptr: 1
+  const acc_t* sum_dy;      // nullptr: 0
+  const acc_t* sum_dy_xmu;  // nullptr: 0
+  acc_t count;
+  bool train;
+
+  __device__ Channel channel(int64_t c) const {
+    return grad_input_coefficients<acc_t>(mean[c], invstd[c], value_or(weight, c, acc_t(1)),
+                                          value_or(sum_dy, c, acc_t(0)), value_or(sum_dy_xmu, c, acc_t(0)),
+                                          count, train);
+  }
+  __device__ acc_t apply(const Channel& k, acc_t dy, acc_t x) const { return grad_input_value(dy, x, k); }
+};
+
+// ---- contiguous layouts: blocks over rectangles of one channel's runs -----
+
+// (a / b, a % b) for 0 <= a < 2^31 and b > 0 in 32-bit arithmetic: a 64-bit
+// division is a slow subroutine call, whose calling convention also costs
+// the kernel registers.
+__device__ __forceinline__ void divmod_small(int a, int64_t b, int64_t& quotient, int64_t& remainder) {
+  if (b > a) {
+    quotient = 0;
+    remainder = a;
+  } else {
+    quotient = unsigned(a) / unsigned(b);
+    remainder = unsigned(a) % unsigned(b);
+  }
+}
+
+// The packs of a block's rectangle of channel c: `rows` runs from run n0, in
+// each `width` packs from s0. Thread t visits the rectangle's packs t,
+// t + blockDim.x, ... in row-major order and yields their offsets in the
+// tensor, carrying its (row, position) along so that a step costs adds and a
+// compare rather than a division.
+struct PlaneWalker {
+  int64_t row, rows;         // the current run, relative to n0; the block's runs
+  int64_t s, width;          // the position in the run, relative to s0; packs per run
+  int64_t row_step, s_step;  // what a step of blockDim.x adds to each, before s wraps
+  int64_t row_start;         // pack offset of (n0 + row, c, s0)
+  int64_t stride;            // packs from one run of the channel to the next: C * run
+
+  __device__ explicit PlaneWalker(const PlaneShape& shape, int64_t c) {
+    const int64_t row_block = blockIdx.y / unsigned(shape.width_splits);
+    const int64_t width_block = blockIdx.y % unsigned(shape.width_splits);
+    const int64_t n0 = row_block * shape.block_rows, s0 = width_block * shape.block_width;
+    rows = shape.block_rows < shape.batch - n0 ? shape.block_rows : shape.batch - n0;
+    width = shape.block_width < shape.run - s0 ? shape.block_width : shape.run - s0;
+    divmod_small(threadIdx.x, width, row, s);
+    divmod_small(blockDim.x, width, row_step, s_step);
+    stride = shape.channels * shape.run;
+    row_start = (n0 + row) * stride + c * shape.run + s0;
+  }
+
+  __device__ bool done() const { return row >= rows; }
+  __device__ int64_t offset() const { return row_start + s; }
+  __device__ void advance() {
+    row += row_step;
+    row_start += row_step * stride;
+    s += s_step;
+    if (s >= width) {
+      s -= width;
+      ++row;
+      row_start += stride;
+    }
+  }
+};
+
+// Grid (C, rectangles per channel), 1-D blocks. Each thread folds its packs
+// into one State, the block merges them, and deliver() hands the total on.
+template <typename Op, typename scalar_t, int V>
+__global__ void __launch_bounds__(kBlockThreads)
+plane_reduce_kernel(Op op, const scalar_t* __restrict__ in0, const scalar_t* __restrict__ in1, PlaneShape shape,
+                    typename Op::State* __restrict__ partials) {
+  using acc_t = typename Op::accumulate_t;
+  const int64_t c = blockIdx.x;
+  const typename Op::Channel channel = op.channel(c, first_value<acc_t>(in0, c, shape.run * V));
+  typename Op::State state;
+  for (PlaneWalker walk(shape, c); !walk.done();) {
+    Pack<scalar_t, V> a[kUnroll], b[kUnroll] = {};
+    bool valid[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {  // every load issued before the first use
+      valid[u] = !walk.done();
+      if (valid[u]) {
+        a[u] = load_pack<V>(in0, walk.offset());
+        if constexpr (Op::kInputs == 2) b[u] = load_pack<V>(in1, walk.offset());
+      }
+      walk.advance();
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (!valid[u]) continue;
+#pragma unroll
+      for (int v = 0; v < V; ++v) op.add(state, channel, acc_t(a[u].value[v]), acc_t(b[u].value[v]));
+    }
+  }
+  state = block_reduce(state);
+  if (threadIdx.x == 0) deliver(op, partials, c, channel, state);
+}
+
+// Grid (C, rectangles per channel), 1-D blocks, the walk of plane_reduce_kernel.
+template <typename Op, typename scalar_t, int V>
+__global__ void __launch_bounds__(kBlockThreads)
+plane_map_kernel(Op op, const scalar_t* __restrict__ in0, const scalar_t* __restrict__ in1,
+                 scalar_t* __restrict__ out, PlaneShape shape) {
+  using acc_t = typename Op::accumulate_t;
+  const int64_t c = blockIdx.x;
+  const typename Op::Channel channel = op.channel(c);
+  for (PlaneWalker walk(shape, c); !walk.done();) {
+    Pack<scalar_t, V> a[kUnroll], b[kUnroll] = {};
+    int64_t offset[kUnroll];
+    bool valid[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      valid[u] = !walk.done();
+      offset[u] = walk.offset();
+      if (valid[u]) {
+        a[u] = load_pack<V>(in0, offset[u]);
+        if constexpr (Op::kInputs == 2) b[u] = load_pack<V>(in1, offset[u]);
+      }
+      walk.advance();
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (!valid[u]) continue;
+      Pack<scalar_t, V> result;
+#pragma unroll
+      for (int v = 0; v < V; ++v)
+        result.value[v] = scalar_t(op.apply(channel, acc_t(a[u].value[v]), acc_t(b[u].value[v])));
+      store_pack<V>(out, offset[u], result);
+    }
+  }
+}
+
+// ---- channels-last layouts: threads over channels, blocks over rows -------
+
+// Grid (column tiles, row splits), blocks (x: packs of a row, y: rows). Each
+// thread keeps one State per channel of its pack while it walks rows, the
+// block's rows merge in shared memory, and deliver() hands the totals on.
+template <typename Op, typename scalar_t, int V>
+__global__ void __launch_bounds__(kBlockThreads)
+rows_reduce_kernel(Op op, const scalar_t* __restrict__ in0, const scalar_t* __restrict__ in1, RowsShape shape,
+                   typename Op::State* __restrict__ partials) {
+  using acc_t = typename Op::accumulate_t;
+  using State = typename Op::State;
+  __shared__ alignas(State) unsigned char storage[kBlockThreads * V * sizeof(State)];
+  State* shared = reinterpret_cast<State*>(storage);
+
+  const int64_t column = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const bool active = column < shape.columns;  // idle threads still take part in the merges
+  const int64_t first_channel = column * V;
+  typename Op::Channel channel[V];
+  State state[V];
+  if (active) {
+#pragma unroll
+    for (int v = 0; v < V; ++v)
+      channel[v] = op.channel(first_channel + v, first_value<acc_t>(in0, first_channel + v, /*stride=*/1));
+    const int64_t step = int64_t(gridDim.y) * blockDim.y;
+    for (int64_t row = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; row < shape.rows; row += kUnroll * step) {
+      Pack<scalar_t, V> a[kUnroll], b[kUnroll] = {};
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {  // every load issued before the first use
+        const int64_t r = row + u * step;
+        if (r < shape.rows) {
+          a[u] = load_pack<V>(in0, r * shape.columns + column);
+          if constexpr (Op::kInputs == 2) b[u] = load_pack<V>(in1, r * shape.columns + column);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (row + u * step >= shape.rows) continue;
+#pragma unroll
+        for (int v = 0; v < V; ++v) op.add(state[v], channel[v], acc_t(a[u].value[v]), acc_t(b[u].value[v]));
+      }
+    }
+  }
+  reduce_block_rows(state, shared);
+  if (active && threadIdx.y == 0) {
+#pragma unroll
+    for (int v = 0; v < V; ++v) deliver(op, partials, first_channel + v, channel[v], state[v]);
+  }
+}
+
+// Grid (column tiles, row splits), the same shape as rows_reduce_kernel: each
+// thread loads its channels' constants once and walks rows.
+template <typename Op, typename scalar_t, int V>
+__global__ void __launch_bounds__(kBlockThreads)
+rows_map_kernel(Op op, const scalar_t* __restrict__ in0, const scalar_t* __restrict__ in1,
+                scalar_t* __restrict__ out, RowsShape shape) {
+  using acc_t = typename Op::accumulate_t;
+  const int64_t column = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (column >= shape.columns) return;
+  typename Op::Channel channel[V];
+#pragma unroll
+  for (int v = 0; v < V; ++v) channel[v] = op.channel(column * V + v);
+  const int64_t step = int64_t(gridDim.y) * blockDim.y;
+  for (int64_t row = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; row < shape.rows; row += kUnroll * step) {
+    Pack<scalar_t, V> a[kUnroll], b[kUnroll] = {};
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t r = row + u * step;
+      if (r < shape.rows) {
+        a[u] = load_pack<V>(in0, r * shape.columns + column);
+        if constexpr (Op::kInputs == 2) b[u] = load_pack<V>(in1, r * shape.columns + column);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t r = row + u * step;
+      if (r >= shape.rows) continue;
+      Pack<scalar_t, V> result;
+#pragma unroll
+      for (int v = 0; v < V; ++v)
+        result.value[v] = scalar_t(op.apply(channel[v], acc_t(a[u].value[v]), acc_t(b[u].value[v])));
+      store_pack<V>(out, r * shape.columns + column, result);
+    }
+  }
+}
+
+// ---- the grid-level merge -------------------------------------------------
+
+// When a reduction split each channel over several blocks (grid.y > 1), this
+// kernel merges the channel's `splits` partial totals, stored contiguously
+// per channel, and finishes it: one warp per channel, lanes over the splits,
+// in a fixed order (the result does not depend on block scheduling). A
+// separate launch rather than a last-block-done counter: it spreads the merge
+// over the whole GPU (a channels-last reduction has splits x C partials) and
+// the kernel boundary orders the partials' writes and reads. `in0` and
+// `first_stride` are the reduction's, for op.channel().
+template <typename Op, typename scalar_t>
+__global__ void __launch_bounds__(kBlockThreads)
+merge_partials_kernel(Op op, const typename Op::State* __restrict__ partials, int64_t splits, int64_t channels,
+                      const scalar_t* __restrict__ in0, int64_t first_stride) {
+  using acc_t = typename Op::accumulate_t;
+  using State = typename Op::State;
+  const int64_t c = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  if (c >= channels) return;  // whole warps: c is the same across a warp
+  const int lane = threadIdx.x % 32;
+  State total;
+  for (int64_t split = lane; split < splits; split += 32) combine(total, partials[c * splits + split]);
+  total = warp_reduce(total);
+  if (lane == 0) op.finish(c, op.channel(c, first_value<acc_t>(in0, c, first_stride)), total);
+}
+
+// ---- the guard: one block over the channels --------------------------------
+// C is small next to any activation, and a single block decides for every
+// channel at once (all-or-nothing) without another launch or a host round
+// trip. Thread 0 alone writes counters; every branch on a block-reduced value
+// is taken by the whole block.
+
+template <typename acc_t, typename running_t>
+struct RunningStatsArgs {
+  running_t* running_mean;       // nullptr: no running statistics
+  running_t* running_var;
+  int64_t* num_batches_tracked;  // nullptr: not tracked
+  int64_t* counters;             // nullptr: unguarded (checks=False), as native
+  const acc_t* mean;
+  const acc_t* invstd;
+  const acc_t* weight;  // nullptr: 1
+  const acc_t* bias;    // nullptr: 0
+  int64_t channels;
+  int64_t count;  // values per channel in the batch
+  acc_t eps;
+  bool has_momentum;  // false: cumulative average over num_batches_tracked
+  acc_t momentum;
+  acc_t limit;  // largest finite running_t (as acc_t)
+};
+
+// The rules of update_running_stats in cpu/batch_norm_cpu.cpp, step by step.
+// The running buffers are read and written in their own dtype (running_t).
+template <typename acc_t, typename running_t>
+__global__ void __launch_bounds__(kBlockThreads)
+update_running_stats_kernel(RunningStatsArgs<acc_t, running_t> a) {
+  const bool first = threadIdx.x == 0;
+  if (a.counters != nullptr) {
+    if (first) a.counters[kBatches] += 1;
+    if (a.count < 2) {  // no variance to learn from zero or one value
+      if (first) a.counters[kSkippedUpdates] += 1;
+      return;
+    }
+    ChannelFaults faults;
+    for (int64_t c = threadIdx.x; c < a.channels; c += blockDim.x)
+      faults.add(training_faults(a.mean[c], a.invstd[c], value_or(a.weight, c, acc_t(1)),
+                                 value_or(a.bias, c, acc_t(0)), a.eps));
+    faults = block_reduce(faults);
+    if (first) a.counters[kLowVarianceChannels] += faults.low_var;
+    if (faults.any_nonfinite()) {
+      if (first) {
+        record_nonfinite(a.counters, faults);
+        a.counters[kSkippedUpdates] += 1;
+      }
+      return;
+    }
+  }
+  if (a.running_mean == nullptr) return;
+  const acc_t factor = a.has_momentum ? a.momentum : acc_t(1) / acc_t(*a.num_batches_tracked + 1);
+  auto update = [&](int64_t c) {
+    return running_update(acc_t(a.running_mean[c]), acc_t(a.running_var[c]), a.mean[c], a.invstd[c], a.eps,
+                          a.count, factor);
+  };
+  if (a.counters != nullptr) {  // the update must not overflow the buffers' dtype
+    ChannelFaults overflow;
+    for (int64_t c = threadIdx.x; c < a.channels; c += blockDim.x) overflow.var += !update(c).fits(a.limit);
+    overflow = block_reduce(overflow);
+    if (overflow.any_nonfinite()) {
+      if (first) {
+        record_nonfinite(a.counters, overflow);
+        a.counters[kSkippedUpdates] += 1;
+      }
+      return;
+    }
+  }
+  // Each channel is read and written by the same thread in every loop.
+  for (int64_t c = threadIdx.x; c < a.channels; c += blockDim.x) {
+    const RunningUpdate<acc_t> u = update(c);
+    a.running_mean[c] = running_t(u.mean);
+    a.running_var[c] = running_t(u.var);
+  }
+  __syncthreads();  // every thread has read num_batches_tracked (factor) before it changes
+  if (first && a.num_batches_tracked != nullptr) *a.num_batches_tracked += 1;
+}
+
+template <typename acc_t>
+struct EvalStatsArgs {
+  int64_t* counters;
+  const acc_t* running_mean;
+  const acc_t* running_var;
+  const acc_t* weight;  // nullptr: 1
+  const acc_t* bias;    // nullptr: 0
+  int64_t channels;
+  acc_t eps;
+};
+
+template <typename acc_t>
+__global__ void __launch_bounds__(kBlockThreads) check_eval_stats_kernel(EvalStatsArgs<acc_t> a) {
+  ChannelFaults faults;
+  for (int64_t c = threadIdx.x; c < a.channels; c += blockDim.x)
+    faults.add(eval_faults(a.running_mean[c], a.running_var[c], value_or(a.weight, c, acc_t(1)),
+                           value_or(a.bias, c, acc_t(0)), a.eps));
+  faults = block_reduce(faults);
+  if (threadIdx.x == 0 && faults.any_nonfinite()) record_nonfinite(a.counters, faults);
+}
+
+}  // namespace cuda
+}  // namespace safebn

@@ -1,0 +1,271 @@
+"""The CUDA kernels against the CPU ones, which define every op's semantics:
+layouts, dtypes, odd sizes (scalar fallback, unaligned views, channels split
+over many blocks), empty inputs, the guard and its counters, determinism and
+the absence of host synchronization. Skipped without a GPU.
+
+SAFEBN_TEST_DEVICE=cpu runs the same comparisons CPU against CPU, which checks
+the tests themselves on a machine without a GPU."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import torch_safebn  # noqa: F401  (registers the ops)
+from torch_safebn.safety import NUM_COUNTERS, Counter
+
+OPS = torch.ops.safebn
+DEVICE = os.environ.get("SAFEBN_TEST_DEVICE", "cuda")
+pytestmark = pytest.mark.skipif(
+    DEVICE == "cuda" and not (torch.cuda.is_available() and torch_safebn.backend() == "cuda+cpu"),
+    reason="needs a CUDA GPU and the extension built with CUDA",
+)
+
+LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last,
+           "channels_last_3d": torch.channels_last_3d}
+# (shape, layout): 16-byte packs and the scalar fallback (S or C not a multiple
+# of the pack), N = 1 (runs split across blocks), small C with large planes
+# (channels split over many blocks), C = 3 channels-last, 2-D and 3-D inputs.
+CASES = [
+    ((4, 6, 5, 7), "contiguous"),
+    ((4, 6, 8, 8), "contiguous"),
+    ((4, 6, 8, 8), "channels_last"),
+    ((4, 16, 5, 7), "channels_last"),
+    ((20, 6, 64, 64), "contiguous"),
+    ((1, 3, 97, 131), "contiguous"),
+    ((8, 3, 32, 32), "channels_last"),
+    ((64, 40), "contiguous"),
+    ((5, 3), "contiguous"),
+    ((3, 4, 33), "contiguous"),
+    ((2, 8, 3, 4, 5), "channels_last_3d"),
+    ((4096, 2, 1, 1), "contiguous"),
+]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+# (atol, rtol) of CUDA against CPU: summation order for float32/float64; one
+# rounding of a half-precision output either way.
+TOLERANCE = {torch.float64: (1e-10, 1e-10), torch.float32: (5e-5, 2e-5),
+             torch.float16: (4e-3, 4e-3), torch.bfloat16: (3e-2, 2e-2)}
+
+
+def acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def make(shape, dtype, layout, seed, offset=0.5, scale=2.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * scale + offset
+    return x.to(dtype).contiguous(memory_format=LAYOUTS[layout])
+
+
+def on_device(t):
+    """t on the device under test, after filling freed device memory with NaN,
+    so that an output element no kernel writes shows up as NaN."""
+    if t is None:
+        return None
+    if DEVICE == "cuda":
+        torch.empty(1 << 24, device=DEVICE).fill_(float("nan"))
+    return t.to(DEVICE)
+
+
+def assert_close(actual, expected, dtype, what):
+    atol, rtol = TOLERANCE[dtype]
+    assert actual.device.type == DEVICE, what
+    torch.testing.assert_close(actual.cpu().double(), expected.double(), atol=atol, rtol=rtol, equal_nan=True,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def params(C, dtype, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    acc = acc_dtype(dtype)
+    return (torch.rand(C, generator=g, dtype=acc) + 0.5), torch.randn(C, generator=g, dtype=acc)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,layout", CASES, ids=[f"{s}-{l}" for s, l in CASES])
+def test_every_op_matches_cpu(shape, layout, dtype):
+    x, dy = make(shape, dtype, layout, seed=0), make(shape, dtype, layout, seed=2, offset=0.0)
+    C, eps = shape[1], 1e-5
+    w, b = params(C, dtype)
+    dx, ddy, dw, db = on_device(x), on_device(dy), on_device(w), on_device(b)
+
+    y, mean, invstd = OPS.forward_train(x, w, b, eps)
+    y_d, mean_d, invstd_d = OPS.forward_train(dx, dw, db, eps)
+    assert y_d.stride() == y.stride(), "the output keeps the input's layout"
+    assert_close(y_d, y, dtype, "forward_train output")
+    assert_close(mean_d, mean, torch.float64 if dtype == torch.float64 else torch.float32, "mean")
+    assert_close(invstd_d, invstd, torch.float64 if dtype == torch.float64 else torch.float32, "invstd")
+    assert_close(OPS.forward_train(dx, None, None, eps)[0], OPS.forward_train(x, None, None, eps)[0], dtype,
+                 "forward_train without affine")
+
+    m, v = OPS.batch_stats(x)
+    m_d, v_d = OPS.batch_stats(dx)
+    assert_close(m_d, m, acc_dtype(dtype), "batch_stats mean")
+    assert_close(v_d, v, acc_dtype(dtype), "batch_stats var")
+    assert_close(OPS.normalize(dx, dw, db, on_device(mean), on_device(invstd)),
+                 OPS.normalize(x, w, b, mean, invstd), dtype, "normalize")
+    assert_close(OPS.forward_eval(dx, dw, None, on_device(m), on_device(v), eps),
+                 OPS.forward_eval(x, w, None, m, v, eps), dtype, "forward_eval")
+
+    for train in (True, False):
+        for mask in ([True, True, True], [True, False, False], [False, True, True]):
+            expected = OPS.backward(dy, x, w, mean, invstd, train, mask)
+            actual = OPS.backward(ddy, dx, dw, on_device(mean), on_device(invstd), train, mask)
+            for name, a, e in zip(("grad_input", "grad_weight", "grad_bias"), actual, expected):
+                assert (a is None) == (e is None), name
+                if e is not None:
+                    # parameter gradients are sums over N * S: compare relative to their scale
+                    scale = 1.0 if name == "grad_input" else max(1.0, e.abs().max().item())
+                    assert_close(a / scale, e / scale, dtype if name == "grad_input" else acc_dtype(dtype),
+                                 f"backward {name} train={train} mask={mask}")
+    assert OPS.backward(ddy, dx, None, on_device(mean), on_device(invstd), True, [True, True, True])[1] is None
+
+    sums = OPS.backward_reduce(dy, x, mean)
+    sums_d = OPS.backward_reduce(ddy, dx, on_device(mean))
+    for a, e in zip(sums_d, sums):
+        scale = max(1.0, e.abs().max().item())
+        assert_close(a / scale, e / scale, acc_dtype(dtype), "backward_reduce")
+    count = x.numel() // C
+    assert_close(OPS.backward_elemt(ddy, dx, dw, on_device(mean), on_device(invstd), *map(on_device, sums), count),
+                 OPS.backward_elemt(dy, x, w, mean, invstd, *sums, count), dtype, "backward_elemt")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_unaligned_views_take_the_scalar_path(dtype):
+    """A view one element into its storage cannot be read in 16-byte packs."""
+    base = make((4 * 6 * 8 * 8 + 1,), dtype, "contiguous", seed=3)
+    x = base[1:].view(4, 6, 8, 8)
+    y, mean, invstd = OPS.forward_train(x, None, None, 1e-5)
+    y_d, mean_d, invstd_d = OPS.forward_train(on_device(base)[1:].view(4, 6, 8, 8), None, None, 1e-5)
+    assert_close(y_d, y, dtype, "output")
+    assert_close(mean_d, mean, torch.float32, "mean")
+
+
+@pytest.mark.parametrize("shape,layout", [((64, 2, 128, 128), "contiguous"), ((64, 2, 128, 128), "channels_last"),
+                                          ((1_000_000, 2), "contiguous"), ((1, 2, 1024, 1024), "contiguous")])
+def test_large_offset_statistics_in_float32(shape, layout):
+    """1e4 + N(0, 1) in float32: variance within 1e-4 relative of float64, mean to float32's spacing."""
+    x64 = make(shape, torch.float64, layout, seed=4, offset=1e4, scale=1.0)
+    var64, mean64 = torch.var_mean(x64, dim=[d for d in range(x64.dim()) if d != 1], correction=0)
+    mean, var = OPS.batch_stats(on_device(x64.float()))
+    torch.testing.assert_close(var.cpu().double(), var64, rtol=1e-4, atol=0)
+    torch.testing.assert_close(mean.cpu().double(), mean64, rtol=1e-7, atol=0)
+
+
+def test_empty_inputs_match_cpu():
+    x = torch.empty(0, 3, 4, 4)
+    y_d, mean_d, invstd_d = OPS.forward_train(on_device(x), None, None, 1e-5)
+    assert y_d.shape == x.shape and mean_d.isnan().all() and invstd_d.isnan().all()
+    w, invstd = torch.ones(3), torch.full((3,), float("nan"))
+    expected = OPS.backward(x, x, w, torch.zeros(3), invstd, True, [True, True, True])
+    actual = OPS.backward(on_device(x), on_device(x), on_device(w), on_device(torch.zeros(3)), on_device(invstd),
+                          True, [True, True, True])
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a.cpu(), e, equal_nan=True)
+
+
+def _update_sequence(device, buffer_dtype):
+    """The guard's decisions over a sequence of batches: clean, cumulative
+    (momentum=None), non-finite mean or bias, too few values, low variance,
+    and an update that would overflow float16 buffers."""
+    t = lambda *v: torch.tensor(v, dtype=torch.float32, device=device)  # noqa: E731
+    rm = torch.zeros(3, dtype=buffer_dtype, device=device)
+    rv = torch.ones(3, dtype=buffer_dtype, device=device)
+    nbt = torch.tensor(4, device=device)
+    counters = torch.zeros(NUM_COUNTERS, dtype=torch.int64, device=device)
+    mean, invstd = t(1.0, 2.0, 3.0), torch.rsqrt(t(4.0, 1.0, 0.25) + 1e-5)
+    OPS.update_running_stats(rm, rv, nbt, counters, mean, invstd, None, None, 5, 1e-5, None)
+    OPS.update_running_stats(rm, rv, nbt, counters, mean, invstd, t(1.0, 1.0, 1.0), t(0.0, float("nan"), 0.0),
+                             5, 1e-5, 0.1)
+    OPS.update_running_stats(rm, rv, nbt, counters, t(float("inf"), 0.0, 0.0), invstd, None, None, 5, 1e-5, 0.1)
+    OPS.update_running_stats(rm, rv, nbt, counters, mean, invstd, None, None, 1, 1e-5, 0.1)
+    OPS.update_running_stats(rm, rv, nbt, counters, mean, t(1e5, 1e5, 1.0), None, None, 8, 1e-5, 0.1)
+    OPS.update_running_stats(rm, rv, nbt, counters, mean, t(1e-4, 1e-4, 1e-4), None, None, 5, 1e-5, 0.5)
+    OPS.update_running_stats(rm, rv, None, None, mean, invstd, None, None, 6, 1e-5, 0.2)  # unguarded
+    OPS.update_running_stats(None, None, None, counters, mean, invstd, None, None, 6, 1e-5, 0.2)
+    return rm.cpu(), rv.cpu(), nbt.cpu(), counters.cpu()
+
+
+@pytest.mark.parametrize("buffer_dtype", [torch.float32, torch.float16, torch.float64], ids=str)
+def test_update_running_stats_matches_cpu(buffer_dtype):
+    expected = _update_sequence("cpu", buffer_dtype)
+    actual = _update_sequence(DEVICE, buffer_dtype)
+    # float32 arithmetic either way; a float16 buffer may round one ulp apart
+    rtol = 1e-3 if buffer_dtype == torch.float16 else 1e-6
+    for name, a, e in zip(("running_mean", "running_var", "num_batches_tracked", "counters"), actual, expected):
+        assert a.dtype == e.dtype, name
+        torch.testing.assert_close(a, e, rtol=rtol, atol=0, msg=lambda m: f"{name}: {m}")
+
+
+def test_check_eval_stats_matches_cpu():
+    def run(device):
+        counters = torch.zeros(NUM_COUNTERS, dtype=torch.int64, device=device)
+        one = torch.ones(4, device=device)
+        OPS.check_eval_stats(counters, one, one, one, one, 1e-5)
+        bad_var = torch.tensor([1.0, -1.0, float("nan"), 1.0], device=device)
+        OPS.check_eval_stats(counters, one, bad_var, None, torch.tensor([0, float("inf"), 0, 0], device=device), 1e-5)
+        return counters.cpu()
+
+    actual, expected = run(DEVICE), run("cpu")
+    assert torch.equal(actual, expected), (actual, expected)
+    assert actual[Counter.NONFINITE_EVENTS] == 1 and actual[Counter.BAD_VAR_CHANNELS] == 2
+
+
+@pytest.mark.parametrize("shape,layout", [((20, 6, 64, 64), "contiguous"), ((16, 64, 16, 16), "channels_last")])
+def test_results_are_deterministic(shape, layout):
+    x = on_device(make(shape, torch.float32, layout, seed=5))
+    dy = on_device(make(shape, torch.float32, layout, seed=6))
+    first = OPS.forward_train(x, None, None, 1e-5)
+    grads = OPS.backward(dy, x, None, first[1], first[2], True, [True, False, False])
+    again = OPS.forward_train(x, None, None, 1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert torch.equal(grads[0], OPS.backward(dy, x, None, first[1], first[2], True, [True, False, False])[0])
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="host synchronization is a CUDA matter")
+def test_no_op_synchronizes_with_the_host():
+    x = on_device(make((8, 16, 12, 12), torch.float32, "channels_last", seed=7))
+    w, b = map(on_device, params(16, torch.float32))
+    rm, rv = torch.zeros(16, device=DEVICE), torch.ones(16, device=DEVICE)
+    nbt, counters = torch.tensor(0, device=DEVICE), torch.zeros(NUM_COUNTERS, dtype=torch.int64, device=DEVICE)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y, mean, invstd = OPS.forward_train(x, w, b, 1e-5)
+        OPS.update_running_stats(rm, rv, nbt, counters, mean, invstd, w, b, 8 * 144, 1e-5, None)
+        OPS.backward(y, x, w, mean, invstd, True, [True, True, True])
+        OPS.check_eval_stats(counters, rm, rv, w, b, 1e-5)
+        OPS.forward_eval(x, w, b, rm, rv, 1e-5)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert nbt.item() == 1 and counters[Counter.BATCHES].item() == 1
+
+
+@pytest.mark.parametrize("shape,dtype,layout", [((4, 6, 5, 3), torch.float32, "contiguous"),
+                                                ((4, 6, 5, 3), torch.float32, "channels_last"),
+                                                ((8, 5), torch.float64, "contiguous"),
+                                                ((2, 3, 2, 3, 4), torch.float16, "channels_last_3d")])
+def test_opcheck_every_op(shape, dtype, layout):
+    x = on_device(make(shape, dtype, layout, seed=8))
+    grad = on_device(make(shape, dtype, layout, seed=9))
+    w, b = map(on_device, params(shape[1], dtype))
+    eps, count = 1e-5, x.numel() // shape[1]
+    mean, var = OPS.batch_stats(x)
+    invstd = torch.rsqrt(var + eps)
+    sum_dy, sum_dy_xmu = OPS.backward_reduce(grad, x, mean)
+    counters = torch.zeros(NUM_COUNTERS, dtype=torch.int64, device=x.device)
+    calls = [
+        (OPS.forward_train.default, (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), eps)),
+        (OPS.forward_eval.default, (x, w, b, mean, var, eps)),
+        (OPS.backward.default, (grad, x.detach(), w.detach(), mean, invstd, True, [True, True, True])),
+        (OPS.batch_stats.default, (x.detach(),)),
+        (OPS.normalize.default, (x.detach(), w.detach(), b.detach(), mean, invstd)),
+        (OPS.backward_reduce.default, (grad, x.detach(), mean)),
+        (OPS.backward_elemt.default, (grad, x.detach(), w.detach(), mean, invstd, sum_dy, sum_dy_xmu, count)),
+        (OPS.update_running_stats.default, (torch.zeros_like(mean), torch.ones_like(mean),
+                                            torch.tensor(0, device=x.device), counters, mean, invstd,
+                                            w.detach(), b.detach(), count, eps, None)),
+        (OPS.check_eval_stats.default, (counters.clone(), mean, var, w.detach(), b.detach(), eps)),
+    ]
+    for op, args in calls:
+        torch.library.opcheck(op, args)
