@@ -50,48 +50,78 @@ at::Tensor channel_tensor(const std::vector<acc_t>& values, const at::Tensor& li
   return at::tensor(values, like.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
 }
 
-// How a contiguous-layout pass is split: one task per channel while there are
-// enough channels to keep every thread busy (a channel then stays in cache
-// between its reduction and its elementwise pass), otherwise several tasks
-// per channel over slices of its plane.
-struct PlaneSplit {
-  int64_t slices;     // tasks per channel
-  int64_t slice_len;  // plane indices per task
-  bool fused() const { return slices == 1; }
+// How every pass walks the input. Contiguous inputs with long rows (S of a
+// few thousand) go channel by channel ("planes"): one task per channel while
+// there are enough channels to keep every thread busy, so that a channel is
+// still in cache between its reduction and its elementwise pass; otherwise
+// several tasks per channel over slices of its plane. Everything else goes
+// in memory order as rows of Blocks (kernels.h), split into row ranges.
+struct Plan {
+  bool planes = false;
+  int64_t slices = 1;     // planes: tasks per channel
+  int64_t slice_len = 0;  // planes: plane indices per task
+  cpu::Blocks main;       // blocks: the rows the tasks share
+  cpu::Blocks rest;       // blocks: channels-last rows too few to fill one block
+  int64_t tasks = 1;      // blocks: row ranges of `main`
+  bool fused() const { return planes && slices == 1; }
 };
 
-PlaneSplit split_planes(const Geometry& g) {
-  constexpr int64_t kMinSlice = 4096;
-  const int64_t threads = at::get_num_threads();
-  const int64_t per_channel = g.per_channel();
-  if (g.channels >= 4 * threads || per_channel < 2 * kMinSlice) return {1, per_channel};
-  const int64_t slices = std::min(at::divup(4 * threads, g.channels), per_channel / kMinSlice);
-  return {slices, at::divup(per_channel, slices)};
+Plan plan_for(const Geometry& g) {
+  constexpr int64_t kLongRun = 512, kMinSlice = 4096, kMinBlockWidth = 64;
+  const int64_t threads = at::get_num_threads(), C = g.channels, S = g.spatial;
+  Plan p;
+  if (!g.channels_last && S >= kLongRun) {
+    p.planes = true;
+    const int64_t per_channel = g.per_channel();
+    if (C < 4 * threads && per_channel >= 2 * kMinSlice)
+      p.slices = std::min(at::divup(4 * threads, C), per_channel / kMinSlice);
+    p.slice_len = at::divup(per_channel, p.slices);
+    return p;
+  }
+  if (!g.channels_last) {
+    p.main = {0, g.batch, C * S, C * S, S, C};
+  } else {
+    // Blocks of whole rows at least kMinBlockWidth values wide, for C = 3 too.
+    const int64_t step = C >= kMinBlockWidth ? 1 : at::divup(kMinBlockWidth, C);
+    const int64_t full = g.rows() / step;
+    p.main = {0, full, step * C, step * C, 1, C};
+    p.rest = {full * step * C, g.rows() - full * step, C, C, 1, C};
+  }
+  const int64_t min_rows_per_task = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, p.main.width));
+  p.tasks = std::max<int64_t>(1, std::min(threads, p.main.rows / min_rows_per_task));
+  return p;
 }
 
-// Channels-last passes give each task one contiguous range of rows.
-int64_t row_tasks(const Geometry& g) {
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), g.rows() / 64));
-}
-
+// fn(task, c, lo, hi) for every slice of every channel's plane.
 template <typename Fn>
-void for_each_slice(const Geometry& g, const PlaneSplit& split, Fn fn) {
-  at::parallel_for(0, g.channels * split.slices, 1, [&](int64_t begin, int64_t end) {
+void for_each_slice(const Geometry& g, const Plan& p, Fn fn) {
+  at::parallel_for(0, g.channels * p.slices, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t c = task / split.slices, slice = task % split.slices;
-      const int64_t lo = slice * split.slice_len;
-      fn(c, slice, lo, std::min(lo + split.slice_len, g.per_channel()));
+      const int64_t c = task / p.slices, lo = (task % p.slices) * p.slice_len;
+      fn(task, c, lo, std::min(lo + p.slice_len, g.per_channel()));
     }
   });
 }
 
+// fn(task, blocks, lo, hi) for every row range, the leftover rows last.
 template <typename Fn>
-void for_each_row_range(const Geometry& g, Fn fn) {
-  const int64_t tasks = row_tasks(g), rows = at::divup(g.rows(), tasks);
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+void for_each_row_range(const Plan& p, Fn fn) {
+  const int64_t rows = at::divup(p.main.rows, p.tasks);
+  at::parallel_for(0, p.tasks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task)
-      fn(task, task * rows, std::min((task + 1) * rows, g.rows()));
+      fn(task, p.main, task * rows, std::min((task + 1) * rows, p.main.rows));
   });
+  if (p.rest.rows > 0) fn(p.tasks, p.rest, int64_t(0), p.rest.rows);
+}
+
+int64_t row_range_count(const Plan& p) { return p.tasks + 1; }
+
+// A per-channel array repeated over the lanes of one row of `b`.
+template <typename acc_t>
+std::vector<acc_t> tile(const Plan& p, const acc_t* per_channel) {
+  std::vector<acc_t> lanes(p.main.width);
+  for (int64_t j = 0; j < p.main.width; ++j) lanes[j] = per_channel[p.main.channel_of(j)];
+  return lanes;
 }
 
 // Per-channel constants of y = (x - mean) * scale + bias.
@@ -103,128 +133,140 @@ struct NormalizeParams {
 };
 
 template <typename T, typename acc_t>
-void normalize_all(const T* x, T* y, const Geometry& g, const NormalizeParams<acc_t>& p) {
-  const auto& k = cpu::kernels<T>();
-  if (g.channels_last) {
-    for_each_row_range(g, [&](int64_t, int64_t lo, int64_t hi) {
-      k.rows_normalize(x, y, g.channels, lo, hi, p.mean.data(), p.scale.data(), p.bias.data());
+void normalize_all(const T* x, T* y, const Geometry& g, const Plan& p, const NormalizeParams<acc_t>& k) {
+  const auto& kern = cpu::kernels<T>();
+  if (p.planes) {
+    for_each_slice(g, p, [&](int64_t, int64_t c, int64_t lo, int64_t hi) {
+      kern.plane_normalize(x, y, g, c, lo, hi, k.mean[c], k.scale[c], k.bias[c]);
     });
-  } else {
-    for_each_slice(g, split_planes(g), [&](int64_t c, int64_t, int64_t lo, int64_t hi) {
-      k.plane_normalize(x, y, g, c, lo, hi, p.mean[c], p.scale[c], p.bias[c]);
-    });
+    return;
   }
+  const std::vector<acc_t> mean = tile(p, k.mean.data()), scale = tile(p, k.scale.data()),
+                           bias = tile(p, k.bias.data());
+  for_each_row_range(p, [&](int64_t, const cpu::Blocks& b, int64_t lo, int64_t hi) {
+    kern.blocks_normalize(x, y, b, lo, hi, mean.data(), scale.data(), bias.data());
+  });
 }
 
 // Reduces every channel to its Welford statistics and hands each to
-// `finish(c, stats)`, which returns nothing or, when `y` is given, fills
-// `params` for the normalization that follows. Contiguous inputs with many
-// channels normalize each channel right after reducing it, while it is hot.
+// `finish(c, stats)`, which fills `params` for the normalization that
+// follows when `y` is given. Fused per channel where the plan allows.
 template <typename T, typename acc_t, typename Finish>
 void reduce_channels(const T* x, T* y, const Geometry& g, NormalizeParams<acc_t>& params, Finish finish) {
   const auto& k = cpu::kernels<T>();
   const int64_t C = g.channels;
-  if (!g.channels_last) {
-    const PlaneSplit split = split_planes(g);
-    if (split.fused()) {
-      at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t c = begin; c < end; ++c) {
-          finish(c, k.plane_stats(x, g, c, 0, g.per_channel()));
-          if (y) k.plane_normalize(x, y, g, c, 0, g.per_channel(), params.mean[c], params.scale[c], params.bias[c]);
-        }
-      });
-      return;
-    }
-    std::vector<Welford<acc_t>> partial(C * split.slices);
-    for_each_slice(g, split, [&](int64_t c, int64_t slice, int64_t lo, int64_t hi) {
-      partial[c * split.slices + slice] = k.plane_stats(x, g, c, lo, hi);
+  const Plan p = plan_for(g);
+  if (p.fused()) {
+    at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        finish(c, k.plane_stats(x, g, c, 0, g.per_channel()));
+        if (y) k.plane_normalize(x, y, g, c, 0, g.per_channel(), params.mean[c], params.scale[c], params.bias[c]);
+      }
+    });
+    return;
+  }
+  if (p.planes) {
+    std::vector<Welford<acc_t>> partial(C * p.slices);
+    for_each_slice(g, p, [&](int64_t task, int64_t c, int64_t lo, int64_t hi) {
+      partial[task] = k.plane_stats(x, g, c, lo, hi);
     });
     for (int64_t c = 0; c < C; ++c) {
       Welford<acc_t> total;
-      for (int64_t s = 0; s < split.slices; ++s) total.merge(partial[c * split.slices + s]);
+      for (int64_t s = 0; s < p.slices; ++s) total.merge(partial[c * p.slices + s]);
       finish(c, total);
     }
   } else {
-    const int64_t tasks = row_tasks(g);
-    std::vector<Welford<acc_t>> partial(tasks * C);
-    for_each_row_range(g, [&](int64_t task, int64_t lo, int64_t hi) {
-      k.rows_stats(x, C, lo, hi, partial.data() + task * C);
+    // Each channel's sums are taken relative to its first value.
+    std::vector<acc_t> shift(C);
+    for (int64_t c = 0; c < C; ++c) shift[c] = cpu::load(x[p.main.rows ? c * p.main.per_channel : p.rest.offset + c]);
+    const std::vector<acc_t> lanes = tile(p, shift.data());
+    std::vector<cpu::ShiftedSums> partial(row_range_count(p) * C);
+    for_each_row_range(p, [&](int64_t task, const cpu::Blocks& b, int64_t lo, int64_t hi) {
+      k.blocks_stats(x, b, lo, hi, lanes.data(), partial.data() + task * C);
     });
     for (int64_t c = 0; c < C; ++c) {
       Welford<acc_t> total;
-      for (int64_t t = 0; t < tasks; ++t) total.merge(partial[t * C + c]);
+      for (int64_t t = 0; t < row_range_count(p); ++t) total.merge(partial[t * C + c].welford(shift[c]));
       finish(c, total);
     }
   }
-  if (y) normalize_all(x, y, g, params);
+  if (y) normalize_all(x, y, g, p, params);
 }
 
-// sum(dy) and sum(dy * (x - mean)) per channel, in double; when `dx` is given,
-// also the input gradient from the coefficients `coeffs(c, sums)` returns,
-// fused per channel as in reduce_channels.
+// sum(dy) and sum(dy * (x - mean)) per channel, in double.
 struct GradSums {
   std::vector<double> dy, dy_xmu;
   explicit GradSums(int64_t channels) : dy(channels, 0.0), dy_xmu(channels, 0.0) {}
 };
 
 template <typename T, typename acc_t>
-void grad_input_all(const T* dy, const T* x, T* dx, const Geometry& g,
+void grad_input_all(const T* dy, const T* x, T* dx, const Geometry& g, const Plan& p,
                     const std::vector<GradInputCoefficients<acc_t>>& k) {
   const auto& kern = cpu::kernels<T>();
-  if (g.channels_last) {
-    for_each_row_range(g, [&](int64_t, int64_t lo, int64_t hi) {
-      kern.rows_grad_input(dy, x, dx, g.channels, lo, hi, k.data());
-    });
-  } else {
-    for_each_slice(g, split_planes(g), [&](int64_t c, int64_t, int64_t lo, int64_t hi) {
+  if (p.planes) {
+    for_each_slice(g, p, [&](int64_t, int64_t c, int64_t lo, int64_t hi) {
       kern.plane_grad_input(dy, x, dx, g, c, lo, hi, k[c]);
     });
+    return;
   }
+  std::vector<acc_t> fields[4];
+  for (auto& f : fields) f.resize(p.main.width);
+  for (int64_t j = 0; j < p.main.width; ++j) {
+    const auto& kc = k[p.main.channel_of(j)];
+    fields[0][j] = kc.mean;
+    fields[1][j] = kc.scale;
+    fields[2][j] = kc.mean_dy;
+    fields[3][j] = kc.proj;
+  }
+  const cpu::GradInputLanes<acc_t> lanes{fields[0].data(), fields[1].data(), fields[2].data(), fields[3].data()};
+  for_each_row_range(p, [&](int64_t, const cpu::Blocks& b, int64_t lo, int64_t hi) {
+    kern.blocks_grad_input(dy, x, dx, b, lo, hi, lanes);
+  });
 }
 
+// The two sums and, when `dx` is given, the input gradient from the
+// coefficients `coeffs(c, sums)` returns; fused per channel as above.
 template <typename T, typename acc_t, typename Coefficients>
 GradSums reduce_grads(const T* dy, const T* x, T* dx, const Geometry& g, const std::vector<acc_t>& mean,
                       Coefficients coeffs) {
   const auto& k = cpu::kernels<T>();
   const int64_t C = g.channels;
+  const Plan p = plan_for(g);
   GradSums sums(C);
-  if (!g.channels_last) {
-    const PlaneSplit split = split_planes(g);
-    if (split.fused()) {
-      at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t c = begin; c < end; ++c) {
-          k.plane_grad_sums(dy, x, g, c, 0, g.per_channel(), mean[c], &sums.dy[c], &sums.dy_xmu[c]);
-          if (dx) k.plane_grad_input(dy, x, dx, g, c, 0, g.per_channel(), coeffs(c, sums));
-        }
-      });
-      return sums;
+  if (p.fused()) {
+    at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        k.plane_grad_sums(dy, x, g, c, 0, g.per_channel(), mean[c], &sums.dy[c], &sums.dy_xmu[c]);
+        if (dx) k.plane_grad_input(dy, x, dx, g, c, 0, g.per_channel(), coeffs(c, sums));
+      }
+    });
+    return sums;
+  }
+  const int64_t partials = p.planes ? C * p.slices : row_range_count(p) * C;
+  GradSums partial(partials);
+  if (p.planes) {
+    for_each_slice(g, p, [&](int64_t task, int64_t c, int64_t lo, int64_t hi) {
+      k.plane_grad_sums(dy, x, g, c, lo, hi, mean[c], &partial.dy[task], &partial.dy_xmu[task]);
+    });
+    for (int64_t task = 0; task < partials; ++task) {
+      sums.dy[task / p.slices] += partial.dy[task];
+      sums.dy_xmu[task / p.slices] += partial.dy_xmu[task];
     }
-    GradSums partial(C * split.slices);
-    for_each_slice(g, split, [&](int64_t c, int64_t slice, int64_t lo, int64_t hi) {
-      const int64_t slot = c * split.slices + slice;
-      k.plane_grad_sums(dy, x, g, c, lo, hi, mean[c], &partial.dy[slot], &partial.dy_xmu[slot]);
-    });
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t s = 0; s < split.slices; ++s) {
-        sums.dy[c] += partial.dy[c * split.slices + s];
-        sums.dy_xmu[c] += partial.dy_xmu[c * split.slices + s];
-      }
   } else {
-    const int64_t tasks = row_tasks(g);
-    GradSums partial(tasks * C);
-    for_each_row_range(g, [&](int64_t task, int64_t lo, int64_t hi) {
-      k.rows_grad_sums(dy, x, C, lo, hi, mean.data(), partial.dy.data() + task * C, partial.dy_xmu.data() + task * C);
+    const std::vector<acc_t> lanes = tile(p, mean.data());
+    for_each_row_range(p, [&](int64_t task, const cpu::Blocks& b, int64_t lo, int64_t hi) {
+      k.blocks_grad_sums(dy, x, b, lo, hi, lanes.data(), partial.dy.data() + task * C,
+                         partial.dy_xmu.data() + task * C);
     });
-    for (int64_t t = 0; t < tasks; ++t)
-      for (int64_t c = 0; c < C; ++c) {
-        sums.dy[c] += partial.dy[t * C + c];
-        sums.dy_xmu[c] += partial.dy_xmu[t * C + c];
-      }
+    for (int64_t i = 0; i < partials; ++i) {
+      sums.dy[i % C] += partial.dy[i];
+      sums.dy_xmu[i % C] += partial.dy_xmu[i];
+    }
   }
   if (dx) {
     std::vector<GradInputCoefficients<acc_t>> all(C);
     for (int64_t c = 0; c < C; ++c) all[c] = coeffs(c, sums);
-    grad_input_all(dy, x, dx, g, all);
+    grad_input_all(dy, x, dx, g, p, all);
   }
   return sums;
 }
@@ -316,7 +358,7 @@ at::Tensor normalize(const at::Tensor& input_arg, const std::optional<at::Tensor
   at::Tensor output = at::empty_like(input);
   if (output.numel() == 0) return output;
   SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_normalize", [&] {
-    normalize_all(data_of<T>(input), mutable_data_of<T>(output), g,
+    normalize_all(data_of<T>(input), mutable_data_of<T>(output), g, plan_for(g),
                   normalize_params<acc_t>(g.channels, weight, bias, channel_values<acc_t>(mean, g.channels, 0),
                                           channel_values<acc_t>(invstd, g.channels, 0)));
   });
@@ -334,7 +376,7 @@ at::Tensor forward_eval(const at::Tensor& input_arg, const std::optional<at::Ten
   SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_forward_eval", [&] {
     std::vector<acc_t> invstd = channel_values<acc_t>(running_var, g.channels, 0);
     for (acc_t& v : invstd) v = invstd_from_var(v, acc_t(eps));
-    normalize_all(data_of<T>(input), mutable_data_of<T>(output), g,
+    normalize_all(data_of<T>(input), mutable_data_of<T>(output), g, plan_for(g),
                   normalize_params<acc_t>(g.channels, weight, bias,
                                           channel_values<acc_t>(running_mean, g.channels, 0), invstd));
   });
@@ -388,7 +430,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
       } else if (want_input) {  // eval mode without parameter gradients: no reduction needed
         std::vector<GradInputCoefficients<acc_t>> k(g.channels);
         for (int64_t c = 0; c < g.channels; ++c) k[c] = coeffs(c, sums);
-        grad_input_all(data_of<T>(dy), x, dx, g, k);
+        grad_input_all(data_of<T>(dy), x, dx, g, plan_for(g), k);
       }
     });
   }
@@ -434,7 +476,7 @@ at::Tensor backward_elemt(const at::Tensor& grad_output, const at::Tensor& input
     std::vector<GradInputCoefficients<acc_t>> k(g.channels);
     for (int64_t c = 0; c < g.channels; ++c)
       k[c] = grad_input_coefficients<acc_t>(mean[c], invstd[c], w[c], sum_dy[c], sum_dy_xmu[c], acc_t(count), true);
-    grad_input_all(data_of<T>(dy), data_of<T>(input), mutable_data_of<T>(grad_input), g, k);
+    grad_input_all(data_of<T>(dy), data_of<T>(input), mutable_data_of<T>(grad_input), g, plan_for(g), k);
   });
   return grad_input;
 }

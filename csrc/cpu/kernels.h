@@ -10,34 +10,74 @@
 namespace safebn {
 namespace cpu {
 
-// Contiguous layouts address a channel's values as its "plane": plane index
-// i = n * S + s, so [begin, end) may start and stop mid-row. Channels-last
-// layouts address rows of C values: [begin, end) is a range of rows.
+// A tensor walked in memory order as `rows` rows of `width` values, `stride`
+// apart from `offset`; value j of a row belongs to channel
+// (j / per_channel) % channels. Channels-last: rows of a few pixels' C
+// values (per_channel 1). Contiguous with short runs: rows of one example's
+// C * S values (per_channel S).
+struct Blocks {
+  int64_t offset = 0;
+  int64_t rows = 0;
+  int64_t stride = 0;
+  int64_t width = 0;
+  int64_t per_channel = 1;
+  int64_t channels = 1;
+  int64_t channel_of(int64_t j) const { return (j / per_channel) % channels; }
+};
+
+// A channel's values as sums of x - shift and (x - shift)^2 in double, the
+// shift being one of its values (see kernel_impl.h).
+struct ShiftedSums {
+  double sum = 0, sum_sq = 0;
+  int64_t count = 0;
+
+  template <typename acc_t>
+  Welford<acc_t> welford(acc_t shift) const {
+    Welford<acc_t> w;
+    if (count == 0) return w;
+    const double mean = sum / double(count);
+    w.count = acc_t(count);
+    w.mean = acc_t(double(shift) + mean);
+    const double m2 = sum_sq - sum * mean;
+    w.m2 = acc_t(m2 < 0 ? 0.0 : m2);  // rounding can dip below 0; NaN stays NaN
+    return w;
+  }
+};
+
+// The input gradient's coefficients (welford.h) as one array per field, one
+// entry per lane of a row.
+template <typename acc_t>
+struct GradInputLanes {
+  const acc_t* mean;
+  const acc_t* scale;
+  const acc_t* mean_dy;
+  const acc_t* proj;
+};
+
 template <typename T>
 struct KernelTable {
   using acc_t = acc_type<T>;
 
-  Welford<acc_t> (*plane_stats)(const T* x, const Geometry& g, int64_t c,
-                                int64_t begin, int64_t end);
-  void (*plane_normalize)(const T* x, T* y, const Geometry& g, int64_t c,
-                          int64_t begin, int64_t end, acc_t mean, acc_t scale, acc_t bias);
+  // Contiguous layouts, one channel's plane indices [begin, end) (i = n * S + s).
+  Welford<acc_t> (*plane_stats)(const T* x, const Geometry& g, int64_t c, int64_t begin, int64_t end);
+  void (*plane_normalize)(const T* x, T* y, const Geometry& g, int64_t c, int64_t begin, int64_t end,
+                          acc_t mean, acc_t scale, acc_t bias);
   // Adds sum(dy) and sum(dy * (x - mean)) over the slice to the two totals.
-  void (*plane_grad_sums)(const T* dy, const T* x, const Geometry& g, int64_t c,
-                          int64_t begin, int64_t end, acc_t mean,
-                          double* sum_dy, double* sum_dy_xmu);
-  void (*plane_grad_input)(const T* dy, const T* x, T* dx, const Geometry& g, int64_t c,
-                           int64_t begin, int64_t end, const GradInputCoefficients<acc_t>& k);
+  void (*plane_grad_sums)(const T* dy, const T* x, const Geometry& g, int64_t c, int64_t begin,
+                          int64_t end, acc_t mean, double* sum_dy, double* sum_dy_xmu);
+  void (*plane_grad_input)(const T* dy, const T* x, T* dx, const Geometry& g, int64_t c, int64_t begin,
+                           int64_t end, const GradInputCoefficients<acc_t>& k);
 
-  // `stats` receives one Welford state per channel.
-  void (*rows_stats)(const T* x, int64_t channels, int64_t begin, int64_t end,
-                     Welford<acc_t>* stats);
-  void (*rows_normalize)(const T* x, T* y, int64_t channels, int64_t begin, int64_t end,
-                         const acc_t* mean, const acc_t* scale, const acc_t* bias);
-  // Adds per-channel sum(dy) and sum(dy * (x - mean)) to the two arrays.
-  void (*rows_grad_sums)(const T* dy, const T* x, int64_t channels, int64_t begin,
-                         int64_t end, const acc_t* mean, double* sum_dy, double* sum_dy_xmu);
-  void (*rows_grad_input)(const T* dy, const T* x, T* dx, int64_t channels, int64_t begin,
-                          int64_t end, const GradInputCoefficients<acc_t>* k);
+  // Rows [begin, end) of `b`. Per-lane arrays have b.width entries; per-channel
+  // outputs b.channels entries, added to.
+  void (*blocks_stats)(const T* x, const Blocks& b, int64_t begin, int64_t end, const acc_t* shift,
+                       ShiftedSums* totals);
+  void (*blocks_normalize)(const T* x, T* y, const Blocks& b, int64_t begin, int64_t end,
+                           const acc_t* mean, const acc_t* scale, const acc_t* bias);
+  void (*blocks_grad_sums)(const T* dy, const T* x, const Blocks& b, int64_t begin, int64_t end,
+                           const acc_t* mean, double* sum_dy, double* sum_dy_xmu);
+  void (*blocks_grad_input)(const T* dy, const T* x, T* dx, const Blocks& b, int64_t begin, int64_t end,
+                            const GradInputLanes<acc_t>& k);
 };
 
 // The table for the best instruction set this processor supports.
