@@ -29,13 +29,16 @@ def _cuda_include_dirs():
 
 
 def _extension():
-    cxx_flags = ["-O3", "-Wall", "-Wno-unused-function"]
+    # at::parallel_for is OpenMP inlined into our code: without -fopenmp the
+    # kernels run on one thread. libgomp resolves to the one torch loaded.
+    cxx_flags = ["-O3", "-Wall", "-Wno-unused-function", "-fopenmp"]
+    link_flags = ["-fopenmp"]
     sources = ["csrc/ops.cpp", "csrc/cpu/kernels.cpp", "csrc/cpu/batch_norm_cpu.cpp"]
     include_dirs = [os.path.join(HERE, "csrc")]
     if not _cuda_build_possible():
         return cpp_extension.CppExtension(
             "torch_safebn._C", sources, include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx_flags}, py_limited_api=False)
+            extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags, py_limited_api=False)
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
     nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo",
@@ -45,7 +48,7 @@ def _extension():
         "torch_safebn._C", sources + sorted(glob.glob("csrc/cuda/*.cu")),
         include_dirs=include_dirs + _cuda_include_dirs(),
         define_macros=[("SAFEBN_WITH_CUDA", None)],
-        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags})
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, extra_link_args=link_flags)
 
 
 setup(
