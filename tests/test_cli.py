@@ -7,6 +7,7 @@ import io
 import itertools
 import json
 import math
+import pathlib
 import runpy
 import sys
 import types
@@ -152,3 +153,9 @@ def test_demo_hands_its_arguments_to_the_demo_module(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch_safebn.demo", types.SimpleNamespace(main=seen.append))
     assert main(["demo", "--steps", "3"]) == 0
     assert seen == [["--steps", "3"]]
+
+
+def test_benchmarks_readme_documents_every_json_field():
+    readme = (pathlib.Path(__file__).parents[1] / "benchmarks" / "README.md").read_text()
+    for field in benchmark.ROW_FIELDS:
+        assert f"| `{field}` |" in readme

@@ -48,7 +48,7 @@ def plot_speedups(result: dict, path: str) -> None:
     copy_bytes_per_us = result["machine"]["copy_gb_per_s"] * 1e3
 
     figure, axes = plt.subplots(
-        len(passes), 1, figsize=(max(8.0, 1.3 * cases_per_pass + 2.5), 3.6 * len(passes) + 1.0), squeeze=False,
+        len(passes), 1, figsize=(max(9.0, 1.3 * cases_per_pass + 2.5), 3.6 * len(passes) + 1.0), squeeze=False,
         layout="constrained",
     )
     bar_width = 0.8 / max(len(impls), 1)
@@ -85,11 +85,13 @@ def plot_speedups(result: dict, path: str) -> None:
     labels = [*impls, NATIVE_LABEL, CEILING_LABEL]  # the bars first, then the lines
     machine = result["machine"]
     figure.suptitle(
-        f"torch_safebn vs native batch norm on {machine['device']} ({machine['device_type']}, "
-        f"{machine['threads']} threads), torch {machine['torch_version']}; "
-        f"copy bandwidth {machine['copy_gb_per_s']:.3g} GB/s",
+        "torch_safebn vs native batch norm: speed-up over native eager, per pass\n"
+        f"{machine['device']} ({machine['device_type']}, {machine['threads']} threads), "
+        f"torch {machine['torch_version']}, copy bandwidth {machine['copy_gb_per_s']:.3g} GB/s",
         fontsize=11,
     )
-    figure.legend([handle_of[label] for label in labels], labels, loc="outside lower center", ncol=len(labels), fontsize=9, frameon=False)
+    # At most three entries a row: the legend stays within a narrow figure.
+    figure.legend([handle_of[label] for label in labels], labels, loc="outside lower center",
+                  ncol=min(len(labels), 3), fontsize=9, frameon=False)
     figure.savefig(path, dpi=110)
     plt.close(figure)
