@@ -8,8 +8,10 @@ __all__ = ["format_table"]
 
 
 def format_time(microseconds: float) -> str:
-    if microseconds >= 1000:
-        return f"{microseconds / 1000:.3g} ms"
+    if microseconds >= 1e6:
+        return f"{microseconds / 1e6:.3g} s"
+    if microseconds >= 1e3:
+        return f"{microseconds / 1e3:.3g} ms"
     return f"{microseconds:.3g} us"
 
 
