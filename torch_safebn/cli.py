@@ -54,7 +54,8 @@ def _info(args) -> int:
     from . import __version__, backend
     from .benchmark import device_name
 
-    has_cuda_kernels = torch._C._dispatch_has_kernel_for_dispatch_key("safebn::forward_train", "CUDA")
+    # backend() is "cuda+cpu" exactly when the extension registered CUDA kernels for the ops.
+    has_cuda_kernels = backend() == "cuda+cpu"
     lines = {
         "torch_safebn": __version__,
         "torch": torch.__version__,

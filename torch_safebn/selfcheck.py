@@ -69,7 +69,12 @@ def run_checks(batch_norm: BatchNorm = functional.batch_norm, devices=None) -> I
             for shape, layout in (((3, 2, 4), "contiguous"), ((2, 3, 3, 2), "channels_last")):
                 case = f"{device.type} float64 {list(shape)} {layout} {'training' if training else 'eval'}"
                 yield _attempt("gradcheck", case, _gradcheck, batch_norm, device, shape, layout, training)
-        for op_name, args in _op_samples(device).items():
+        try:
+            samples = _op_samples(device)
+        except Exception as error:  # the ops cannot even run here: one failure says so
+            yield Result("opcheck", f"{device.type} sample inputs", _describe(error))
+            continue
+        for op_name, args in samples.items():
             yield _attempt("opcheck", f"{device.type} safebn::{op_name}", _opcheck, op_name, args)
 
 
@@ -94,14 +99,22 @@ def _attempt(check: str, case: str, function: Callable[..., None], *args) -> Res
     try:
         function(*args)
     except Exception as error:  # a check fails by raising; report it and go on to the next
-        return Result(check, case, f"{type(error).__name__}: {error}".strip())
+        return Result(check, case, _describe(error))
     return Result(check, case, None)
+
+
+def _describe(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}".strip()
+
+
+def _memory_format(shape, layout: str) -> torch.memory_format:
+    return _CHANNELS_LAST[len(shape)] if layout == "channels_last" else torch.contiguous_format
 
 
 def _sample(shape, layout: str, dtype: torch.dtype, device: torch.device, generator: torch.Generator):
     """(x, weight, bias, grad_output) with non-trivial values; x in the layout asked for."""
     x = torch.randn(shape, generator=generator, dtype=torch.float64) * 2 + 0.5
-    memory_format = _CHANNELS_LAST[len(shape)] if layout == "channels_last" else torch.contiguous_format
+    memory_format = _memory_format(shape, layout)
     x = x.to(device=device, dtype=dtype).contiguous(memory_format=memory_format)
     param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     channels = shape[1]
@@ -134,9 +147,8 @@ def _parity(batch_norm: BatchNorm, device, shape, layout, dtype) -> None:
     for name, want in expected.items():
         got = actual[name]
         torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=lambda text, name=name: f"{name}: {text}")
-    memory_format = _CHANNELS_LAST[len(shape)] if layout == "channels_last" else torch.contiguous_format
     for name in ("output", "grad_input", "eval_output"):
-        if not actual[name].is_contiguous(memory_format=memory_format):
+        if not actual[name].is_contiguous(memory_format=_memory_format(shape, layout)):
             raise AssertionError(f"{name} is not {layout} like the input: strides {actual[name].stride()}")
 
 
@@ -162,12 +174,11 @@ def _op_samples(device: torch.device) -> dict[str, tuple]:
     sum_dy, sum_dy_xmu = OPS.backward_reduce(grad_output, x, mean)
     count = x.numel() // x.shape[1]
 
-    def buffers():  # each mutating op gets buffers of its own
-        running = (torch.zeros_like(weight), torch.ones_like(weight))
-        return (*running, torch.zeros((), dtype=torch.int64, device=device),
+    def buffers():  # (running_mean, running_var, num_batches_tracked, counters): each mutating op its own
+        return (torch.zeros_like(weight), torch.ones_like(weight), torch.zeros((), dtype=torch.int64, device=device),
                 torch.zeros(NUM_COUNTERS, dtype=torch.int64, device=device))
 
-    running_mean, running_var, num_batches_tracked, counters = buffers()
+    running_mean, running_var, _, counters = buffers()
     differentiable = tuple(t.detach().clone().requires_grad_() for t in (x, weight, bias))
     return {
         "forward_train": (*differentiable, EPS),
