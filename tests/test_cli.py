@@ -129,6 +129,21 @@ def test_bench_plot_is_a_png(bench_result):
     assert len(data) > 10_000
 
 
+def test_bench_measures_only_what_it_is_asked_for(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(benchmark, "COPY_BYTES", 2**22)
+    json_path = tmp_path / "one.json"
+    argv = ["bench", "--device", "cpu", "--shapes", "4x3x5x6,6x2", "--layouts", "channels_last", "--passes", "eval",
+            "--dtypes", "float32", "--peers", "none", "--min-run-time", "0.001", "--json", str(json_path)]
+    assert main(argv) == 0
+    rows = json.loads(json_path.read_text())["rows"]
+    # channels_last has no 2-D form: only the 4-D shape is measured
+    assert [(r["impl"], r["shape"], r["layout"], r["pass"]) for r in rows] == [
+        (impl, [4, 3, 5, 6], "channels_last", "eval") for impl in ("safebn", "safebn-nochecks")
+    ]
+    assert all(r["speedup_vs_best_peer"] is None and r["speedup_vs_native"] is None for r in rows)
+    assert "4x3x5x6" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "option, complaint",
     [
