@@ -1,0 +1,197 @@
+"""`torch-safebn check`: a self-test of the installed build on every available
+device, in well under a minute on a CPU. Three kinds of check:
+
+  parity     the batch norm under test against native F.batch_norm, training and
+             eval: outputs (and their layout), running statistics, gradients
+  gradcheck  the batch norm under test in float64, training and eval
+  opcheck    torch.library.opcheck on every safebn op (schema, fake kernel,
+             autograd registration)
+
+The batch norm under test is a parameter, torch_safebn.functional.batch_norm
+by default: any function with F.batch_norm's signature can be checked, which is
+how the tests prove that a broken one fails.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import TextIO
+
+import torch
+import torch.nn.functional as F
+
+from . import functional
+from ._ops import OPS
+from .safety import NUM_COUNTERS
+
+__all__ = ["Result", "available_devices", "run_checks", "main"]
+
+BatchNorm = Callable[..., torch.Tensor]  # F.batch_norm's signature
+
+MOMENTUM, EPS = 0.1, 1e-5
+SHAPES = ((8, 3), (4, 3, 5), (4, 3, 5, 6), (2, 3, 4, 5, 6))
+DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+# (rtol, atol) against native: float32 statistics are summed in another order,
+# bfloat16 outputs may round to the neighbouring value.
+_TOLERANCE = {torch.float64: (1e-10, 1e-12), torch.float32: (1e-4, 1e-5), torch.bfloat16: (1.6e-2, 1e-2)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    check: str  # "parity", "gradcheck" or "opcheck"
+    case: str  # what was checked, e.g. "cpu float32 [4, 3, 5, 6] channels_last"
+    error: str | None  # None when it passed
+
+    @property
+    def passed(self) -> bool:
+        return self.error is None
+
+
+def available_devices() -> list[torch.device]:
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devices.append(torch.device("cuda"))
+    return devices
+
+
+def run_checks(batch_norm: BatchNorm = functional.batch_norm, devices=None) -> Iterator[Result]:
+    """Yields one Result per check, as it completes."""
+    for device in devices or available_devices():
+        for shape in SHAPES:
+            for layout in ("contiguous", "channels_last") if len(shape) in _CHANNELS_LAST else ("contiguous",):
+                for dtype in DTYPES:
+                    case = f"{device.type} {str(dtype).removeprefix('torch.')} {list(shape)} {layout}"
+                    yield _attempt("parity", case, _parity, batch_norm, device, shape, layout, dtype)
+        for training in (True, False):
+            for shape, layout in (((3, 2, 4), "contiguous"), ((2, 3, 3, 2), "channels_last")):
+                case = f"{device.type} float64 {list(shape)} {layout} {'training' if training else 'eval'}"
+                yield _attempt("gradcheck", case, _gradcheck, batch_norm, device, shape, layout, training)
+        try:
+            samples = _op_samples(device)
+        except Exception as error:  # the ops cannot even run here: one failure says so
+            yield Result("opcheck", f"{device.type} sample inputs", _describe(error))
+            continue
+        for op_name, args in samples.items():
+            yield _attempt("opcheck", f"{device.type} safebn::{op_name}", _opcheck, op_name, args)
+
+
+def main(batch_norm: BatchNorm = functional.batch_norm, devices=None, out: TextIO | None = None) -> int:
+    """Prints PASS/FAIL per check (to stdout by default) and returns the exit
+    status: 0 when all passed."""
+    out = out or sys.stdout
+    start = time.perf_counter()
+    failed = passed = 0
+    for result in run_checks(batch_norm, devices):
+        print(f"{'PASS' if result.passed else 'FAIL'}  {result.check:<9}  {result.case}", file=out, flush=True)
+        if result.passed:
+            passed += 1
+        else:
+            failed += 1
+            print("      " + result.error.replace("\n", "\n      "), file=out)
+    print(f"{passed} passed, {failed} failed in {time.perf_counter() - start:.1f} s", file=out)
+    return 1 if failed else 0
+
+
+def _attempt(check: str, case: str, function: Callable[..., None], *args) -> Result:
+    try:
+        function(*args)
+    except Exception as error:  # a check fails by raising; report it and go on to the next
+        return Result(check, case, _describe(error))
+    return Result(check, case, None)
+
+
+def _describe(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}".strip()
+
+
+def _memory_format(shape, layout: str) -> torch.memory_format:
+    return _CHANNELS_LAST[len(shape)] if layout == "channels_last" else torch.contiguous_format
+
+
+def _sample(shape, layout: str, dtype: torch.dtype, device: torch.device, generator: torch.Generator):
+    """(x, weight, bias, grad_output) with non-trivial values; x in the layout asked for."""
+    x = torch.randn(shape, generator=generator, dtype=torch.float64) * 2 + 0.5
+    memory_format = _memory_format(shape, layout)
+    x = x.to(device=device, dtype=dtype).contiguous(memory_format=memory_format)
+    param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    channels = shape[1]
+    weight = (torch.rand(channels, generator=generator, dtype=torch.float64) + 0.5).to(device, param_dtype)
+    bias = torch.randn(channels, generator=generator, dtype=torch.float64).to(device, param_dtype)
+    grad_output = torch.randn(shape, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
+    return x, weight, bias, grad_output.contiguous(memory_format=memory_format)
+
+
+def _one_step(batch_norm: BatchNorm, x, weight, bias, grad_output) -> dict[str, torch.Tensor]:
+    """A training step (forward, backward, running statistics), then an eval forward."""
+    x, weight, bias = (t.detach().clone().requires_grad_() for t in (x, weight, bias))
+    running_mean = torch.zeros_like(weight, requires_grad=False)
+    running_var = torch.ones_like(weight, requires_grad=False)
+    output = batch_norm(x, running_mean, running_var, weight, bias, True, MOMENTUM, EPS)
+    grad_input, grad_weight, grad_bias = torch.autograd.grad(output, (x, weight, bias), grad_output)
+    with torch.no_grad():
+        eval_output = batch_norm(x, running_mean, running_var, weight, bias, False, MOMENTUM, EPS)
+    return {
+        "output": output, "running_mean": running_mean, "running_var": running_var, "grad_input": grad_input,
+        "grad_weight": grad_weight, "grad_bias": grad_bias, "eval_output": eval_output,
+    }
+
+
+def _parity(batch_norm: BatchNorm, device, shape, layout, dtype) -> None:
+    x, weight, bias, grad_output = _sample(shape, layout, dtype, device, torch.Generator().manual_seed(0))
+    expected = _one_step(F.batch_norm, x, weight, bias, grad_output)
+    actual = _one_step(batch_norm, x, weight, bias, grad_output)
+    rtol, atol = _TOLERANCE[dtype]
+    for name, want in expected.items():
+        got = actual[name]
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=lambda text, name=name: f"{name}: {text}")
+    for name in ("output", "grad_input", "eval_output"):
+        if not actual[name].is_contiguous(memory_format=_memory_format(shape, layout)):
+            raise AssertionError(f"{name} is not {layout} like the input: strides {actual[name].stride()}")
+
+
+def _gradcheck(batch_norm: BatchNorm, device, shape, layout, training: bool) -> None:
+    x, weight, bias, _ = _sample(shape, layout, torch.float64, device, torch.Generator().manual_seed(1))
+    running_mean = torch.randn_like(weight) * 0.1
+    running_var = torch.rand_like(weight) + 0.5
+
+    def normalize(x, weight, bias):
+        # Fresh buffers for every call: gradcheck calls many times, and a
+        # training step would move the statistics under it.
+        return batch_norm(x, running_mean.clone(), running_var.clone(), weight, bias, training, MOMENTUM, EPS)
+
+    inputs = tuple(t.detach().requires_grad_() for t in (x, weight, bias))
+    torch.autograd.gradcheck(normalize, inputs, raise_exception=True)
+
+
+def _op_samples(device: torch.device) -> dict[str, tuple]:
+    """Arguments for each safebn op, float32 on the device."""
+    x, weight, bias, grad_output = _sample((4, 3, 5, 6), "contiguous", torch.float32, device,
+                                           torch.Generator().manual_seed(2))
+    _, mean, invstd = OPS.forward_train(x, weight, bias, EPS)
+    sum_dy, sum_dy_xmu = OPS.backward_reduce(grad_output, x, mean)
+    count = x.numel() // x.shape[1]
+
+    def buffers():  # (running_mean, running_var, num_batches_tracked, counters): each mutating op its own
+        return (torch.zeros_like(weight), torch.ones_like(weight), torch.zeros((), dtype=torch.int64, device=device),
+                torch.zeros(NUM_COUNTERS, dtype=torch.int64, device=device))
+
+    running_mean, running_var, _, counters = buffers()
+    differentiable = tuple(t.detach().clone().requires_grad_() for t in (x, weight, bias))
+    return {
+        "forward_train": (*differentiable, EPS),
+        "forward_eval": (*differentiable, running_mean, running_var, EPS),
+        "backward": (grad_output, x, weight, mean, invstd, True, [True, True, True]),
+        "batch_stats": (x,),
+        "normalize": (x, weight, bias, mean, invstd),
+        "backward_reduce": (grad_output, x, mean),
+        "backward_elemt": (grad_output, x, weight, mean, invstd, sum_dy, sum_dy_xmu, count),
+        "update_running_stats": (*buffers(), mean, invstd, weight, bias, count, EPS, MOMENTUM),
+        "check_eval_stats": (counters, running_mean, running_var, weight, bias, EPS),
+    }
+
+
+def _opcheck(op_name: str, args: tuple) -> None:
+    torch.library.opcheck(getattr(OPS, op_name).default, args, raise_exception=True)
