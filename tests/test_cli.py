@@ -10,7 +10,6 @@ import math
 import pathlib
 import runpy
 import sys
-import types
 
 import pytest
 import torch
@@ -164,8 +163,10 @@ def test_bench_rejects_bad_options_clearly(option, complaint, capsys):
 
 
 def test_demo_hands_its_arguments_to_the_demo_module(monkeypatch):
+    from torch_safebn import demo
+
     seen = []
-    monkeypatch.setitem(sys.modules, "torch_safebn.demo", types.SimpleNamespace(main=seen.append))
+    monkeypatch.setattr(demo, "main", lambda argv: seen.append(argv) or 0)
     assert main(["demo", "--steps", "3"]) == 0
     assert seen == [["--steps", "3"]]
 
