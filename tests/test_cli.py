@@ -16,6 +16,7 @@ import torch
 
 import torch_safebn
 from torch_safebn import benchmark, functional, selfcheck
+from torch_safebn.benchmark_table import format_compact_table
 from torch_safebn.cli import main
 
 TINY_SHAPES = ((4, 3, 5, 6), (8, 4))
@@ -126,6 +127,27 @@ def test_bench_plot_is_a_png(bench_result):
     data = png_path.read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n")
     assert len(data) > 10_000
+
+
+def test_compact_table_names_the_best_peer(bench_result):
+    result, _, _ = bench_result
+    lines = format_compact_table(result).splitlines()
+    assert lines[2].split() == ["case", "pass", "safebn", "us", "best", "peer", "peer", "us", "speed-up", "safebn",
+                                "GB/s", "%", "of", "copy", "checks", "cost"]
+    rows = [line for line in lines if line.startswith(("4x3x5x6", "8x4"))]
+    assert len(rows) == len(benchmark.workload_groups(result["rows"]))
+    assert all(" native " in row for row in rows)  # the only peer
+
+
+def test_bench_times_the_backward_alone_under_torch_compile(tmp_path, monkeypatch):
+    """The bwd pass calls backward again and again on one graph, which
+    torch.compile's donated buffers would refuse."""
+    monkeypatch.setattr(benchmark, "COPY_BYTES", 2**22)
+    json_path = tmp_path / "bwd.json"
+    argv = ["bench", "--device", "cpu", "--shapes", "4x3x5x6", "--layouts", "contiguous", "--passes", "bwd",
+            "--dtypes", "float32", "--peers", "compile", "--min-run-time", "0.001", "--json", str(json_path)]
+    assert main(argv) == 0
+    assert [row["impl"] for row in json.loads(json_path.read_text())["rows"]] == ["safebn", "safebn-nochecks", "compile"]
 
 
 def test_bench_measures_only_what_it_is_asked_for(tmp_path, monkeypatch, capsys):

@@ -1,8 +1,10 @@
 """The benchmark engine: times torch_safebn against native batch norm with
 torch.utils.benchmark and returns plain rows (a dict that json.dump takes).
 
-The CLI (`torch-safebn bench`), the suites under benchmarks/ and the GPU check
-scripts all call run(); nothing else times batch norm.
+The CLI (`torch-safebn bench`) and the suites under benchmarks/ call run();
+benchmarks/gpu_check.py schedules workloads itself under a time budget and
+calls run()'s steps (describe_machine, measure, workload_rows, make_result).
+Nothing else times batch norm.
 
 What a row measures
   workload  shape x layout x (input dtype, parameter dtype) x pass
@@ -23,6 +25,7 @@ write) timed on the same device with the same threads.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import datetime
@@ -31,7 +34,7 @@ import json
 import math
 import os
 import platform
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -52,13 +55,19 @@ __all__ = [
     "SAFEBN_NOCHECKS",
     "Implementation",
     "Workload",
+    "check_devices",
+    "describe_machine",
     "device_name",
     "dtype_label",
+    "make_result",
+    "measure",
     "measure_copy_bandwidth",
     "parse_dtype",
     "parse_shape",
     "run",
+    "torch_threads",
     "workload_groups",
+    "workload_rows",
     "workloads",
     "write_json",
 ]
@@ -282,7 +291,10 @@ def _statement(workload: Workload, module: nn.Module, x: torch.Tensor, grad_outp
         return lambda: forward(x)
     wanted = [x, *module.parameters()]
     if workload.pass_name == "bwd":
-        output = forward(x)
+        # One graph, backward again and again (retain_graph=True): AOTAutograd's
+        # donated buffers forbid that, so torch.compile compiles this forward without them.
+        with torch._functorch.config.patch(donated_buffer=False):
+            output = forward(x)
         return lambda: torch.autograd.grad(output, wanted, grad_output, retain_graph=True)
     return lambda: torch.autograd.grad(forward(x), wanted, grad_output)
 
@@ -316,6 +328,72 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch's thread count set to threads inside, restored after. Set globally,
+    not only in the Timer: torch.compile fixes its kernels' thread count when it compiles."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def check_devices(implementations: Sequence[Implementation], device: torch.device) -> None:
+    """Raises ValueError for an implementation that does not run on the device."""
+    for impl in implementations:
+        if device.type not in impl.device_types:
+            raise ValueError(f"{impl.name} runs on {', '.join(impl.device_types)} only, not {device.type}")
+
+
+def describe_machine(device: torch.device, threads: int, min_run_time: float) -> dict:
+    """The result's "machine" block, the copy bandwidth measured on the device included."""
+    return {
+        "device": device_name(device),
+        "device_type": device.type,
+        "torch_version": torch.__version__,
+        "torch_safebn_version": __version__,
+        "backend": backend(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": threads,
+        "copy_bytes": COPY_BYTES,
+        "copy_gb_per_s": measure_copy_bandwidth(device, threads, min_run_time),
+        # Other processes on the same cores slow every row alike and widen the IQRs.
+        "load_average_1min": os.getloadavg()[0],
+    }
+
+
+def measure(
+    workload: Workload,
+    implementations: Sequence[Implementation],
+    device: torch.device,
+    threads: int,
+    min_run_time: float,
+    on_measured: Callable[[Workload, Implementation], None] | None = None,
+) -> list[tuple[Implementation, Measurement]]:
+    """Times each implementation on one workload, over the same input."""
+    x, grad_output, template = _inputs(workload, device)
+    group = []
+    for impl in implementations:
+        statement = _statement(workload, impl.build(template), x, grad_output)
+        group.append((impl, _time(statement, threads, min_run_time)))
+        if on_measured:
+            on_measured(workload, impl)
+    return group
+
+
+def make_result(machine: dict, rows: list[dict], settings: dict) -> dict:
+    """The result run() returns, from a machine block and rows."""
+    return {
+        "format": FORMAT,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine,
+        "settings": settings,
+        "rows": rows,
+    }
+
+
 def run(
     plan: Sequence[Workload],
     implementations: Sequence[Implementation],
@@ -329,50 +407,19 @@ def run(
     threads defaults to torch's current count; on_measured is called after each row."""
     device = torch.device(device)
     threads = threads or torch.get_num_threads()
-    for impl in implementations:
-        if device.type not in impl.device_types:
-            raise ValueError(f"{impl.name} runs on {', '.join(impl.device_types)} only, not {device.type}")
-    previous_threads = torch.get_num_threads()
-    # Set globally too: torch.compile fixes its kernels' thread count when it compiles.
-    torch.set_num_threads(threads)
-    try:
-        copy_gb_per_s = measure_copy_bandwidth(device, threads, min_run_time)
-        machine = {
-            "device": device_name(device),
-            "device_type": device.type,
-            "torch_version": torch.__version__,
-            "torch_safebn_version": __version__,
-            "backend": backend(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "threads": threads,
-            "copy_bytes": COPY_BYTES,
-            "copy_gb_per_s": copy_gb_per_s,
-            # Other processes on the same cores slow every row alike and widen the IQRs.
-            "load_average_1min": os.getloadavg()[0],
-        }
+    check_devices(implementations, device)
+    with torch_threads(threads):
+        machine = describe_machine(device, threads, min_run_time)
         rows = []
         for workload in plan:
-            x, grad_output, template = _inputs(workload, device)
-            group = []
-            for impl in implementations:
-                statement = _statement(workload, impl.build(template), x, grad_output)
-                group.append((impl, _time(statement, threads, min_run_time)))
-                if on_measured:
-                    on_measured(workload, impl)
-            rows += _rows(workload, group, machine)
-    finally:
-        torch.set_num_threads(previous_threads)
-    return {
-        "format": FORMAT,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine,
-        "settings": {"min_run_time_s": min_run_time},
-        "rows": rows,
-    }
+            group = measure(workload, implementations, device, threads, min_run_time, on_measured)
+            rows += workload_rows(workload, group, machine)
+    return make_result(machine, rows, {"min_run_time_s": min_run_time})
 
 
-def _rows(workload: Workload, group: list, machine: dict) -> list[dict]:
-    """One row per implementation of a workload, with the speed-ups among them."""
+def workload_rows(workload: Workload, group: list[tuple[Implementation, Measurement]], machine: dict) -> list[dict]:
+    """One row per implementation of a workload, with the speed-ups among them:
+    group is measure()'s list, or several of them joined."""
     peer_medians = [measurement.median for impl, measurement in group if impl.is_peer]
     native_medians = [measurement.median for impl, measurement in group if impl.name == "native"]
     rows = []

@@ -4,12 +4,15 @@ device, in well under a minute on a CPU. Three kinds of check:
   parity     the batch norm under test against native F.batch_norm, training and
              eval: outputs (and their layout), running statistics, gradients
   gradcheck  the batch norm under test in float64, training and eval
+             (and gradgradcheck, with second_order=True)
   opcheck    torch.library.opcheck on every safebn op (schema, fake kernel,
              autograd registration)
 
 The batch norm under test is a parameter, torch_safebn.functional.batch_norm
 by default: any function with F.batch_norm's signature can be checked, which is
-how the tests prove that a broken one fails.
+how the tests prove that a broken one fails. benchmarks/gpu_check.py runs the
+same checks on the GPU and builds its own on the helpers here (Result, attempt,
+sample, memory_format, op_samples).
 """
 from __future__ import annotations
 
@@ -26,13 +29,15 @@ from . import functional
 from ._ops import OPS
 from .safety import NUM_COUNTERS
 
-__all__ = ["Result", "available_devices", "run_checks", "main"]
+__all__ = ["Result", "attempt", "available_devices", "main", "memory_format", "op_samples", "run_checks", "sample"]
 
 BatchNorm = Callable[..., torch.Tensor]  # F.batch_norm's signature
 
 MOMENTUM, EPS = 0.1, 1e-5
 SHAPES = ((8, 3), (4, 3, 5), (4, 3, 5, 6), (2, 3, 4, 5, 6))
 DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+# (shape, layout, dtype) of the ops' sample arguments for opcheck.
+OP_CASES = (((4, 3, 5, 6), "contiguous", torch.float32),)
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 # (rtol, atol) against native: float32 statistics are summed in another order,
 # bfloat16 outputs may round to the neighbouring value.
@@ -44,6 +49,7 @@ class Result:
     check: str  # "parity", "gradcheck" or "opcheck"
     case: str  # what was checked, e.g. "cpu float32 [4, 3, 5, 6] channels_last"
     error: str | None  # None when it passed
+    details: dict | None = None  # what a passing check measured, if it says (e.g. its largest error)
 
     @property
     def passed(self) -> bool:
@@ -57,25 +63,31 @@ def available_devices() -> list[torch.device]:
     return devices
 
 
-def run_checks(batch_norm: BatchNorm = functional.batch_norm, devices=None) -> Iterator[Result]:
-    """Yields one Result per check, as it completes."""
+def run_checks(
+    batch_norm: BatchNorm = functional.batch_norm, devices=None, *, second_order: bool = False, op_cases=OP_CASES
+) -> Iterator[Result]:
+    """Yields one Result per check, as it completes. second_order adds
+    gradgradcheck to each gradcheck; op_cases are the (shape, layout, dtype)
+    of the arguments each op is opchecked with."""
     for device in devices or available_devices():
         for shape in SHAPES:
             for layout in ("contiguous", "channels_last") if len(shape) in _CHANNELS_LAST else ("contiguous",):
                 for dtype in DTYPES:
-                    case = f"{device.type} {str(dtype).removeprefix('torch.')} {list(shape)} {layout}"
-                    yield _attempt("parity", case, _parity, batch_norm, device, shape, layout, dtype)
+                    case = f"{device.type} {_dtype_name(dtype)} {list(shape)} {layout}"
+                    yield attempt("parity", case, _parity, batch_norm, device, shape, layout, dtype)
         for training in (True, False):
             for shape, layout in (((3, 2, 4), "contiguous"), ((2, 3, 3, 2), "channels_last")):
                 case = f"{device.type} float64 {list(shape)} {layout} {'training' if training else 'eval'}"
-                yield _attempt("gradcheck", case, _gradcheck, batch_norm, device, shape, layout, training)
-        try:
-            samples = _op_samples(device)
-        except Exception as error:  # the ops cannot even run here: one failure says so
-            yield Result("opcheck", f"{device.type} sample inputs", _describe(error))
-            continue
-        for op_name, args in samples.items():
-            yield _attempt("opcheck", f"{device.type} safebn::{op_name}", _opcheck, op_name, args)
+                yield attempt("gradcheck", case, _gradcheck, batch_norm, device, shape, layout, training, second_order)
+        for shape, layout, dtype in op_cases:
+            arguments = f"{_dtype_name(dtype)} {list(shape)} {layout}"
+            try:
+                samples = op_samples(device, shape, layout, dtype)
+            except Exception as error:  # the ops cannot even run here: one failure says so
+                yield Result("opcheck", f"{device.type} sample inputs {arguments}", _describe(error))
+                continue
+            for label, op_name, args in samples:
+                yield attempt("opcheck", f"{device.type} safebn::{label} {arguments}", _opcheck, op_name, args)
 
 
 def main(batch_norm: BatchNorm = functional.batch_norm, devices=None, out: TextIO | None = None) -> int:
@@ -95,33 +107,42 @@ def main(batch_norm: BatchNorm = functional.batch_norm, devices=None, out: TextI
     return 1 if failed else 0
 
 
-def _attempt(check: str, case: str, function: Callable[..., None], *args) -> Result:
+def attempt(check: str, case: str, function: Callable[..., dict | None], *args) -> Result:
+    """Runs one check: it fails by raising, and may return details of what it measured."""
     try:
-        function(*args)
-    except Exception as error:  # a check fails by raising; report it and go on to the next
+        details = function(*args)
+    except Exception as error:  # report it and go on to the next
         return Result(check, case, _describe(error))
-    return Result(check, case, None)
+    return Result(check, case, None, details)
 
 
 def _describe(error: Exception) -> str:
     return f"{type(error).__name__}: {error}".strip()
 
 
-def _memory_format(shape, layout: str) -> torch.memory_format:
-    return _CHANNELS_LAST[len(shape)] if layout == "channels_last" else torch.contiguous_format
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
-def _sample(shape, layout: str, dtype: torch.dtype, device: torch.device, generator: torch.Generator):
-    """(x, weight, bias, grad_output) with non-trivial values; x in the layout asked for."""
+def memory_format(shape, layout: str) -> torch.memory_format:
+    """contiguous, or channels_last (channels_last_3d for 5-D shapes; either name is taken)."""
+    return _CHANNELS_LAST[len(shape)] if layout.startswith("channels_last") else torch.contiguous_format
+
+
+def sample(shape, layout: str, dtype: torch.dtype, device: torch.device, generator: torch.Generator,
+           param_dtype: torch.dtype | None = None):
+    """(x, weight, bias, grad_output) with non-trivial values; x in the layout asked for.
+    The parameters are float64 for float64 input and float32 otherwise, unless param_dtype says."""
     x = torch.randn(shape, generator=generator, dtype=torch.float64) * 2 + 0.5
-    memory_format = _memory_format(shape, layout)
-    x = x.to(device=device, dtype=dtype).contiguous(memory_format=memory_format)
-    param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    layout_format = memory_format(shape, layout)
+    x = x.to(device=device, dtype=dtype).contiguous(memory_format=layout_format)
+    if param_dtype is None:
+        param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     channels = shape[1]
     weight = (torch.rand(channels, generator=generator, dtype=torch.float64) + 0.5).to(device, param_dtype)
     bias = torch.randn(channels, generator=generator, dtype=torch.float64).to(device, param_dtype)
     grad_output = torch.randn(shape, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
-    return x, weight, bias, grad_output.contiguous(memory_format=memory_format)
+    return x, weight, bias, grad_output.contiguous(memory_format=layout_format)
 
 
 def _one_step(batch_norm: BatchNorm, x, weight, bias, grad_output) -> dict[str, torch.Tensor]:
@@ -140,7 +161,7 @@ def _one_step(batch_norm: BatchNorm, x, weight, bias, grad_output) -> dict[str, 
 
 
 def _parity(batch_norm: BatchNorm, device, shape, layout, dtype) -> None:
-    x, weight, bias, grad_output = _sample(shape, layout, dtype, device, torch.Generator().manual_seed(0))
+    x, weight, bias, grad_output = sample(shape, layout, dtype, device, torch.Generator().manual_seed(0))
     expected = _one_step(F.batch_norm, x, weight, bias, grad_output)
     actual = _one_step(batch_norm, x, weight, bias, grad_output)
     rtol, atol = _TOLERANCE[dtype]
@@ -148,12 +169,12 @@ def _parity(batch_norm: BatchNorm, device, shape, layout, dtype) -> None:
         got = actual[name]
         torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=lambda text, name=name: f"{name}: {text}")
     for name in ("output", "grad_input", "eval_output"):
-        if not actual[name].is_contiguous(memory_format=_memory_format(shape, layout)):
+        if not actual[name].is_contiguous(memory_format=memory_format(shape, layout)):
             raise AssertionError(f"{name} is not {layout} like the input: strides {actual[name].stride()}")
 
 
-def _gradcheck(batch_norm: BatchNorm, device, shape, layout, training: bool) -> None:
-    x, weight, bias, _ = _sample(shape, layout, torch.float64, device, torch.Generator().manual_seed(1))
+def _gradcheck(batch_norm: BatchNorm, device, shape, layout, training: bool, second_order: bool = False) -> None:
+    x, weight, bias, _ = sample(shape, layout, torch.float64, device, torch.Generator().manual_seed(1))
     running_mean = torch.randn_like(weight) * 0.1
     running_var = torch.rand_like(weight) + 0.5
 
@@ -164,33 +185,39 @@ def _gradcheck(batch_norm: BatchNorm, device, shape, layout, training: bool) -> 
 
     inputs = tuple(t.detach().requires_grad_() for t in (x, weight, bias))
     torch.autograd.gradcheck(normalize, inputs, raise_exception=True)
+    if second_order:
+        torch.autograd.gradgradcheck(normalize, inputs, raise_exception=True)
 
 
-def _op_samples(device: torch.device) -> dict[str, tuple]:
-    """Arguments for each safebn op, float32 on the device."""
-    x, weight, bias, grad_output = _sample((4, 3, 5, 6), "contiguous", torch.float32, device,
-                                           torch.Generator().manual_seed(2))
+def op_samples(device: torch.device, shape=(4, 3, 5, 6), layout: str = "contiguous",
+               dtype: torch.dtype = torch.float32) -> list[tuple[str, str, tuple]]:
+    """(label, op name, arguments) for every safebn op, the ops with optional
+    arguments or flags twice: with and without them."""
+    x, weight, bias, grad_output = sample(shape, layout, dtype, device, torch.Generator().manual_seed(2))
     _, mean, invstd = OPS.forward_train(x, weight, bias, EPS)
     sum_dy, sum_dy_xmu = OPS.backward_reduce(grad_output, x, mean)
     count = x.numel() // x.shape[1]
+    running_mean, running_var = OPS.batch_stats(x)  # statistics that eval mode may use
 
     def buffers():  # (running_mean, running_var, num_batches_tracked, counters): each mutating op its own
         return (torch.zeros_like(weight), torch.ones_like(weight), torch.zeros((), dtype=torch.int64, device=device),
                 torch.zeros(NUM_COUNTERS, dtype=torch.int64, device=device))
 
-    running_mean, running_var, _, counters = buffers()
+    counters = buffers()[3]
     differentiable = tuple(t.detach().clone().requires_grad_() for t in (x, weight, bias))
-    return {
-        "forward_train": (*differentiable, EPS),
-        "forward_eval": (*differentiable, running_mean, running_var, EPS),
-        "backward": (grad_output, x, weight, mean, invstd, True, [True, True, True]),
-        "batch_stats": (x,),
-        "normalize": (x, weight, bias, mean, invstd),
-        "backward_reduce": (grad_output, x, mean),
-        "backward_elemt": (grad_output, x, weight, mean, invstd, sum_dy, sum_dy_xmu, count),
-        "update_running_stats": (*buffers(), mean, invstd, weight, bias, count, EPS, MOMENTUM),
-        "check_eval_stats": (counters, running_mean, running_var, weight, bias, EPS),
-    }
+    return [
+        ("forward_train", "forward_train", (*differentiable, EPS)),
+        ("forward_train (no affine)", "forward_train", (differentiable[0], None, None, EPS)),
+        ("forward_eval", "forward_eval", (*differentiable, running_mean, running_var, EPS)),
+        ("backward", "backward", (grad_output, x, weight, mean, invstd, True, [True, True, True])),
+        ("backward (eval, no grad_weight)", "backward", (grad_output, x, weight, mean, invstd, False, [True, False, True])),
+        ("batch_stats", "batch_stats", (x,)),
+        ("normalize", "normalize", (x, weight, bias, mean, invstd)),
+        ("backward_reduce", "backward_reduce", (grad_output, x, mean)),
+        ("backward_elemt", "backward_elemt", (grad_output, x, weight, mean, invstd, sum_dy, sum_dy_xmu, count)),
+        ("update_running_stats", "update_running_stats", (*buffers(), mean, invstd, weight, bias, count, EPS, MOMENTUM)),
+        ("check_eval_stats", "check_eval_stats", (counters, running_mean, running_var, weight, bias, EPS)),
+    ]
 
 
 def _opcheck(op_name: str, args: tuple) -> None:
