@@ -20,6 +20,10 @@ void check_channel_tensor(const std::optional<at::Tensor>& t, const at::Tensor& 
 
 void check_eps(double eps);
 
+// What every device's update_running_stats requires of its buffers.
+void check_update_args(const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+                       const std::optional<at::Tensor>& num_batches_tracked, std::optional<double> momentum);
+
 // The input in a layout the kernels walk directly: contiguous, channels_last
 // or channels_last_3d are returned as they are; any other strides are copied
 // to contiguous (the one case where the activation is copied).

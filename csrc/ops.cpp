@@ -39,6 +39,14 @@ void check_eps(double eps) {
               ": it keeps 1 / sqrt(var + eps) finite for a constant channel. The usual value is 1e-5.");
 }
 
+void check_update_args(const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+                       const std::optional<at::Tensor>& num_batches_tracked, std::optional<double> momentum) {
+  TORCH_CHECK(running_mean.has_value() == running_var.has_value(),
+              "running_mean and running_var must be given together");
+  TORCH_CHECK(momentum.has_value() || num_batches_tracked.has_value() || !running_mean.has_value(),
+              "momentum=None (a cumulative average) needs num_batches_tracked");
+}
+
 static std::optional<at::MemoryFormat> kernel_memory_format(const at::Tensor& input) {
   if (input.is_contiguous()) return at::MemoryFormat::Contiguous;
   if (input.dim() == 4 && input.is_contiguous(at::MemoryFormat::ChannelsLast))

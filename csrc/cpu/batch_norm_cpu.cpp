@@ -503,10 +503,7 @@ void update_running_stats(const std::optional<at::Tensor>& running_mean, const s
                           const at::Tensor& invstd_arg, const std::optional<at::Tensor>& weight,
                           const std::optional<at::Tensor>& bias, int64_t count, double eps,
                           std::optional<double> momentum) {
-  TORCH_CHECK(running_mean.has_value() == running_var.has_value(),
-              "running_mean and running_var must be given together");
-  TORCH_CHECK(momentum.has_value() || num_batches_tracked.has_value() || !running_mean.has_value(),
-              "momentum=None (a cumulative average) needs num_batches_tracked");
+  check_update_args(running_mean, running_var, num_batches_tracked, momentum);
   int64_t* counts = counters_data(counters);
   const bool guarded = counts != nullptr;
   const int64_t channels = mean_arg.numel();

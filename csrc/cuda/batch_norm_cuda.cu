@@ -407,10 +407,7 @@ void update_running_stats(const std::optional<at::Tensor>& running_mean, const s
                           const at::Tensor& invstd_arg, const std::optional<at::Tensor>& weight,
                           const std::optional<at::Tensor>& bias, int64_t count, double eps,
                           std::optional<double> momentum) {
-  TORCH_CHECK(running_mean.has_value() == running_var.has_value(),
-              "running_mean and running_var must be given together");
-  TORCH_CHECK(momentum.has_value() || num_batches_tracked.has_value() || !running_mean.has_value(),
-              "momentum=None (a cumulative average) needs num_batches_tracked");
+  check_update_args(running_mean, running_var, num_batches_tracked, momentum);
   TORCH_CHECK(mean_arg.is_cuda(), "the batch mean is on ", mean_arg.device(),
               " while other arguments are on a CUDA device. Keep the statistics on the module's device.");
   check_guard_tensor(invstd_arg, mean_arg, "invstd", true);
