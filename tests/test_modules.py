@@ -3,8 +3,10 @@ both ways, convert_model/revert_model, extra_repr, and the pure-PyTorch
 fallback when the extension cannot load."""
 from __future__ import annotations
 
+import copy
 import inspect
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -73,6 +75,27 @@ def test_convert_and_revert_keep_parameters_buffers_dtype_and_mode():
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
     assert isinstance(torch_safebn.convert_model(nn.BatchNorm2d(3)), torch_safebn.SafeBatchNorm2d)
+
+
+def test_convert_model_keeps_the_parameter_and_buffer_objects():
+    """An optimizer built before the conversion keeps training the same tensors."""
+    model = nn.Sequential(nn.BatchNorm2d(3))
+    weight, running_mean = model[0].weight, model[0].running_mean
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch_safebn.convert_model(model)
+    assert model[0].weight is weight and model[0].running_mean is running_mean
+    model(make_input((4, 3, 2, 2))).square().sum().backward()
+    before = weight.detach().clone()
+    optimizer.step()
+    assert not torch.equal(model[0].weight, before)
+
+
+def test_modules_deepcopy_and_pickle_with_a_snapshot_in_flight():
+    bn = torch_safebn.SafeBatchNorm2d(3)
+    bn.safety_state._pending = (torch.zeros(3), object(), ((1,), True))  # stands in for a CUDA event
+    clone = copy.deepcopy(bn)
+    assert clone.safety_state._pending is None and clone.safety_state.policy == bn.policy
+    assert pickle.loads(pickle.dumps(bn)).safety_state._pending is None
 
 
 def test_extra_repr_shows_only_non_default_options():

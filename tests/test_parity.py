@@ -9,6 +9,8 @@ import itertools
 import pytest
 import torch
 
+import torch_safebn
+
 from conftest import assert_close, make_input, module_pair
 
 # (shape, layout): every rank; odd sizes (C=1, N=1 with spatial > 1, C not a
@@ -112,8 +114,24 @@ def test_non_standard_strides_are_accepted(layout):
 
 def test_empty_batch_matches_native_shape_and_changes_no_buffer():
     native, safe = module_pair(4, 4)
-    x = torch.randn(0, 4, 3, 3)
+    x = torch.randn(0, 4, 3, 3, requires_grad=True)
     before = {k: v.clone() for k, v in safe.state_dict().items()}
-    assert safe(x).shape == native(x).shape == x.shape
+    y_safe, y_native = safe(x), native(x)
+    assert y_safe.shape == y_native.shape == x.shape
     for key, value in safe.state_dict().items():
         assert torch.equal(value, before[key]), key
+    y_safe.sum().backward()
+    y_native.sum().backward()
+    # zero parameter gradients, as native's: 0 * the empty batch's NaN invstd would poison the weights
+    assert torch.equal(safe.weight.grad, native.weight.grad) and torch.equal(safe.bias.grad, native.bias.grad)
+
+
+def test_bias_without_weight_gets_its_gradient():
+    x, start = make_input((4, 3, 2, 2)), torch.tensor([0.5, -1.0, 2.0])
+    grads = []
+    for batch_norm in (torch.nn.functional.batch_norm, torch_safebn.batch_norm):
+        bias = start.clone().requires_grad_()
+        batch_norm(x, None, None, None, bias, training=True).square().sum().backward()
+        grads.append(bias.grad)
+    assert grads[1] is not None
+    torch.testing.assert_close(grads[1], grads[0])

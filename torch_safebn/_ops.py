@@ -89,7 +89,8 @@ def _(input, weight, bias, running_mean, running_var, eps):
 def _(grad_output, input, weight, mean, invstd, train, output_mask):
     grad_input = _output_like(input) if output_mask[0] else None
     grad_weight = torch.empty_like(weight) if weight is not None and output_mask[1] else None
-    grad_bias = torch.empty_like(weight) if weight is not None and output_mask[2] else None
+    # without a weight the bias gradient comes in the statistics' dtype
+    grad_bias = (torch.empty_like(weight) if weight is not None else _channel_stats_like(input)) if output_mask[2] else None
     return grad_input, grad_weight, grad_bias
 
 

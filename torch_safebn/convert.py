@@ -26,17 +26,15 @@ def _rebuild(module: nn.Module, cls: type, process_group=None, **options) -> nn.
     reference = next(iter(module.state_dict().values()), None)
     new = cls(
         module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
-        device=None if reference is None else reference.device,
-        dtype=None if module.weight is None else module.weight.dtype,
-        **native_options, **options,
+        device=None if reference is None else reference.device, **native_options, **options,
     )
-    if module.running_mean is not None and module.weight is None:
-        # without parameters the buffers' dtype is the only dtype to follow
-        new.running_mean.data = new.running_mean.data.to(module.running_mean.dtype)
-        new.running_var.data = new.running_var.data.to(module.running_var.dtype)
-    new.load_state_dict(module.state_dict(), strict=True)
+    # The very parameter and buffer tensors move over, not copies: an optimizer
+    # built before the conversion keeps updating them.
     for name, param in module.named_parameters(recurse=False):
-        getattr(new, name).requires_grad_(param.requires_grad)
+        setattr(new, name, param)
+    for name, buffer in module.named_buffers(recurse=False):
+        if name in new._buffers:
+            new._buffers[name] = buffer
     new.train(module.training)
     return new
 

@@ -92,10 +92,12 @@ def backward(grad_output, input, weight, mean, invstd, train, output_mask):
     if output_mask[0]:
         count = input.numel() // max(input.shape[1], 1)
         grad_input = _grad_input(grad_output, input, weight, mean, invstd, sum_dy, sum_dy_xmu, count, train)
+    param_dtype = sum_dy.dtype if weight is None else weight.dtype  # F.batch_norm takes a bias alone
     if weight is not None and output_mask[1]:
-        grad_weight = (sum_dy_xmu * invstd.to(sum_dy_xmu.dtype)).to(weight.dtype)
-    if weight is not None and output_mask[2]:
-        grad_bias = sum_dy.to(weight.dtype)
+        empty = input.numel() == 0  # then zero, not 0 * NaN
+        grad_weight = (sum_dy_xmu if empty else sum_dy_xmu * invstd.to(sum_dy_xmu.dtype)).to(param_dtype)
+    if output_mask[2]:
+        grad_bias = sum_dy.to(param_dtype)
     return grad_input, grad_weight, grad_bias
 
 
@@ -146,10 +148,8 @@ def update_running_stats(
         proceed = ~nonfinite
     if running_mean is None:
         return
-    if momentum is None:
-        factor = 1.0 / (num_batches_tracked.to(acc) + 1)
-    else:
-        factor = torch.tensor(momentum, dtype=acc, device=mean.device)
+    # momentum as a Python float: a tensor made from it would be a host-to-device copy
+    factor = 1.0 / (num_batches_tracked.to(acc) + 1) if momentum is None else momentum
     new_mean = (1 - factor) * running_mean.to(acc) + factor * mean
     new_var = (1 - factor) * running_var.to(acc) + factor * var * count / (count - 1)
     if guarded:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import itertools
 import warnings
 
 import torch
@@ -188,14 +189,22 @@ class SafetyState:
         if counters.device.type == "cpu" or self.policy.sync:
             self._act(counters.tolist(), shape, training)
             return
-        if self._pending is not None and self._pending[1].query():
-            host, _, (old_shape, old_training) = self._pending
+        if self._pending is not None:
+            host, event, (old_shape, old_training) = self._pending
+            if not event.query():
+                return  # still in flight: keep it; the counters are cumulative, so nothing is lost
+            self._pending = None
             self._act(host.tolist(), old_shape, old_training)
         host = torch.empty(NUM_COUNTERS, dtype=torch.int64, pin_memory=True)
         host.copy_(counters, non_blocking=True)
         event = torch.cuda.Event()
-        event.record()
+        event.record(torch.cuda.current_stream(counters.device))
         self._pending = (host, event, (shape, training))
+
+    def __getstate__(self) -> dict:
+        # A snapshot in flight (a CUDA event) neither copies nor pickles:
+        # deepcopy(model) and torch.save(model) drop it, as check() would read the counters anyway.
+        return {**self.__dict__, "_pending": None}
 
     def unreported_nonfinite(self, values: list[int]) -> bool:
         return values[Counter.NONFINITE_EVENTS] > self._reported_nonfinite
@@ -290,7 +299,7 @@ def _snapshots(modules) -> list[tuple[list[int] | None, list[str]]]:
         return []
     rows = []
     for m in modules:
-        device = next((t.device for t in m.buffers()), torch.device("cpu"))
+        device = next((t.device for t in itertools.chain(m.buffers(), m.parameters())), torch.device("cpu"))
         counters = m.safety_counters if m.safety_counters is not None else torch.full((NUM_COUNTERS,), -1, device=device)
         finite = [torch.isfinite(t).all() if t is not None else torch.ones((), dtype=torch.bool, device=device)
                   for t in (getattr(m, name) for name in _WATCHED)]

@@ -393,13 +393,19 @@ Prepared prepare_backward(const at::Tensor& grad_output, const at::Tensor& input
   return p;
 }
 
-// grad_weight = sum(dy * xhat), grad_bias = sum(dy), in the weight's dtype.
+// grad_weight = sum(dy * xhat) and grad_bias = sum(dy), in the weight's dtype
+// (the statistics' without a weight: F.batch_norm takes a bias alone). An
+// empty batch's are zero, where sum * invstd would be 0 * NaN.
 std::tuple<at::Tensor, at::Tensor> parameter_grads(const GradSums& sums, const at::Tensor& invstd,
-                                                   const at::Tensor& weight, bool want_weight, bool want_bias) {
+                                                   const std::optional<at::Tensor>& weight, bool empty,
+                                                   bool want_weight, bool want_bias) {
+  const at::ScalarType type = weight.has_value() && weight->defined() ? weight->scalar_type() : invstd.scalar_type();
   at::Tensor grad_weight, grad_bias;
-  if (want_weight)
-    grad_weight = (channel_tensor(sums.dy_xmu, invstd) * invstd.to(at::kDouble)).to(weight.scalar_type());
-  if (want_bias) grad_bias = channel_tensor(sums.dy, invstd).to(weight.scalar_type());
+  if (want_weight) {
+    grad_weight = empty ? at::zeros(invstd.sizes(), invstd.options().dtype(type))
+                        : (channel_tensor(sums.dy_xmu, invstd) * invstd.to(at::kDouble)).to(type);
+  }
+  if (want_bias) grad_bias = channel_tensor(sums.dy, invstd).to(type);
   return {grad_weight, grad_bias};
 }
 
@@ -410,8 +416,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   const auto [input, g] = prepare_backward(grad_output, input_arg, weight, mean_arg, &dy);
   check_channel_tensor(invstd_arg, input, "invstd");
   const bool has_weight = weight.has_value() && weight->defined();
-  const bool want_input = output_mask[0], want_weight = output_mask[1] && has_weight,
-             want_bias = output_mask[2] && has_weight;
+  const bool want_input = output_mask[0], want_weight = output_mask[1] && has_weight, want_bias = output_mask[2];
   at::Tensor grad_input = want_input ? at::empty_like(input) : at::Tensor();
   GradSums sums(g.channels);
   if (g.per_channel() > 0) {
@@ -435,7 +440,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     });
   }
   auto [grad_weight, grad_bias] =
-      parameter_grads(sums, invstd_arg, has_weight ? *weight : at::Tensor(), want_weight, want_bias);
+      parameter_grads(sums, invstd_arg, weight, g.per_channel() == 0, want_weight, want_bias);
   return {grad_input, grad_weight, grad_bias};
 }
 

@@ -287,15 +287,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   const at::Tensor dy = grad_in_layout_of(grad_output, input);
   const Geometry g = geometry_of(input);
   const bool has_weight = weight.has_value() && weight->defined();
-  const bool want_input = output_mask[0], want_weight = output_mask[1] && has_weight,
-             want_bias = output_mask[2] && has_weight;
+  const bool want_input = output_mask[0], want_weight = output_mask[1] && has_weight, want_bias = output_mask[2];
   const at::ScalarType acc = accumulate_type(input.scalar_type());
   const at::Tensor mean = channel_values(mean_arg, acc), invstd = channel_values(invstd_arg, acc);
   at::Tensor grad_input = want_input ? at::empty_like(input) : at::Tensor();
   at::Tensor sum_dy, sum_dy_xmu, grad_weight;
-  if (input.numel() == 0) {  // empty sums, as on the CPU: grad_weight = 0 * invstd
+  if (input.numel() == 0) {  // as on the CPU: zero sums and zero parameter gradients, not 0 * NaN
     sum_dy = at::zeros({g.channels}, mean.options());
-    grad_weight = want_weight ? sum_dy * invstd : at::Tensor();
+    grad_weight = want_weight ? at::zeros_like(sum_dy) : at::Tensor();
   } else {
     SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_backward", [&] {
       const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
@@ -319,9 +318,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
       }
     });
   }
-  // Parameter gradients in the weight's dtype (a no-op for float32 weights).
-  return {grad_input, want_weight ? grad_weight.to(weight->scalar_type()) : at::Tensor(),
-          want_bias ? sum_dy.to(weight->scalar_type()) : at::Tensor()};
+  // Parameter gradients in the weight's dtype (a no-op for float32 weights), the
+  // statistics' without a weight (F.batch_norm takes a bias alone).
+  const at::ScalarType param_type = has_weight ? weight->scalar_type() : acc;
+  return {grad_input, want_weight ? grad_weight.to(param_type) : at::Tensor(),
+          want_bias ? sum_dy.to(param_type) : at::Tensor()};
 }
 
 std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad_output, const at::Tensor& input_arg,
