@@ -37,4 +37,8 @@ Geometry geometry_of(const at::Tensor& input_with_kernel_layout);
 // float32 for float/half/bfloat16 input, float64 for float64 input.
 at::ScalarType accumulate_type(at::ScalarType input_type);
 
+// An uninitialized per-channel statistic (mean, invstd, ...) for `input`, in
+// the accumulation dtype on its device.
+at::Tensor channel_stat_tensor(const at::Tensor& input);
+
 }  // namespace safebn

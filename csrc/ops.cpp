@@ -2,6 +2,7 @@
 // shares. Device implementations register in cpu/ and cuda/; fake kernels and
 // autograd formulas are registered from torch_safebn/_ops.py.
 #include <Python.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include "checks.h"
@@ -78,6 +79,10 @@ Geometry geometry_of(const at::Tensor& input) {
 
 at::ScalarType accumulate_type(at::ScalarType input_type) {
   return input_type == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+at::Tensor channel_stat_tensor(const at::Tensor& input) {
+  return at::empty({input.size(1)}, input.options().dtype(accumulate_type(input.scalar_type())));
 }
 
 TORCH_LIBRARY(safebn, m) {

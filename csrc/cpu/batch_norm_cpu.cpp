@@ -285,10 +285,6 @@ Prepared prepare(const at::Tensor& input, const std::optional<at::Tensor>& weigh
   return {laid_out, geometry_of(laid_out)};
 }
 
-at::Tensor channel_stat_tensor(const at::Tensor& input) {
-  return at::empty({input.size(1)}, input.options().dtype(accumulate_type(input.scalar_type())));
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train(
     const at::Tensor& input_arg, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps) {

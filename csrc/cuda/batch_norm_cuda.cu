@@ -64,10 +64,6 @@ T* mutable_data_or_null(const at::Tensor& t) {
   return t.defined() ? t.mutable_data_ptr<T>() : nullptr;
 }
 
-at::Tensor channel_stat_tensor(const at::Tensor& input) {
-  return at::empty({input.size(1)}, input.options().dtype(accumulate_type(input.scalar_type())));
-}
-
 // ---- launches ----------------------------------------------------------------
 
 // Whether the tensors can be read and written in 16-byte Packs: the runs the
