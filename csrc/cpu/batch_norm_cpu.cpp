@@ -116,6 +116,19 @@ void for_each_row_range(const Plan& p, Fn fn) {
 
 int64_t row_range_count(const Plan& p) { return p.tasks + 1; }
 
+// fn(c, lo, hi) for every (n, c) row of a contiguous input, in memory order:
+// an elementwise pass on its own streams through memory this way, where one
+// channel's rows lie C * S apart.
+template <typename Fn>
+void for_each_row_in_memory_order(const Geometry& g, Fn fn) {
+  at::parallel_for(0, g.batch * g.channels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = r / g.channels;
+      fn(r % g.channels, n * g.spatial, (n + 1) * g.spatial);
+    }
+  });
+}
+
 // A per-channel array repeated over the lanes of one row of `b`.
 template <typename acc_t>
 std::vector<acc_t> tile(const Plan& p, const acc_t* per_channel) {
@@ -136,7 +149,7 @@ template <typename T, typename acc_t>
 void normalize_all(const T* x, T* y, const Geometry& g, const Plan& p, const NormalizeParams<acc_t>& k) {
   const auto& kern = cpu::kernels<T>();
   if (p.planes) {
-    for_each_slice(g, p, [&](int64_t, int64_t c, int64_t lo, int64_t hi) {
+    for_each_row_in_memory_order(g, [&](int64_t c, int64_t lo, int64_t hi) {
       kern.plane_normalize(x, y, g, c, lo, hi, k.mean[c], k.scale[c], k.bias[c]);
     });
     return;
@@ -204,7 +217,7 @@ void grad_input_all(const T* dy, const T* x, T* dx, const Geometry& g, const Pla
                     const std::vector<GradInputCoefficients<acc_t>>& k) {
   const auto& kern = cpu::kernels<T>();
   if (p.planes) {
-    for_each_slice(g, p, [&](int64_t, int64_t c, int64_t lo, int64_t hi) {
+    for_each_row_in_memory_order(g, [&](int64_t c, int64_t lo, int64_t hi) {
       kern.plane_grad_input(dy, x, dx, g, c, lo, hi, k[c]);
     });
     return;
