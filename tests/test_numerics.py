@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_input
+from conftest import LAYOUTS, make_input
 
 OPS = torch.ops.safebn
 
@@ -29,3 +29,53 @@ def test_large_offset_normalized_output_in_float32():
     y64, _, _ = OPS.forward_train(x64, None, None, 1e-5)
     # x - mean is exact to float32's spacing at 1e4 (~1e-3); nothing is lost beyond that
     assert (y.double() - y64).abs().max() < 2e-3
+
+
+def _with_special_values(shape, layout, seed):
+    """bfloat16 values with NaN, +-inf and values near the largest finite one, in `layout`."""
+    x = make_input(shape, torch.float64, seed=seed).flatten()
+    x[::5] = float("nan")
+    x[1::7] = float("inf")
+    x[2::11] = -float("inf")
+    x[3::13] = 3.3e38  # times the weight, past bfloat16's largest finite value
+    return x.view(shape).to(torch.bfloat16).contiguous(memory_format=LAYOUTS[layout])
+
+
+def assert_same_bits(actual, expected):
+    """Equal bit for bit, but for NaN, whose bits torch itself writes two ways (0x7fc0 from
+    c10::BFloat16, 0xffff from its vectorized conversion)."""
+    nan = expected.isnan()
+    assert torch.equal(actual.isnan(), nan)
+    assert torch.equal(actual[~nan].view(torch.int16), expected[~nan].view(torch.int16))
+
+
+@pytest.mark.parametrize("shape,layout", [
+    ((3, 5, 7), "contiguous"),      # runs of 7: three pairs and a last value
+    ((2, 5, 64), "contiguous"),     # rows long enough to go one by one
+    ((4, 8), "contiguous"),         # rows of an even width: pairs across channels
+    ((4, 7), "contiguous"),         # an odd width: value by value
+    ((3, 5, 3, 3), "channels_last"),  # odd C: rows of two pixels
+    ((2, 6, 8, 8), "channels_last"),
+])
+def test_bfloat16_rounds_like_torch_in_every_walk(shape, layout):
+    """bfloat16 is read and written in pairs where the layout allows (scalar_types.h). With the
+    statistics chosen so that every product is exact in float32, y = x * weight and
+    dx = dy * weight must round to nearest even exactly as torch's conversion does, NaN, inf and
+    overflow included, whichever of a pair a value is and in a run's last odd value."""
+    channels = shape[1]
+    eps = 2.0**-10
+    weight = 1 + torch.arange(1, channels + 1, dtype=torch.float32) * 2.0**-9  # 10 significant bits
+    zeros, var = torch.zeros(channels), torch.full((channels,), 1 - eps)  # var + eps == 1: invstd is 1
+    x = _with_special_values(shape, layout, seed=0)
+    per_channel = [-1 if d == 1 else 1 for d in range(len(shape))]
+    per_channel[1] = channels
+    w = weight.view(per_channel)
+
+    y = OPS.forward_eval(x, weight, zeros, zeros, var, eps)
+    assert y.stride() == x.stride()
+    assert_same_bits(y, ((x.float() - 0) * w + 0).to(torch.bfloat16))
+
+    finite_x = make_input(shape, torch.bfloat16, layout, seed=1)
+    dy = _with_special_values(shape, layout, seed=2)
+    dx, _, _ = OPS.backward(dy, finite_x, weight, zeros, torch.ones(channels), False, [True, False, False])
+    assert_same_bits(dx, (dy.float() * w).to(torch.bfloat16))

@@ -37,6 +37,7 @@ import platform
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
+import torch._functorch.config  # the bwd pass patches it: not imported until torch.compile runs
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.benchmark import Measurement, Timer
@@ -258,12 +259,31 @@ PEERS = {
 
 
 # -- timing --------------------------------------------------------------------------------
-def _time(statement: Callable[[], object], threads: int, min_run_time: float) -> Measurement:
-    """Times statement in blocks of calls. The Timer's default clock synchronizes
-    the accelerator when one is present, so GPU times are whole."""
-    statement()  # warm-up: compilation, allocator, first touch of fresh memory
-    timer = Timer("statement()", globals={"statement": statement}, num_threads=threads)
-    return timer.blocked_autorange(min_run_time=min_run_time)
+BLOCKS_PER_RUN_TIME = 10  # timed blocks of calls per min_run_time
+
+
+def _time_in_turns(statements: Sequence[Callable[[], object]], threads: int, min_run_time: float) -> list[Measurement]:
+    """Times the statements in turns, a block of calls each, until each has had
+    min_run_time: a machine that slows down or speeds up meanwhile (other
+    processes, clocks) then shifts every statement alike, and the ratios between
+    them hold. A block lasts about min_run_time / BLOCKS_PER_RUN_TIME. The
+    Timer's default clock synchronizes the accelerator when one is present, so
+    GPU times are whole."""
+    timers, calls_per_block = [], []
+    for statement in statements:
+        statement()  # warm-up: compilation, allocator, first touch of fresh memory
+        timer = Timer("statement()", globals={"statement": statement}, num_threads=threads)
+        one_call = timer.timeit(1).median
+        timers.append(timer)
+        calls_per_block.append(max(1, round(min_run_time / BLOCKS_PER_RUN_TIME / one_call)))
+    blocks: list[list[Measurement]] = [[] for _ in timers]
+    spent = [0.0] * len(timers)
+    while min(spent) < min_run_time:
+        for i, timer in enumerate(timers):
+            block = timer.timeit(calls_per_block[i])
+            blocks[i].append(block)
+            spent[i] += block.raw_times[0]
+    return [Measurement.merge(measurements)[0] for measurements in blocks]
 
 
 COPY_BYTES = 256 * 2**20  # well past any last-level cache, CPU or GPU
@@ -275,7 +295,7 @@ def measure_copy_bandwidth(device: torch.device, threads: int, min_run_time: flo
     else shares the machine at that moment."""
     source = torch.ones(COPY_BYTES // 4, dtype=torch.float32, device=device)
     target = torch.empty_like(source)
-    fastest = min(_time(lambda: target.copy_(source), threads, min_run_time).times)
+    fastest = min(_time_in_turns([lambda: target.copy_(source)], threads, min_run_time)[0].times)
     return 2 * COPY_BYTES / fastest / 1e9
 
 
@@ -372,13 +392,12 @@ def measure(
     min_run_time: float,
     on_measured: Callable[[Workload, Implementation], None] | None = None,
 ) -> list[tuple[Implementation, Measurement]]:
-    """Times each implementation on one workload, over the same input."""
+    """Times each implementation on one workload, over the same input, in turns."""
     x, grad_output, template = _inputs(workload, device)
-    group = []
-    for impl in implementations:
-        statement = _statement(workload, impl.build(template), x, grad_output)
-        group.append((impl, _time(statement, threads, min_run_time)))
-        if on_measured:
+    statements = [_statement(workload, impl.build(template), x, grad_output) for impl in implementations]
+    group = list(zip(implementations, _time_in_turns(statements, threads, min_run_time)))
+    if on_measured:
+        for impl in implementations:
             on_measured(workload, impl)
     return group
 

@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <array>
 #include <limits>
 #include <vector>
 
@@ -55,21 +56,26 @@ at::Tensor channel_tensor(const std::vector<acc_t>& values, const at::Tensor& li
 // there are enough channels to keep every thread busy, so that a channel is
 // still in cache between its reduction and its elementwise pass; otherwise
 // several tasks per channel over slices of its plane. Everything else goes
-// in memory order as rows of Blocks (kernels.h), split into row ranges.
+// in memory order as rows of Blocks (kernels.h), split into row ranges. An
+// elementwise pass on its own over a contiguous input walks its (n, c) rows
+// in memory order when they are long enough for a loop with the channel's
+// constants in registers, rather than per-lane constants from memory.
 struct Plan {
   bool planes = false;
+  bool elementwise_by_rows = false;
   int64_t slices = 1;     // planes: tasks per channel
   int64_t slice_len = 0;  // planes: plane indices per task
-  cpu::Blocks main;       // blocks: the rows the tasks share
-  cpu::Blocks rest;       // blocks: channels-last rows too few to fill one block
-  int64_t tasks = 1;      // blocks: row ranges of `main`
+  // blocks: the rows the tasks share, then channels-last rows too few to fill one.
+  std::array<cpu::Blocks, 2> blocks;
+  int64_t tasks = 1;  // blocks: row ranges of blocks[0]
   bool fused() const { return planes && slices == 1; }
 };
 
 Plan plan_for(const Geometry& g) {
-  constexpr int64_t kLongRun = 512, kMinSlice = 4096, kMinBlockWidth = 64;
+  constexpr int64_t kLongRun = 512, kMinSlice = 4096, kMinBlockWidth = 64, kMinElementwiseRow = 32;
   const int64_t threads = at::get_num_threads(), C = g.channels, S = g.spatial;
   Plan p;
+  p.elementwise_by_rows = !g.channels_last && S >= kMinElementwiseRow;
   if (!g.channels_last && S >= kLongRun) {
     p.planes = true;
     const int64_t per_channel = g.per_channel();
@@ -79,16 +85,18 @@ Plan plan_for(const Geometry& g) {
     return p;
   }
   if (!g.channels_last) {
-    p.main = {0, g.batch, C * S, C * S, S, C};
+    p.blocks[0] = {0, g.batch, C * S, C * S, S, C};
   } else {
-    // Blocks of whole rows at least kMinBlockWidth values wide, for C = 3 too.
-    const int64_t step = C >= kMinBlockWidth ? 1 : at::divup(kMinBlockWidth, C);
+    // Blocks of whole rows at least kMinBlockWidth values wide, for C = 3
+    // too, and of an even width, which bfloat16 reads in pairs.
+    int64_t step = at::divup(kMinBlockWidth, C);
+    step += (step * C) % 2;
     const int64_t full = g.rows() / step;
-    p.main = {0, full, step * C, step * C, 1, C};
-    p.rest = {full * step * C, g.rows() - full * step, C, C, 1, C};
+    p.blocks[0] = {0, full, step * C, step * C, 1, C};
+    p.blocks[1] = {full * step * C, g.rows() - full * step, C, C, 1, C};
   }
-  const int64_t min_rows_per_task = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, p.main.width));
-  p.tasks = std::max<int64_t>(1, std::min(threads, p.main.rows / min_rows_per_task));
+  const int64_t min_rows_per_task = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, p.blocks[0].width));
+  p.tasks = std::max<int64_t>(1, std::min(threads, p.blocks[0].rows / min_rows_per_task));
   return p;
 }
 
@@ -103,15 +111,16 @@ void for_each_slice(const Geometry& g, const Plan& p, Fn fn) {
   });
 }
 
-// fn(task, blocks, lo, hi) for every row range, the leftover rows last.
+// fn(task, part, lo, hi) for every row range of p.blocks[part], the leftover
+// rows (part 1) last.
 template <typename Fn>
 void for_each_row_range(const Plan& p, Fn fn) {
-  const int64_t rows = at::divup(p.main.rows, p.tasks);
+  const int64_t rows = at::divup(p.blocks[0].rows, p.tasks);
   at::parallel_for(0, p.tasks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task)
-      fn(task, p.main, task * rows, std::min((task + 1) * rows, p.main.rows));
+      fn(task, 0, task * rows, std::min((task + 1) * rows, p.blocks[0].rows));
   });
-  if (p.rest.rows > 0) fn(p.tasks, p.rest, int64_t(0), p.rest.rows);
+  if (p.blocks[1].rows > 0) fn(p.tasks, 1, int64_t(0), p.blocks[1].rows);
 }
 
 int64_t row_range_count(const Plan& p) { return p.tasks + 1; }
@@ -129,13 +138,24 @@ void for_each_row_in_memory_order(const Geometry& g, Fn fn) {
   });
 }
 
-// A per-channel array repeated over the lanes of one row of `b`.
-template <typename acc_t>
-std::vector<acc_t> tile(const Plan& p, const acc_t* per_channel) {
-  std::vector<acc_t> lanes(p.main.width);
-  for (int64_t j = 0; j < p.main.width; ++j) lanes[j] = per_channel[p.main.channel_of(j)];
-  return lanes;
-}
+// A per-channel array repeated over the lanes of a row of each of p.blocks,
+// in the order the kernels for T read them (cpu::lane_order).
+template <typename T, typename acc_t>
+class Tiled {
+ public:
+  Tiled(const Plan& p, const acc_t* per_channel) {
+    for (size_t part = 0; part < p.blocks.size(); ++part) {
+      const cpu::Blocks& b = p.blocks[part];
+      const cpu::LaneOrder order = cpu::lane_order<T>(b);
+      lanes_[part].resize(b.width);
+      b.for_each_lane(0, b.width, [&](int64_t j, int64_t c) { lanes_[part][order.index(j)] = per_channel[c]; });
+    }
+  }
+  const acc_t* operator[](int part) const { return lanes_[part].data(); }
+
+ private:
+  std::array<std::vector<acc_t>, 2> lanes_;
+};
 
 // Per-channel constants of y = (x - mean) * scale + bias.
 template <typename acc_t>
@@ -148,16 +168,15 @@ struct NormalizeParams {
 template <typename T, typename acc_t>
 void normalize_all(const T* x, T* y, const Geometry& g, const Plan& p, const NormalizeParams<acc_t>& k) {
   const auto& kern = cpu::kernels<T>();
-  if (p.planes) {
+  if (p.elementwise_by_rows) {
     for_each_row_in_memory_order(g, [&](int64_t c, int64_t lo, int64_t hi) {
       kern.plane_normalize(x, y, g, c, lo, hi, k.mean[c], k.scale[c], k.bias[c]);
     });
     return;
   }
-  const std::vector<acc_t> mean = tile(p, k.mean.data()), scale = tile(p, k.scale.data()),
-                           bias = tile(p, k.bias.data());
-  for_each_row_range(p, [&](int64_t, const cpu::Blocks& b, int64_t lo, int64_t hi) {
-    kern.blocks_normalize(x, y, b, lo, hi, mean.data(), scale.data(), bias.data());
+  const Tiled<T, acc_t> mean(p, k.mean.data()), scale(p, k.scale.data()), bias(p, k.bias.data());
+  for_each_row_range(p, [&](int64_t, int part, int64_t lo, int64_t hi) {
+    kern.blocks_normalize(x, y, p.blocks[part], lo, hi, mean[part], scale[part], bias[part]);
   });
 }
 
@@ -191,11 +210,12 @@ void reduce_channels(const T* x, T* y, const Geometry& g, NormalizeParams<acc_t>
   } else {
     // Each channel's sums are taken relative to its first value.
     std::vector<acc_t> shift(C);
-    for (int64_t c = 0; c < C; ++c) shift[c] = cpu::load(x[p.main.rows ? c * p.main.per_channel : p.rest.offset + c]);
-    const std::vector<acc_t> lanes = tile(p, shift.data());
+    const cpu::Blocks& first = p.blocks[p.blocks[0].rows ? 0 : 1];
+    for (int64_t c = 0; c < C; ++c) shift[c] = cpu::load(x[first.offset + c * first.per_channel]);
+    const Tiled<T, acc_t> lanes(p, shift.data());
     std::vector<cpu::ShiftedSums> partial(row_range_count(p) * C);
-    for_each_row_range(p, [&](int64_t task, const cpu::Blocks& b, int64_t lo, int64_t hi) {
-      k.blocks_stats(x, b, lo, hi, lanes.data(), partial.data() + task * C);
+    for_each_row_range(p, [&](int64_t task, int part, int64_t lo, int64_t hi) {
+      k.blocks_stats(x, p.blocks[part], lo, hi, lanes[part], partial.data() + task * C);
     });
     for (int64_t c = 0; c < C; ++c) {
       Welford<acc_t> total;
@@ -216,24 +236,25 @@ template <typename T, typename acc_t>
 void grad_input_all(const T* dy, const T* x, T* dx, const Geometry& g, const Plan& p,
                     const std::vector<GradInputCoefficients<acc_t>>& k) {
   const auto& kern = cpu::kernels<T>();
-  if (p.planes) {
+  if (p.elementwise_by_rows) {
     for_each_row_in_memory_order(g, [&](int64_t c, int64_t lo, int64_t hi) {
       kern.plane_grad_input(dy, x, dx, g, c, lo, hi, k[c]);
     });
     return;
   }
   std::vector<acc_t> fields[4];
-  for (auto& f : fields) f.resize(p.main.width);
-  for (int64_t j = 0; j < p.main.width; ++j) {
-    const auto& kc = k[p.main.channel_of(j)];
-    fields[0][j] = kc.mean;
-    fields[1][j] = kc.scale;
-    fields[2][j] = kc.mean_dy;
-    fields[3][j] = kc.proj;
+  for (auto& f : fields) f.resize(g.channels);
+  for (int64_t c = 0; c < g.channels; ++c) {
+    fields[0][c] = k[c].mean;
+    fields[1][c] = k[c].scale;
+    fields[2][c] = k[c].mean_dy;
+    fields[3][c] = k[c].proj;
   }
-  const cpu::GradInputLanes<acc_t> lanes{fields[0].data(), fields[1].data(), fields[2].data(), fields[3].data()};
-  for_each_row_range(p, [&](int64_t, const cpu::Blocks& b, int64_t lo, int64_t hi) {
-    kern.blocks_grad_input(dy, x, dx, b, lo, hi, lanes);
+  const Tiled<T, acc_t> mean(p, fields[0].data()), scale(p, fields[1].data()), mean_dy(p, fields[2].data()),
+      proj(p, fields[3].data());
+  for_each_row_range(p, [&](int64_t, int part, int64_t lo, int64_t hi) {
+    const cpu::GradInputLanes<acc_t> lanes{mean[part], scale[part], mean_dy[part], proj[part]};
+    kern.blocks_grad_input(dy, x, dx, p.blocks[part], lo, hi, lanes);
   });
 }
 
@@ -266,9 +287,9 @@ GradSums reduce_grads(const T* dy, const T* x, T* dx, const Geometry& g, const s
       sums.dy_xmu[task / p.slices] += partial.dy_xmu[task];
     }
   } else {
-    const std::vector<acc_t> lanes = tile(p, mean.data());
-    for_each_row_range(p, [&](int64_t task, const cpu::Blocks& b, int64_t lo, int64_t hi) {
-      k.blocks_grad_sums(dy, x, b, lo, hi, lanes.data(), partial.dy.data() + task * C,
+    const Tiled<T, acc_t> lanes(p, mean.data());
+    for_each_row_range(p, [&](int64_t task, int part, int64_t lo, int64_t hi) {
+      k.blocks_grad_sums(dy, x, p.blocks[part], lo, hi, lanes[part], partial.dy.data() + task * C,
                          partial.dy_xmu.data() + task * C);
     });
     for (int64_t i = 0; i < partials; ++i) {

@@ -17,23 +17,54 @@ constexpr int64_t kMaxStrip = 1024;
 // float32 rounding stays far below the 1e-4 the variance needs.
 constexpr int64_t kFlushEvery = 256;
 
+// One or two inputs read in step. The kernels' lambdas take a word's values
+// unpacked, input m's value k at values[m][k] (a lambda compiled for this
+// ISA cannot be inlined into a library template such as std::apply, so the
+// values travel as arrays).
+template <typename T, size_t N>
+using Inputs = std::array<const T*, N>;
+
+template <typename P, typename T, size_t N>
+inline std::array<std::array<acc_type<T>, P::kValues>, N> unpack_words(const Inputs<T, N>& in, int64_t i) {
+  std::array<std::array<acc_type<T>, P::kValues>, N> values;
+  for (size_t m = 0; m < N; ++m) values[m] = P::unpack(load_word<P>(in[m], i));
+  return values;
+}
+
+template <typename T, size_t N>
+inline Inputs<T, N> advanced(const Inputs<T, N>& in, int64_t offset) {
+  Inputs<T, N> moved;
+  for (size_t m = 0; m < N; ++m) moved[m] = in[m] + offset;
+  return moved;
+}
+
 // ---------------------------------------------------------------------------
 // Contiguous layouts with long rows: one channel's "plane" (plane index
 // i = n * S + s) at a time, so that a channel can be reduced and then written
 // while it is still in cache. [begin, end) may start and stop mid-row.
 
-// Adds sum_i a_i and sum_i b_i over i in [0, n) to two double totals, where
-// terms(i, a, b) adds a_i to a and b_i to b; kLanes acc_t accumulators per
-// sum, tree-reduced and flushed every kFlushEvery blocks.
-template <typename acc_t, typename Terms>
-inline void sum_pairs(int64_t n, Terms terms, double& total_a, double& total_b) {
+// Adds a run's sums over its n values to two double totals: add(values, k,
+// a, b) adds to a and b the terms of value k of a word. kLanes acc_t
+// accumulators per sum take words in turn; they are tree-reduced and flushed
+// once each holds kFlushEvery values. Values short of a whole word are added
+// one by one.
+template <typename T, size_t N, typename Add>
+inline void sum_values(int64_t n, const Inputs<T, N>& in, Add add, double& total_a, double& total_b) {
+  using acc_t = acc_type<T>;
+  using P = Packing<T>;
+  constexpr int V = P::kValues;
+  const int64_t words = n / V;
   int64_t i = 0;
-  while (i < n) {
-    const int64_t stop = std::min(n, i + kFlushEvery * kLanes);
+  while (i < words) {
+    const int64_t stop = std::min(words, i + kFlushEvery * kLanes / V);
     acc_t a[kLanes] = {}, b[kLanes] = {};
+    const auto add_word = [&](int64_t word, int64_t j) {
+      const auto values = unpack_words<P>(in, word);
+      for (int k = 0; k < V; ++k) add(values, k, a[j], b[j]);
+    };
     for (; i + kLanes <= stop; i += kLanes)
-      for (int64_t j = 0; j < kLanes; ++j) terms(i + j, a[j], b[j]);
-    for (int64_t j = 0; i + j < stop; ++j) terms(i + j, a[j], b[j]);
+      for (int64_t j = 0; j < kLanes; ++j) add_word(i + j, j);
+    for (int64_t j = 0; i + j < stop; ++j) add_word(i + j, j);
     i = stop;
     for (int64_t w = kLanes / 2; w > 0; w /= 2)
       for (int64_t j = 0; j < w; ++j) {
@@ -43,6 +74,27 @@ inline void sum_pairs(int64_t n, Terms terms, double& total_a, double& total_b) 
     total_a += a[0];
     total_b += b[0];
   }
+  for (int64_t r = words * V; r < n; ++r) {
+    acc_t a = 0, b = 0;
+    add(unpack_words<ValueByValue<T>>(in, r), 0, a, b);
+    total_a += a;
+    total_b += b;
+  }
+}
+
+// out[r] = f(values, k) for the n values of a run, a word at a time.
+template <typename T, size_t N, typename F>
+inline void map_values(int64_t n, const Inputs<T, N>& in, T* out, F f) {
+  using P = Packing<T>;
+  constexpr int V = P::kValues;
+  const int64_t words = n / V;
+  for (int64_t i = 0; i < words; ++i) {
+    const auto values = unpack_words<P>(in, i);
+    std::array<acc_type<T>, V> result;
+    for (int k = 0; k < V; ++k) result[k] = f(values, k);
+    store_word<P>(out, i, P::pack(result));
+  }
+  for (int64_t r = words * V; r < n; ++r) store(out + r, f(unpack_words<ValueByValue<T>>(in, r), 0));
 }
 
 // Calls fn(offset, length) for each contiguous run of channel c's plane
@@ -67,11 +119,10 @@ Welford<acc_type<T>> plane_stats(const T* x, const Geometry& g, int64_t c, int64
   for_each_run(g, c, begin, begin + 1, [&](int64_t offset, int64_t) { shift = load(x[offset]); });
   ShiftedSums total;
   for_each_run(g, c, begin, end, [&](int64_t offset, int64_t len) {
-    const T* __restrict__ p = x + offset;
-    sum_pairs<acc_t>(len, [&](int64_t i, acc_t& s1, acc_t& s2) {
-      const acc_t v = load(p[i]) - shift;
-      s1 += v;
-      s2 += v * v;
+    sum_values(len, Inputs<T, 1>{x + offset}, [shift](const auto& v, int k, acc_t& s1, acc_t& s2) {
+      const acc_t d = v[0][k] - shift;
+      s1 += d;
+      s2 += d * d;
     }, total.sum, total.sum_sq);
     total.count += len;
   });
@@ -82,9 +133,8 @@ template <typename T>
 void plane_normalize(const T* x, T* y, const Geometry& g, int64_t c, int64_t begin, int64_t end,
                      acc_type<T> mean, acc_type<T> scale, acc_type<T> bias) {
   for_each_run(g, c, begin, end, [&](int64_t offset, int64_t len) {
-    const T* __restrict__ in = x + offset;
-    T* __restrict__ out = y + offset;
-    for (int64_t i = 0; i < len; ++i) store(out + i, normalize_value(load(in[i]), mean, scale, bias));
+    map_values(len, Inputs<T, 1>{x + offset}, y + offset,
+               [=](const auto& v, int k) { return normalize_value(v[0][k], mean, scale, bias); });
   });
 }
 
@@ -93,12 +143,9 @@ void plane_grad_sums(const T* dy, const T* x, const Geometry& g, int64_t c, int6
                      acc_type<T> mean, double* sum_dy, double* sum_dy_xmu) {
   using acc_t = acc_type<T>;
   for_each_run(g, c, begin, end, [&](int64_t offset, int64_t len) {
-    const T* __restrict__ gp = dy + offset;
-    const T* __restrict__ xp = x + offset;
-    sum_pairs<acc_t>(len, [&](int64_t i, acc_t& a, acc_t& b) {
-      const acc_t d = load(gp[i]);
-      a += d;
-      b += d * (load(xp[i]) - mean);
+    sum_values(len, Inputs<T, 2>{dy + offset, x + offset}, [mean](const auto& v, int k, acc_t& a, acc_t& b) {
+      a += v[0][k];
+      b += v[0][k] * (v[1][k] - mean);
     }, *sum_dy, *sum_dy_xmu);
   });
 }
@@ -107,40 +154,81 @@ template <typename T>
 void plane_grad_input(const T* dy, const T* x, T* dx, const Geometry& g, int64_t c, int64_t begin,
                       int64_t end, const GradInputCoefficients<acc_type<T>>& k) {
   for_each_run(g, c, begin, end, [&](int64_t offset, int64_t len) {
-    const T* __restrict__ gp = dy + offset;
-    const T* __restrict__ xp = x + offset;
-    T* __restrict__ out = dx + offset;
-    for (int64_t i = 0; i < len; ++i) store(out + i, grad_input_value(load(gp[i]), load(xp[i]), k));
+    map_values(len, Inputs<T, 2>{dy + offset, x + offset}, dx + offset,
+               [&k](const auto& v, int i) { return grad_input_value(v[0][i], v[1][i], k); });
   });
 }
 
 // ---------------------------------------------------------------------------
 // Everything else walks the tensor in memory order, as rows of `width` values
 // (Blocks): lane j of every row belongs to the same channel, and per-lane
-// constants (`lanes`, tiled by the caller) line up with the data.
+// constants (`lanes`, tiled by the caller in LaneOrder) line up with the data.
 
-// Adds the sums of rows [begin, end) into per-channel totals: terms(offset,
-// j, a, b) adds lane j's terms of the value at `offset`. Lanes are summed in
-// strips of kMaxStrip, kFlushEvery rows at a time, then flushed.
-template <typename acc_t, typename Terms>
-inline void sum_blocks(const Blocks& b, int64_t begin, int64_t end, Terms terms, double* total_a,
-                       double* total_b) {
-  acc_t a[kMaxStrip], s[kMaxStrip];
-  for (int64_t j0 = 0; j0 < b.width; j0 += kMaxStrip) {
-    const int64_t w = std::min(kMaxStrip, b.width - j0);
-    for (int64_t r0 = begin; r0 < end; r0 += kFlushEvery) {
-      for (int64_t j = 0; j < w; ++j) a[j] = s[j] = 0;
-      const int64_t r1 = std::min(end, r0 + kFlushEvery);
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t row = b.offset + r * b.stride + j0;
-        for (int64_t j = 0; j < w; ++j) terms(row + j, j0 + j, a[j], s[j]);
-      }
-      for (int64_t j = 0; j < w; ++j) {
-        total_a[b.channel_of(j0 + j)] += a[j];
-        total_b[b.channel_of(j0 + j)] += s[j];
+// Calls fn.template operator()<P>() with the packing policy P that reads
+// rows of `b` in lane_order<T>(b).
+template <typename T, typename Fn>
+inline void with_lane_packing(const Blocks& b, Fn fn) {
+  if (lane_order<T>(b).values == Packing<T>::kValues) fn.template operator()<Packing<T>>();
+  else fn.template operator()<ValueByValue<T>>();
+}
+
+// Adds the sums of rows [begin, end) into per-channel totals: add(values, k,
+// lane, a, b) adds the terms of value k of a word, whose per-lane constants
+// are at `lane`. Lanes are summed in strips of up to kMaxStrip, kFlushEvery
+// rows at a time, then flushed.
+template <typename T, size_t N, typename Add>
+inline void sum_blocks(const Blocks& b, int64_t begin, int64_t end, const Inputs<T, N>& in, Add add,
+                       double* total_a, double* total_b) {
+  with_lane_packing<T>(b, [&]<typename P>() {
+    constexpr int V = P::kValues;
+    const LaneOrder order = lane_order<T>(b);
+    acc_type<T> a[kMaxStrip], s[kMaxStrip];  // strip lane (word i, value k) at k * words + i
+    for (int64_t i0 = 0; i0 < order.words; i0 += kMaxStrip / V) {
+      const int64_t words = std::min(kMaxStrip / V, order.words - i0);
+      for (int64_t r0 = begin; r0 < end; r0 += kFlushEvery) {
+        std::fill_n(a, words * V, 0);
+        std::fill_n(s, words * V, 0);
+        for (int64_t r = r0; r < std::min(end, r0 + kFlushEvery); ++r) {
+          const Inputs<T, N> row = advanced(in, b.offset + r * b.stride + i0 * V);
+          // A pass over the row per value of a word: one contiguous stream
+          // of sums each, which the compiler vectorizes once k is a constant.
+#pragma GCC unroll 2
+          for (int k = 0; k < V; ++k) {
+            acc_type<T>* __restrict__ a_k = a + k * words;
+            acc_type<T>* __restrict__ s_k = s + k * words;
+            const int64_t lane = k * order.words + i0;
+            for (int64_t i = 0; i < words; ++i) add(unpack_words<P>(row, i), k, lane + i, a_k[i], s_k[i]);
+          }
+        }
+        b.for_each_lane(i0 * V, (i0 + words) * V, [&](int64_t j, int64_t c) {
+          const int64_t strip_lane = (j % V) * words + j / V - i0;
+          total_a[c] += a[strip_lane];
+          total_b[c] += s[strip_lane];
+        });
       }
     }
-  }
+  });
+}
+
+// out = f(values, k, lane) over rows [begin, end), a word at a time.
+template <typename T, size_t N, typename F>
+inline void map_blocks(const Blocks& b, int64_t begin, int64_t end, const Inputs<T, N>& in, T* out, F f) {
+  using acc_t = acc_type<T>;
+  with_lane_packing<T>(b, [&]<typename P>() {
+    constexpr int V = P::kValues;
+    const LaneOrder order = lane_order<T>(b);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t offset = b.offset + r * b.stride;
+      const Inputs<T, N> row = advanced(in, offset);
+      T* __restrict__ row_out = out + offset;
+      for (int64_t i = 0; i < order.words; ++i) {
+        const auto values = unpack_words<P>(row, i);
+        std::array<acc_t, V> result;
+        for (int k = 0; k < V; ++k) result[k] = f(values, k, k * order.words + i);
+        store_word<P>(row_out, i, P::pack(result));
+      }
+    }
+  });
 }
 
 template <typename T>
@@ -148,10 +236,10 @@ void blocks_stats(const T* x, const Blocks& b, int64_t begin, int64_t end, const
                   ShiftedSums* totals) {
   using acc_t = acc_type<T>;
   std::vector<double> sum(b.channels, 0.0), sum_sq(b.channels, 0.0);
-  sum_blocks<acc_t>(b, begin, end, [&](int64_t i, int64_t j, acc_t& s1, acc_t& s2) {
-    const acc_t v = load(x[i]) - shift[j];
-    s1 += v;
-    s2 += v * v;
+  sum_blocks(b, begin, end, Inputs<T, 1>{x}, [shift](const auto& v, int k, int64_t lane, acc_t& s1, acc_t& s2) {
+    const acc_t d = v[0][k] - shift[lane];
+    s1 += d;
+    s2 += d * d;
   }, sum.data(), sum_sq.data());
   const int64_t count = (end - begin) * (b.width / b.channels);
   for (int64_t c = 0; c < b.channels; ++c) {
@@ -165,41 +253,30 @@ template <typename T>
 void blocks_grad_sums(const T* dy, const T* x, const Blocks& b, int64_t begin, int64_t end,
                       const acc_type<T>* mean, double* sum_dy, double* sum_dy_xmu) {
   using acc_t = acc_type<T>;
-  sum_blocks<acc_t>(b, begin, end, [&](int64_t i, int64_t j, acc_t& a, acc_t& s) {
-    const acc_t d = load(dy[i]);
-    a += d;
-    s += d * (load(x[i]) - mean[j]);
+  sum_blocks(b, begin, end, Inputs<T, 2>{dy, x}, [mean](const auto& v, int k, int64_t lane, acc_t& a, acc_t& s) {
+    a += v[0][k];
+    s += v[0][k] * (v[1][k] - mean[lane]);
   }, sum_dy, sum_dy_xmu);
 }
 
 template <typename T>
 void blocks_normalize(const T* x, T* y, const Blocks& b, int64_t begin, int64_t end,
                       const acc_type<T>* mean, const acc_type<T>* scale, const acc_type<T>* bias) {
-  for (int64_t r = begin; r < end; ++r) {
-    const T* __restrict__ in = x + b.offset + r * b.stride;
-    T* __restrict__ out = y + b.offset + r * b.stride;
-    for (int64_t j = 0; j < b.width; ++j) store(out + j, normalize_value(load(in[j]), mean[j], scale[j], bias[j]));
-  }
+  map_blocks(b, begin, end, Inputs<T, 1>{x}, y, [=](const auto& v, int k, int64_t lane) {
+    return normalize_value(v[0][k], mean[lane], scale[lane], bias[lane]);
+  });
 }
 
 template <typename T>
 void blocks_grad_input(const T* dy, const T* x, T* dx, const Blocks& b, int64_t begin, int64_t end,
                        const GradInputLanes<acc_type<T>>& k) {
   using acc_t = acc_type<T>;
-  const acc_t* __restrict__ mean = k.mean;
-  const acc_t* __restrict__ scale = k.scale;
-  const acc_t* __restrict__ mean_dy = k.mean_dy;
-  const acc_t* __restrict__ proj = k.proj;
-  for (int64_t r = begin; r < end; ++r) {
-    const int64_t row = b.offset + r * b.stride;
-    const T* __restrict__ gp = dy + row;
-    const T* __restrict__ xp = x + row;
-    T* __restrict__ out = dx + row;
-    for (int64_t j = 0; j < b.width; ++j) {
-      const GradInputCoefficients<acc_t> kj{mean[j], scale[j], mean_dy[j], proj[j]};
-      store(out + j, grad_input_value(load(gp[j]), load(xp[j]), kj));
-    }
-  }
+  // The arrays by value: through `k`, every store to dx could have moved them.
+  const acc_t *mean = k.mean, *scale = k.scale, *mean_dy = k.mean_dy, *proj = k.proj;
+  map_blocks(b, begin, end, Inputs<T, 2>{dy, x}, dx, [=](const auto& v, int i, int64_t lane) {
+    const GradInputCoefficients<acc_t> lane_k{mean[lane], scale[lane], mean_dy[lane], proj[lane]};
+    return grad_input_value(v[0][i], v[1][i], lane_k);
+  });
 }
 
 template <typename T>

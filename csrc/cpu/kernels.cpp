@@ -4,6 +4,8 @@
 #include "kernels.h"
 
 #include <algorithm>
+#include <array>
+#include <tuple>
 #include <vector>
 
 namespace safebn {

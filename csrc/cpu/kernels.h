@@ -22,8 +22,37 @@ struct Blocks {
   int64_t width = 0;
   int64_t per_channel = 1;
   int64_t channels = 1;
-  int64_t channel_of(int64_t j) const { return (j / per_channel) % channels; }
+
+  // fn(j, c) for lanes j in [begin, end) with c their channel, stepping the
+  // channel along rather than dividing for every lane.
+  template <typename Fn>
+  void for_each_lane(int64_t begin, int64_t end, Fn fn) const {
+    int64_t c = (begin / per_channel) % channels, left = per_channel - begin % per_channel;
+    for (int64_t j = begin; j < end; ++j) {
+      fn(j, c);
+      if (--left == 0) {
+        left = per_channel;
+        if (++c == channels) c = 0;
+      }
+    }
+  }
 };
+
+// The order in which the blocks kernels read the per-lane arrays of a row of
+// `b`: a word of Packing<T> at a time when the width allows, each of its
+// `values` from its own part of the array (lane j = i * values + k at
+// k * words + i), so that every load of constants is contiguous.
+struct LaneOrder {
+  int64_t values = 1;
+  int64_t words = 0;
+  int64_t index(int64_t j) const { return (j % values) * words + j / values; }
+};
+
+template <typename T>
+LaneOrder lane_order(const Blocks& b) {
+  const int64_t values = b.width % Packing<T>::kValues == 0 ? Packing<T>::kValues : 1;
+  return {values, b.width / values};
+}
 
 // A channel's values as sums of x - shift and (x - shift)^2 in double, the
 // shift being one of its values (see kernel_impl.h).
@@ -68,8 +97,8 @@ struct KernelTable {
   void (*plane_grad_input)(const T* dy, const T* x, T* dx, const Geometry& g, int64_t c, int64_t begin,
                            int64_t end, const GradInputCoefficients<acc_t>& k);
 
-  // Rows [begin, end) of `b`. Per-lane arrays have b.width entries; per-channel
-  // outputs b.channels entries, added to.
+  // Rows [begin, end) of `b`. Per-lane arrays have b.width entries, in
+  // lane_order<T>(b); per-channel outputs b.channels entries, added to.
   void (*blocks_stats)(const T* x, const Blocks& b, int64_t begin, int64_t end, const acc_t* shift,
                        ShiftedSums* totals);
   void (*blocks_normalize)(const T* x, T* y, const Blocks& b, int64_t begin, int64_t end,
