@@ -39,16 +39,35 @@ T* mutable_data_of(at::Tensor& t) {
 
 // A per-channel tensor as a vector of acc_t; `fill` stands in for a missing one.
 template <typename acc_t>
+at::Tensor channel_tensor(const std::vector<acc_t>& values, const at::Tensor& like) {
+  return at::tensor(values, like.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+}
+
+// A contiguous tensor of value_t, whose memory the kernels' vectors can use as is.
+template <typename value_t>
+bool is_plain(const at::Tensor& t) {
+  return t.scalar_type() == c10::CppTypeToScalarType<value_t>::value && t.is_contiguous();
+}
+
+// Read straight from memory in the usual case (acc_t, contiguous), where
+// the operator calls of a conversion would cost more than a small batch's
+// kernels.
+template <typename acc_t>
 std::vector<acc_t> channel_values(const std::optional<at::Tensor>& t, int64_t channels, acc_t fill) {
   if (!t.has_value() || !t->defined()) return std::vector<acc_t>(channels, fill);
-  const at::Tensor v = t->to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+  const at::Tensor v = is_plain<acc_t>(*t) ? *t : t->to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
   const acc_t* p = v.const_data_ptr<acc_t>();
   return std::vector<acc_t>(p, p + channels);
 }
 
-template <typename acc_t>
-at::Tensor channel_tensor(const std::vector<acc_t>& values, const at::Tensor& like) {
-  return at::tensor(values, like.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+// Writes values into a per-channel tensor of any floating dtype.
+template <typename value_t>
+void write_channel_values(const at::Tensor& t, const std::vector<value_t>& values) {
+  if (is_plain<value_t>(t)) {
+    std::copy(values.begin(), values.end(), t.mutable_data_ptr<value_t>());
+    return;
+  }
+  t.copy_(channel_tensor(values, t));
 }
 
 // How every pass walks the input. Contiguous inputs with long rows (S of a
@@ -430,12 +449,25 @@ std::tuple<at::Tensor, at::Tensor> parameter_grads(const GradSums& sums, const a
                                                    const std::optional<at::Tensor>& weight, bool empty,
                                                    bool want_weight, bool want_bias) {
   const at::ScalarType type = weight.has_value() && weight->defined() ? weight->scalar_type() : invstd.scalar_type();
+  const int64_t channels = invstd.numel();
+  const auto per_channel = [&](const std::vector<double>& values) {
+    at::Tensor t = at::empty({channels}, invstd.options().dtype(type));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, type, "safebn_parameter_grads", [&] {
+      scalar_t* out = t.mutable_data_ptr<scalar_t>();
+      for (int64_t c = 0; c < channels; ++c) out[c] = static_cast<scalar_t>(values[c]);
+    });
+    return t;
+  };
   at::Tensor grad_weight, grad_bias;
   if (want_weight) {
-    grad_weight = empty ? at::zeros(invstd.sizes(), invstd.options().dtype(type))
-                        : (channel_tensor(sums.dy_xmu, invstd) * invstd.to(at::kDouble)).to(type);
+    std::vector<double> values(channels, 0.0);
+    if (!empty) {
+      const std::vector<double> inv = channel_values<double>(invstd, channels, 0.0);
+      for (int64_t c = 0; c < channels; ++c) values[c] = sums.dy_xmu[c] * inv[c];
+    }
+    grad_weight = per_channel(values);
   }
-  if (want_bias) grad_bias = channel_tensor(sums.dy, invstd).to(type);
+  if (want_bias) grad_bias = per_channel(sums.dy);
   return {grad_weight, grad_bias};
 }
 
@@ -582,8 +614,8 @@ void update_running_stats(const std::optional<at::Tensor>& running_mean, const s
       counts[kSkippedUpdates] += 1;
       return;
     }
-    running_mean->copy_(channel_tensor(new_mean, mean_arg));
-    running_var->copy_(channel_tensor(new_var, mean_arg));
+    write_channel_values(*running_mean, new_mean);
+    write_channel_values(*running_var, new_var);
     if (tracked != nullptr) *tracked += 1;
   });
 }
