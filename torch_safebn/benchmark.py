@@ -231,7 +231,7 @@ class _Functional(nn.Module):
 
 def _safebn(checks: bool) -> Callable[[nn.Module], nn.Module]:
     # Timed as users run it: a module swapped in by convert_model.
-    return lambda template: convert_model(copy.deepcopy(template), checks=checks)
+    return lambda template: convert_model(template, checks=checks)
 
 
 def _native_without_cudnn(*args) -> torch.Tensor:
@@ -394,7 +394,10 @@ def measure(
 ) -> list[tuple[Implementation, Measurement]]:
     """Times each implementation on one workload, over the same input, in turns."""
     x, grad_output, template = _inputs(workload, device)
-    statements = [_statement(workload, impl.build(template), x, grad_output) for impl in implementations]
+    # Each implementation gets its own copy of the module's state: they run in
+    # turns, and one's running-statistics update would bump the version of
+    # buffers that another's retained graph (the bwd pass) saved.
+    statements = [_statement(workload, impl.build(copy.deepcopy(template)), x, grad_output) for impl in implementations]
     group = list(zip(implementations, _time_in_turns(statements, threads, min_run_time)))
     if on_measured:
         for impl in implementations:

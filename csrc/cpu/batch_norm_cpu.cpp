@@ -9,6 +9,10 @@
 #include <limits>
 #include <vector>
 
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
 #include "../checks.h"
 #include "../guard.h"
 #include "kernels.h"
@@ -324,6 +328,27 @@ GradSums reduce_grads(const T* dy, const T* x, T* dx, const Geometry& g, const s
   return sums;
 }
 
+// An output the size of the input. Past glibc's mmap threshold (32 MB at
+// most) every allocation is fresh memory, and faulting it in page by page
+// costs more than the kernels that write it (a third of the time of a
+// [64, 64, 112, 112] float32 forward); transparent huge pages, where the
+// system allows them on request, take 512 times fewer faults. torch does the
+// same for all its allocations under THP_MEM_ALLOC_ENABLE=1.
+at::Tensor empty_output_like(const at::Tensor& input) {
+  at::Tensor output = at::empty_like(input);
+#ifdef __linux__
+  constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
+  constexpr size_t kFreshMemory = size_t(32) << 20;
+  const size_t bytes = output.nbytes();
+  if (bytes >= kFreshMemory) {
+    const uintptr_t start = reinterpret_cast<uintptr_t>(output.data_ptr());
+    const uintptr_t begin = (start + kHugePage - 1) & ~(kHugePage - 1), end = (start + bytes) & ~(kHugePage - 1);
+    if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // advice: failure is harmless
+  }
+#endif
+  return output;
+}
+
 struct Prepared {
   at::Tensor input;
   Geometry geometry;
@@ -343,7 +368,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train(
     const std::optional<at::Tensor>& bias, double eps) {
   check_eps(eps);
   const auto [input, g] = prepare(input_arg, weight, bias);
-  at::Tensor output = at::empty_like(input);
+  at::Tensor output = empty_output_like(input);
   at::Tensor mean = channel_stat_tensor(input), invstd = channel_stat_tensor(input);
   if (g.per_channel() == 0) {  // nothing to normalize; the statistics are undefined
     mean.fill_(NAN);
@@ -404,7 +429,7 @@ at::Tensor normalize(const at::Tensor& input_arg, const std::optional<at::Tensor
   const auto [input, g] = prepare(input_arg, weight, bias);
   check_channel_tensor(mean, input, "mean");
   check_channel_tensor(invstd, input, "invstd");
-  at::Tensor output = at::empty_like(input);
+  at::Tensor output = empty_output_like(input);
   if (output.numel() == 0) return output;
   SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_normalize", [&] {
     normalize_all(data_of<T>(input), mutable_data_of<T>(output), g, plan_for(g),
@@ -420,7 +445,7 @@ at::Tensor forward_eval(const at::Tensor& input_arg, const std::optional<at::Ten
   const auto [input, g] = prepare(input_arg, weight, bias);
   check_channel_tensor(running_mean, input, "running_mean");
   check_channel_tensor(running_var, input, "running_var");
-  at::Tensor output = at::empty_like(input);
+  at::Tensor output = empty_output_like(input);
   if (output.numel() == 0) return output;
   SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_forward_eval", [&] {
     std::vector<acc_t> invstd = channel_values<acc_t>(running_var, g.channels, 0);
@@ -479,7 +504,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   check_channel_tensor(invstd_arg, input, "invstd");
   const bool has_weight = weight.has_value() && weight->defined();
   const bool want_input = output_mask[0], want_weight = output_mask[1] && has_weight, want_bias = output_mask[2];
-  at::Tensor grad_input = want_input ? at::empty_like(input) : at::Tensor();
+  at::Tensor grad_input = want_input ? empty_output_like(input) : at::Tensor();
   GradSums sums(g.channels);
   if (g.per_channel() > 0) {
     SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_backward", [&] {
@@ -532,7 +557,7 @@ at::Tensor backward_elemt(const at::Tensor& grad_output, const at::Tensor& input
   check_channel_tensor(sum_dy_arg, input, "sum_dy");
   check_channel_tensor(sum_dy_xmu_arg, input, "sum_dy_xmu");
   TORCH_CHECK(count > 0, "count (values per channel over every process) must be > 0, got ", count);
-  at::Tensor grad_input = at::empty_like(input);
+  at::Tensor grad_input = empty_output_like(input);
   if (grad_input.numel() == 0) return grad_input;
   SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_backward_elemt", [&] {
     const std::vector<acc_t> mean = channel_values<acc_t>(mean_arg, g.channels, 0);
