@@ -50,8 +50,9 @@ def assert_same_bits(actual, expected):
 
 
 @pytest.mark.parametrize("shape,layout", [
-    ((3, 5, 7), "contiguous"),      # runs of 7: three pairs and a last value
-    ((2, 5, 64), "contiguous"),     # rows long enough to go one by one
+    ((3, 5, 7), "contiguous"),      # rows of 35 values, an odd width: value by value
+    ((3, 5, 33), "contiguous"),     # rows of 33 gone one by one: 16 pairs and a last value
+    ((2, 5, 64), "contiguous"),
     ((4, 8), "contiguous"),         # rows of an even width: pairs across channels
     ((4, 7), "contiguous"),         # an odd width: value by value
     ((3, 5, 3, 3), "channels_last"),  # odd C: rows of two pixels
@@ -79,3 +80,15 @@ def test_bfloat16_rounds_like_torch_in_every_walk(shape, layout):
     dy = _with_special_values(shape, layout, seed=2)
     dx, _, _ = OPS.backward(dy, finite_x, weight, zeros, torch.ones(channels), False, [True, False, False])
     assert_same_bits(dx, (dy.float() * w).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 7), (3, 5, 33), (2, 3, 1025), (5, 2, 3001)])
+def test_bfloat16_statistics_count_every_value(shape):
+    """The sums take bfloat16 in pairs: a run of odd length (S = 7, 33, 1025) leaves a last value
+    outside them, and slices of a plane ((5, 2, 3001) is split across tasks) start mid-row at odd
+    positions. None may be dropped or counted twice: a value more or less moves the mean ~1e-3."""
+    x = make_input(shape, torch.bfloat16)
+    var64, mean64 = torch.var_mean(x.double(), dim=[0, 2], correction=0)
+    mean, var = OPS.batch_stats(x)
+    torch.testing.assert_close(mean.double(), mean64, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(var.double(), var64, rtol=1e-5, atol=0)

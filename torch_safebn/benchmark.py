@@ -269,20 +269,23 @@ def _time_in_turns(statements: Sequence[Callable[[], object]], threads: int, min
     them hold. A block lasts about min_run_time / BLOCKS_PER_RUN_TIME. The
     Timer's default clock synchronizes the accelerator when one is present, so
     GPU times are whole."""
-    timers, calls_per_block = [], []
+    def calls_per_block(seconds_per_call: float) -> int:
+        return max(1, round(min_run_time / BLOCKS_PER_RUN_TIME / max(seconds_per_call, 1e-9)))
+
+    timers, calls = [], []
     for statement in statements:
         statement()  # warm-up: compilation, allocator, first touch of fresh memory
         timer = Timer("statement()", globals={"statement": statement}, num_threads=threads)
-        one_call = timer.timeit(1).median
         timers.append(timer)
-        calls_per_block.append(max(1, round(min_run_time / BLOCKS_PER_RUN_TIME / one_call)))
+        calls.append(calls_per_block(timer.timeit(1).median))
     blocks: list[list[Measurement]] = [[] for _ in timers]
     spent = [0.0] * len(timers)
-    while min(spent) < min_run_time:
+    while timers and (not blocks[0] or min(spent) < min_run_time):
         for i, timer in enumerate(timers):
-            block = timer.timeit(calls_per_block[i])
+            block = timer.timeit(calls[i])
             blocks[i].append(block)
             spent[i] += block.raw_times[0]
+            calls[i] = calls_per_block(block.median)  # one call, just after the warm-up, may have been slow
     return [Measurement.merge(measurements)[0] for measurements in blocks]
 
 
@@ -426,7 +429,8 @@ def run(
 ) -> dict:
     """Times every implementation on every workload of the plan and returns
     {"format", "created", "machine": {..., "copy_gb_per_s"}, "settings", "rows"}.
-    threads defaults to torch's current count; on_measured is called after each row."""
+    threads defaults to torch's current count; on_measured(workload, impl) is called for
+    each row once its workload is measured (its implementations are timed in turns)."""
     device = torch.device(device)
     threads = threads or torch.get_num_threads()
     check_devices(implementations, device)

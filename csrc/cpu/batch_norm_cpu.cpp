@@ -41,7 +41,6 @@ T* mutable_data_of(at::Tensor& t) {
   return t.defined() ? reinterpret_cast<T*>(t.mutable_data_ptr()) : nullptr;
 }
 
-// A per-channel tensor as a vector of acc_t; `fill` stands in for a missing one.
 template <typename acc_t>
 at::Tensor channel_tensor(const std::vector<acc_t>& values, const at::Tensor& like) {
   return at::tensor(values, like.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
@@ -53,7 +52,8 @@ bool is_plain(const at::Tensor& t) {
   return t.scalar_type() == c10::CppTypeToScalarType<value_t>::value && t.is_contiguous();
 }
 
-// Read straight from memory in the usual case (acc_t, contiguous), where
+// A per-channel tensor as a vector of acc_t; `fill` stands in for a missing
+// one. Read straight from memory in the usual case (acc_t, contiguous), where
 // the operator calls of a conversion would cost more than a small batch's
 // kernels.
 template <typename acc_t>
@@ -370,7 +370,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train(
   const auto [input, g] = prepare(input_arg, weight, bias);
   at::Tensor output = empty_output_like(input);
   at::Tensor mean = channel_stat_tensor(input), invstd = channel_stat_tensor(input);
-  if (g.per_channel() == 0) {  // nothing to normalize; the statistics are undefined
+  if (input.numel() == 0) {  // nothing to normalize; the statistics are undefined
     mean.fill_(NAN);
     invstd.fill_(NAN);
     return {output, mean, invstd};
@@ -394,7 +394,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train(
 std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& input_arg) {
   const auto [input, g] = prepare(input_arg, std::nullopt, std::nullopt);
   at::Tensor mean = channel_stat_tensor(input), var = channel_stat_tensor(input);
-  if (g.per_channel() == 0) {
+  if (input.numel() == 0) {
     mean.fill_(NAN);
     var.fill_(NAN);
     return {mean, var};
@@ -506,7 +506,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   const bool want_input = output_mask[0], want_weight = output_mask[1] && has_weight, want_bias = output_mask[2];
   at::Tensor grad_input = want_input ? empty_output_like(input) : at::Tensor();
   GradSums sums(g.channels);
-  if (g.per_channel() > 0) {
+  if (input.numel() > 0) {
     SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_backward", [&] {
       const std::vector<acc_t> mean = channel_values<acc_t>(mean_arg, g.channels, 0);
       const std::vector<acc_t> invstd = channel_values<acc_t>(invstd_arg, g.channels, 0);
@@ -527,7 +527,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     });
   }
   auto [grad_weight, grad_bias] =
-      parameter_grads(sums, invstd_arg, weight, g.per_channel() == 0, want_weight, want_bias);
+      parameter_grads(sums, invstd_arg, weight, input.numel() == 0, want_weight, want_bias);
   return {grad_input, grad_weight, grad_bias};
 }
 
@@ -536,7 +536,7 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad_output
   at::Tensor dy;
   const auto [input, g] = prepare_backward(grad_output, input_arg, std::nullopt, mean_arg, &dy);
   GradSums sums(g.channels);
-  if (g.per_channel() > 0) {
+  if (input.numel() > 0) {
     SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_backward_reduce", [&] {
       const std::vector<acc_t> mean = channel_values<acc_t>(mean_arg, g.channels, 0);
       sums = reduce_grads<T, acc_t>(data_of<T>(dy), data_of<T>(input), nullptr, g, mean,

@@ -162,14 +162,18 @@ void plane_grad_input(const T* dy, const T* x, T* dx, const Geometry& g, int64_t
 // ---------------------------------------------------------------------------
 // Everything else walks the tensor in memory order, as rows of `width` values
 // (Blocks): lane j of every row belongs to the same channel, and per-lane
-// constants (`lanes`, tiled by the caller in LaneOrder) line up with the data.
+// constants, tiled by the caller in lane_order<T>(b), line up with the data.
 
 // Calls fn.template operator()<P>() with the packing policy P that reads
 // rows of `b` in lane_order<T>(b).
 template <typename T, typename Fn>
 inline void with_lane_packing(const Blocks& b, Fn fn) {
-  if (lane_order<T>(b).values == Packing<T>::kValues) fn.template operator()<Packing<T>>();
-  else fn.template operator()<ValueByValue<T>>();
+  if constexpr (Packing<T>::kValues == 1) {
+    fn.template operator()<ValueByValue<T>>();
+  } else {
+    if (lane_order<T>(b).values == Packing<T>::kValues) fn.template operator()<Packing<T>>();
+    else fn.template operator()<ValueByValue<T>>();
+  }
 }
 
 // Adds the sums of rows [begin, end) into per-channel totals: add(values, k,
@@ -182,26 +186,28 @@ inline void sum_blocks(const Blocks& b, int64_t begin, int64_t end, const Inputs
   with_lane_packing<T>(b, [&]<typename P>() {
     constexpr int V = P::kValues;
     const LaneOrder order = lane_order<T>(b);
-    acc_type<T> a[kMaxStrip], s[kMaxStrip];  // strip lane (word i, value k) at k * words + i
+    // The sums of a strip of words [i0, i0 + strip_words): value k of word
+    // i0 + i at k * strip_words + i.
+    acc_type<T> a[kMaxStrip], s[kMaxStrip];
     for (int64_t i0 = 0; i0 < order.words; i0 += kMaxStrip / V) {
-      const int64_t words = std::min(kMaxStrip / V, order.words - i0);
+      const int64_t strip_words = std::min(kMaxStrip / V, order.words - i0);
       for (int64_t r0 = begin; r0 < end; r0 += kFlushEvery) {
-        std::fill_n(a, words * V, 0);
-        std::fill_n(s, words * V, 0);
+        std::fill_n(a, strip_words * V, 0);
+        std::fill_n(s, strip_words * V, 0);
         for (int64_t r = r0; r < std::min(end, r0 + kFlushEvery); ++r) {
           const Inputs<T, N> row = advanced(in, b.offset + r * b.stride + i0 * V);
           // A pass over the row per value of a word: one contiguous stream
           // of sums each, which the compiler vectorizes once k is a constant.
 #pragma GCC unroll 2
           for (int k = 0; k < V; ++k) {
-            acc_type<T>* __restrict__ a_k = a + k * words;
-            acc_type<T>* __restrict__ s_k = s + k * words;
+            acc_type<T>* __restrict__ a_k = a + k * strip_words;
+            acc_type<T>* __restrict__ s_k = s + k * strip_words;
             const int64_t lane = k * order.words + i0;
-            for (int64_t i = 0; i < words; ++i) add(unpack_words<P>(row, i), k, lane + i, a_k[i], s_k[i]);
+            for (int64_t i = 0; i < strip_words; ++i) add(unpack_words<P>(row, i), k, lane + i, a_k[i], s_k[i]);
           }
         }
-        b.for_each_lane(i0 * V, (i0 + words) * V, [&](int64_t j, int64_t c) {
-          const int64_t strip_lane = (j % V) * words + j / V - i0;
+        b.for_each_lane(i0 * V, (i0 + strip_words) * V, [&](int64_t j, int64_t c) {
+          const int64_t strip_lane = (j % V) * strip_words + j / V - i0;
           total_a[c] += a[strip_lane];
           total_b[c] += s[strip_lane];
         });

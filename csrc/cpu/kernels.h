@@ -27,6 +27,7 @@ struct Blocks {
   // channel along rather than dividing for every lane.
   template <typename Fn>
   void for_each_lane(int64_t begin, int64_t end, Fn fn) const {
+    if (begin >= end) return;
     int64_t c = (begin / per_channel) % channels, left = per_channel - begin % per_channel;
     for (int64_t j = begin; j < end; ++j) {
       fn(j, c);
