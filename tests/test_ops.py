@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_input
+from conftest import LAYOUTS, make_input
 from torch_safebn import _ops, reference
 from torch_safebn.safety import NUM_COUNTERS, Counter
 
@@ -105,3 +105,18 @@ def test_update_rules_of_compiled_and_reference_agree(impl):
     update(half_rm, half_rv, None, counters, mean, torch.full((3,), 1e-4), None, None, 5, 1e-5, 0.5)
     assert torch.equal(half_rv, torch.ones(3, dtype=torch.float16)), "an update overflowing float16 is skipped"
     assert counters[Counter.NONFINITE_EVENTS] == 2
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_an_input_without_channels_gives_empty_results(layout):
+    """C = 0: nothing to compute (native raises an IndexError); planning the walk must not
+    divide by the channel count, which would end the process."""
+    x = torch.randn(4, 0, 5, 5).contiguous(memory_format=LAYOUTS[layout])
+    empty = torch.zeros(0)
+    y, mean, invstd = torch.ops.safebn.forward_train(x, None, None, 1e-5)
+    assert y.shape == x.shape and mean.numel() == invstd.numel() == 0
+    assert torch.ops.safebn.forward_eval(x, None, None, empty, empty, 1e-5).shape == x.shape
+    for train in (True, False):
+        dx, dw, db = torch.ops.safebn.backward(x, x, empty, empty, empty, train, [True, True, True])
+        assert dx.shape == x.shape and dw.numel() == db.numel() == 0
+    assert [t.numel() for t in torch.ops.safebn.batch_stats(x)] == [0, 0]
