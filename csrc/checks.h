@@ -41,4 +41,8 @@ at::ScalarType accumulate_type(at::ScalarType input_type);
 // the accumulation dtype on its device.
 at::Tensor channel_stat_tensor(const at::Tensor& input);
 
+// The statistics of an input with no values, on every device: undefined, NaN
+// in every channel.
+at::Tensor undefined_channel_stats(const at::Tensor& input);
+
 }  // namespace safebn

@@ -85,6 +85,8 @@ at::Tensor channel_stat_tensor(const at::Tensor& input) {
   return at::empty({input.size(1)}, input.options().dtype(accumulate_type(input.scalar_type())));
 }
 
+at::Tensor undefined_channel_stats(const at::Tensor& input) { return channel_stat_tensor(input).fill_(NAN); }
+
 TORCH_LIBRARY(safebn, m) {
   // Differentiable (functional) ops; autograd is registered in _ops.py.
   m.def("forward_train(Tensor input, Tensor? weight, Tensor? bias, float eps) "

@@ -120,3 +120,12 @@ def test_an_input_without_channels_gives_empty_results(layout):
         dx, dw, db = torch.ops.safebn.backward(x, x, empty, empty, empty, train, [True, True, True])
         assert dx.shape == x.shape and dw.numel() == db.numel() == 0
     assert [t.numel() for t in torch.ops.safebn.batch_stats(x)] == [0, 0]
+
+
+def test_an_empty_batch_has_undefined_statistics():
+    """N = 0: no values, so every channel's mean and variance are NaN (the CUDA ops alike)."""
+    x = torch.randn(0, 3, 4, 4)
+    y, mean, invstd = OPS.forward_train(x, None, None, 1e-5)
+    assert y.shape == x.shape and mean.shape == invstd.shape == (3,)
+    assert mean.isnan().all() and invstd.isnan().all()
+    assert all(t.shape == (3,) and t.isnan().all() for t in OPS.batch_stats(x))

@@ -369,12 +369,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train(
   check_eps(eps);
   const auto [input, g] = prepare(input_arg, weight, bias);
   at::Tensor output = empty_output_like(input);
+  if (input.numel() == 0) return {output, undefined_channel_stats(input), undefined_channel_stats(input)};
   at::Tensor mean = channel_stat_tensor(input), invstd = channel_stat_tensor(input);
-  if (input.numel() == 0) {  // nothing to normalize; the statistics are undefined
-    mean.fill_(NAN);
-    invstd.fill_(NAN);
-    return {output, mean, invstd};
-  }
   SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_forward_train", [&] {
     const std::vector<acc_t> w = channel_values<acc_t>(weight, g.channels, 1);
     const std::vector<acc_t> b = channel_values<acc_t>(bias, g.channels, 0);
@@ -393,12 +389,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train(
 
 std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& input_arg) {
   const auto [input, g] = prepare(input_arg, std::nullopt, std::nullopt);
+  if (input.numel() == 0) return {undefined_channel_stats(input), undefined_channel_stats(input)};
   at::Tensor mean = channel_stat_tensor(input), var = channel_stat_tensor(input);
-  if (input.numel() == 0) {
-    mean.fill_(NAN);
-    var.fill_(NAN);
-    return {mean, var};
-  }
   SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_batch_stats", [&] {
     acc_t* mean_out = mean.mutable_data_ptr<acc_t>();
     acc_t* var_out = var.mutable_data_ptr<acc_t>();

@@ -178,12 +178,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train(
   const at::Tensor input = with_kernel_layout(input_arg);
   const Geometry g = geometry_of(input);
   at::Tensor output = at::empty_like(input);
+  if (input.numel() == 0) return {output, undefined_channel_stats(input), undefined_channel_stats(input)};
   at::Tensor mean = channel_stat_tensor(input), invstd = channel_stat_tensor(input);
-  if (input.numel() == 0) {  // nothing to normalize; the statistics are undefined
-    mean.fill_(NAN);
-    invstd.fill_(NAN);
-    return {output, mean, invstd};
-  }
   SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_forward_train", [&] {
     const at::Tensor w = channel_values(weight, mean.scalar_type()), b = channel_values(bias, mean.scalar_type());
     const scalar_t* x = input.const_data_ptr<scalar_t>();
@@ -203,12 +199,8 @@ std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& input_arg) {
   const c10::cuda::CUDAGuard device_guard(input_arg.device());
   const at::Tensor input = with_kernel_layout(input_arg);
   const Geometry g = geometry_of(input);
+  if (input.numel() == 0) return {undefined_channel_stats(input), undefined_channel_stats(input)};
   at::Tensor mean = channel_stat_tensor(input), var = channel_stat_tensor(input);
-  if (input.numel() == 0) {
-    mean.fill_(NAN);
-    var.fill_(NAN);
-    return {mean, var};
-  }
   SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_batch_stats", [&] {
     reduce_channels(MomentsOp<acc_t>{mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>(),
                                      /*spread_is_invstd=*/false, acc_t(0)},
