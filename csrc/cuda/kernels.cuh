@@ -382,6 +382,23 @@ plane_map_kernel(Op op, const scalar_t* __restrict__ in0, const scalar_t* __rest
 
 // ---- channels-last layouts: threads over channels, blocks over rows -------
 
+// The packs at `column` of rows row, row + step, ... (kUnroll of them, those
+// below shape.rows) of one or two inputs, every load issued before the first
+// use; rows_reduce_kernel and rows_map_kernel walk rows alike.
+template <int kInputs, int V, typename scalar_t>
+__device__ __forceinline__ void load_row_packs(const scalar_t* __restrict__ in0, const scalar_t* __restrict__ in1,
+                                               RowsShape shape, int64_t row, int64_t step, int64_t column,
+                                               Pack<scalar_t, V> (&a)[kUnroll], Pack<scalar_t, V> (&b)[kUnroll]) {
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    const int64_t r = row + u * step;
+    if (r < shape.rows) {
+      a[u] = load_pack<V>(in0, r * shape.columns + column);
+      if constexpr (kInputs == 2) b[u] = load_pack<V>(in1, r * shape.columns + column);
+    }
+  }
+}
+
 // Grid (column tiles, row splits), blocks (x: packs of a row, y: rows). Each
 // thread keeps one State per channel of its pack while it walks rows, the
 // block's rows merge in shared memory, and deliver() hands the totals on.
@@ -406,14 +423,7 @@ rows_reduce_kernel(Op op, const scalar_t* __restrict__ in0, const scalar_t* __re
     const int64_t step = int64_t(gridDim.y) * blockDim.y;
     for (int64_t row = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; row < shape.rows; row += kUnroll * step) {
       Pack<scalar_t, V> a[kUnroll], b[kUnroll] = {};
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {  // every load issued before the first use
-        const int64_t r = row + u * step;
-        if (r < shape.rows) {
-          a[u] = load_pack<V>(in0, r * shape.columns + column);
-          if constexpr (Op::kInputs == 2) b[u] = load_pack<V>(in1, r * shape.columns + column);
-        }
-      }
+      load_row_packs<Op::kInputs>(in0, in1, shape, row, step, column, a, b);
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         if (row + u * step >= shape.rows) continue;
@@ -444,14 +454,7 @@ rows_map_kernel(Op op, const scalar_t* __restrict__ in0, const scalar_t* __restr
   const int64_t step = int64_t(gridDim.y) * blockDim.y;
   for (int64_t row = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; row < shape.rows; row += kUnroll * step) {
     Pack<scalar_t, V> a[kUnroll], b[kUnroll] = {};
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t r = row + u * step;
-      if (r < shape.rows) {
-        a[u] = load_pack<V>(in0, r * shape.columns + column);
-        if constexpr (Op::kInputs == 2) b[u] = load_pack<V>(in1, r * shape.columns + column);
-      }
-    }
+    load_row_packs<Op::kInputs>(in0, in1, shape, row, step, column, a, b);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t r = row + u * step;
