@@ -164,15 +164,22 @@ void plane_grad_input(const T* dy, const T* x, T* dx, const Geometry& g, int64_t
 // (Blocks): lane j of every row belongs to the same channel, and per-lane
 // constants, tiled by the caller in lane_order<T>(b), line up with the data.
 
-// Calls fn.template operator()<P>() with the packing policy P that reads
-// rows of `b` in lane_order<T>(b).
+// A packing policy passed as a value, so that a generic lambda can take it
+// (lambdas with template parameters are C++20; torch < 2.12 builds as C++17).
+template <typename P>
+struct PackingTag {
+  using type = P;
+};
+
+// Calls fn(PackingTag<P>{}) with the packing policy P that reads rows of `b`
+// in lane_order<T>(b).
 template <typename T, typename Fn>
 inline void with_lane_packing(const Blocks& b, Fn fn) {
   if constexpr (Packing<T>::kValues == 1) {
-    fn.template operator()<ValueByValue<T>>();
+    fn(PackingTag<ValueByValue<T>>{});
   } else {
-    if (lane_order<T>(b).values == Packing<T>::kValues) fn.template operator()<Packing<T>>();
-    else fn.template operator()<ValueByValue<T>>();
+    if (lane_order<T>(b).values == Packing<T>::kValues) fn(PackingTag<Packing<T>>{});
+    else fn(PackingTag<ValueByValue<T>>{});
   }
 }
 
@@ -183,7 +190,8 @@ inline void with_lane_packing(const Blocks& b, Fn fn) {
 template <typename T, size_t N, typename Add>
 inline void sum_blocks(const Blocks& b, int64_t begin, int64_t end, const Inputs<T, N>& in, Add add,
                        double* total_a, double* total_b) {
-  with_lane_packing<T>(b, [&]<typename P>() {
+  with_lane_packing<T>(b, [&](auto tag) {
+    using P = typename decltype(tag)::type;
     constexpr int V = P::kValues;
     const LaneOrder order = lane_order<T>(b);
     // The sums of a strip of words [i0, i0 + strip_words): value k of word
@@ -220,7 +228,8 @@ inline void sum_blocks(const Blocks& b, int64_t begin, int64_t end, const Inputs
 template <typename T, size_t N, typename F>
 inline void map_blocks(const Blocks& b, int64_t begin, int64_t end, const Inputs<T, N>& in, T* out, F f) {
   using acc_t = acc_type<T>;
-  with_lane_packing<T>(b, [&]<typename P>() {
+  with_lane_packing<T>(b, [&](auto tag) {
+    using P = typename decltype(tag)::type;
     constexpr int V = P::kValues;
     const LaneOrder order = lane_order<T>(b);
     for (int64_t r = begin; r < end; ++r) {

@@ -4,7 +4,6 @@
 #pragma once
 
 #include <array>
-#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -21,12 +20,21 @@ template <typename T> struct AccumulateType { using type = float; };
 template <> struct AccumulateType<double> { using type = double; };
 template <typename T> using acc_type = typename AccumulateType<T>::type;
 
-inline float float_from_bits(uint32_t u) { return std::bit_cast<float>(u); }
+// memcpy rather than std::bit_cast: torch before 2.12 builds extensions as C++17.
+template <typename To, typename From>
+inline To bits_as(From from) {
+  static_assert(sizeof(To) == sizeof(From), "bits_as reinterprets values of one size");
+  To to;
+  std::memcpy(&to, &from, sizeof to);
+  return to;
+}
+
+inline float float_from_bits(uint32_t u) { return bits_as<float>(u); }
 
 // The float's bits rounded to nearest even in the upper 16 bits, as
 // c10::BFloat16 rounds; NaN becomes the quiet NaN 0x7fc0.
 inline uint32_t bf16_rounded_bits(float f) {
-  const uint32_t u = std::bit_cast<uint32_t>(f);
+  const uint32_t u = bits_as<uint32_t>(f);
   return f != f ? 0x7fc00000u : u + 0x7fffu + ((u >> 16) & 1u);
 }
 
@@ -65,7 +73,7 @@ struct Packing : ValueByValue<T> {};
 
 template <>
 struct Packing<bf16> {
-  static_assert(std::endian::native == std::endian::little, "bf16 pairs assume little-endian words");
+  static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "bf16 pairs assume little-endian words");
   using acc_t = float;
   using Word = uint32_t;
   static constexpr int kValues = 2;
