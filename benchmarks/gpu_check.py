@@ -198,11 +198,13 @@ def tolerance(t: torch.Tensor, gradient: bool) -> float:
     return TOLERANCE[t.dtype][1 if gradient else 0]
 
 
-def check_close(what: str, got: torch.Tensor, want: torch.Tensor, gradient: bool, slack: float = 1.0) -> float:
-    """The relative error; raises AssertionError past the tolerance (NaN included)."""
+def check_close(what: str, got: torch.Tensor, want: torch.Tensor, gradient: bool, slack: float = 1.0,
+                allowance: float = 0.0) -> float:
+    """The relative error; raises AssertionError past slack x the tolerance plus
+    `allowance` (NaN included)."""
     if got.shape != want.shape:
         raise AssertionError(f"{what}: shape {list(got.shape)}, expected {list(want.shape)}")
-    error, limit = relative_error(got, want), slack * tolerance(got, gradient)
+    error, limit = relative_error(got, want), slack * tolerance(got, gradient) + allowance
     if not error <= limit:
         raise AssertionError(f"{what}: relative error {error:.3g} > {limit:.3g} ({got.dtype})")
     return error
@@ -234,7 +236,7 @@ def _training_step(module: nn.Module, x: torch.Tensor, grad_output: torch.Tensor
 def module_check(device, shape, layout, dtype, param_dtype, training: bool, affine: bool, seed: int) -> dict:
     """SafeBatchNorm against nn.BatchNorm (float32 parameters where they are
     bfloat16) and against nn.BatchNorm in float64; returns the relative errors."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device).manual_seed(seed)
     x, weight, bias, grad_output = selfcheck.sample(shape, layout, dtype, device, generator, param_dtype)
     channels = shape[1]
     native = NATIVE_CLASS[len(shape)](channels, affine=affine, device=device, dtype=param_dtype)
@@ -242,8 +244,8 @@ def module_check(device, shape, layout, dtype, param_dtype, training: bool, affi
         if affine:
             native.weight.copy_(weight)
             native.bias.copy_(bias)
-        native.running_mean.copy_(torch.randn(channels, generator=generator) * 0.5)
-        native.running_var.copy_(torch.rand(channels, generator=generator) + 0.5)
+        native.running_mean.copy_(torch.randn(channels, generator=generator, device=device) * 0.5)
+        native.running_var.copy_(torch.rand(channels, generator=generator, device=device) + 0.5)
         native.num_batches_tracked.fill_(3)
     safe = torch_safebn.convert_model(copy.deepcopy(native))
     peer = copy.deepcopy(native).float() if param_dtype in (F16, BF16) else native
@@ -267,11 +269,14 @@ def module_check(device, shape, layout, dtype, param_dtype, training: bool, affi
         if got[name].dtype != expected_dtype:
             raise AssertionError(f"{name} is {got[name].dtype}, expected {expected_dtype}")
         gradient = name.startswith("grad")
+        # nn.BatchNorm is off the float64 result by its own error too (cuDNN sums
+        # half-precision gradients in half precision): against it, that error is allowed on top.
+        native_error = relative_error(native_result[name], want[name])
         errors[name] = {
             "vs_float64": check_close(f"{name} against float64", got[name], want[name], gradient),
             "vs_native": check_close(f"{name} against nn.BatchNorm", got[name], native_result[name], gradient,
-                                     slack=NATIVE_SLACK),
-            "native_vs_float64": relative_error(native_result[name], want[name]),
+                                     slack=NATIVE_SLACK, allowance=native_error),
+            "native_vs_float64": native_error,
         }
     return {"dtypes": dtype_label(dtype, param_dtype), "errors": errors}
 
@@ -346,6 +351,8 @@ def _op_calls(x, weight, bias, grad_output, mean, invstd, running_mean, running_
          lambda: reference.forward_train(*f64(x), None, None, EPS), (False, False, False)),
         ("forward_eval", lambda: OPS.forward_eval(x, weight, bias, running_mean, running_var, EPS),
          lambda: reference.forward_eval(*f64(x, weight, bias, running_mean, running_var), EPS), (False,)),
+        ("forward_inference", lambda: OPS.forward_inference(x, weight, bias, running_mean, running_var, EPS, None),
+         lambda: reference.forward_eval(*f64(x, weight, bias, running_mean, running_var), EPS), (False,)),
         ("batch_stats", lambda: OPS.batch_stats(x), lambda: reference.batch_stats(*f64(x)), (False, False)),
         ("normalize", lambda: OPS.normalize(x, weight, bias, mean, invstd),
          lambda: reference.normalize(*f64(x, weight, bias, mean, invstd)), (False,)),
@@ -364,7 +371,7 @@ def op_check(device, shape, layout, dtype, param_dtype, seed: int) -> dict:
     """Every op on NaN-filled memory: no NaN in its outputs, each within
     tolerance of reference.py in float64, activations in the input's layout."""
     x, weight, bias, grad_output = selfcheck.sample(shape, layout, dtype, device,
-                                                    torch.Generator().manual_seed(seed), param_dtype)
+                                                    torch.Generator(device).manual_seed(seed), param_dtype)
     _, mean, invstd = OPS.forward_train(x, weight, bias, EPS)
     running_mean, running_var = (t.to(param_dtype) for t in OPS.batch_stats(x))
     activation_bytes = x.numel() * x.element_size()
@@ -551,7 +558,9 @@ def sync_check(device: torch.device) -> dict:
         finally:
             torch.cuda.set_sync_debug_mode("default")
             model.train()
-    syncs = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught if "synchroniz" in str(w.message)]
+    # The mode's own notice ("... a prototype feature ...") is not a synchronizing call.
+    syncs = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught
+             if "called a synchronizing CUDA operation" in str(w.message)]
     if syncs:
         raise AssertionError(f"{len(syncs)} synchronizing call(s):\n" + "\n".join(syncs))
     return {"training_steps": 2, "eval_forwards": 1, "synchronizing_calls": 0}

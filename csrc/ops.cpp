@@ -110,6 +110,11 @@ TORCH_LIBRARY(safebn, m) {
         "Tensor? weight, Tensor? bias, int count, float eps, float? momentum) -> ()");
   m.def("check_eval_stats(Tensor(a!) counters, Tensor running_mean, Tensor running_var, "
         "Tensor? weight, Tensor? bias, float eps) -> ()");
+  // forward_eval where no gradient is wanted, with check_eval_stats when
+  // counters are given: one dispatch and no autograd wrapper, which on a small
+  // input cost more than the kernels.
+  m.def("forward_inference(Tensor input, Tensor? weight, Tensor? bias, Tensor running_mean, "
+        "Tensor running_var, float eps, Tensor(a!)? counters) -> Tensor");
 }
 
 }  // namespace safebn

@@ -65,7 +65,7 @@ def test_check_exits_non_zero_for_a_broken_batch_norm(capsys):
     assert selfcheck.main(batch_norm=_scaled_output, devices=[torch.device("cpu")]) != 0
     out = capsys.readouterr().out
     assert "FAIL  parity" in out
-    assert "output: Tensor-likes are not close" in out
+    assert "output against float64: Tensor-likes are not close" in out
 
 
 @pytest.mark.parametrize("broken, complaint", [(_contiguous_output, "is not channels_last"), (_running_var_off, "running_var")])

@@ -203,12 +203,14 @@ def test_check_eval_stats_matches_cpu():
         one = torch.ones(4, device=device)
         OPS.check_eval_stats(counters, one, one, one, one, 1e-5)
         bad_var = torch.tensor([1.0, -1.0, float("nan"), 1.0], device=device)
-        OPS.check_eval_stats(counters, one, bad_var, None, torch.tensor([0, float("inf"), 0, 0], device=device), 1e-5)
+        bad_bias = torch.tensor([0, float("inf"), 0, 0], device=device)
+        OPS.check_eval_stats(counters, one, bad_var, None, bad_bias, 1e-5)
+        OPS.forward_inference(torch.ones(3, 4, device=device), None, bad_bias, one, bad_var, 1e-5, counters)
         return counters.cpu()
 
     actual, expected = run(DEVICE), run("cpu")
     assert torch.equal(actual, expected), (actual, expected)
-    assert actual[Counter.NONFINITE_EVENTS] == 1 and actual[Counter.BAD_VAR_CHANNELS] == 2
+    assert actual[Counter.NONFINITE_EVENTS] == 2 and actual[Counter.BAD_VAR_CHANNELS] == 4
 
 
 @pytest.mark.parametrize("shape,layout", [((20, 6, 64, 64), "contiguous"), ((16, 64, 16, 16), "channels_last")])
@@ -236,6 +238,7 @@ def test_no_op_synchronizes_with_the_host():
         OPS.backward(y, x, w, mean, invstd, True, [True, True, True])
         OPS.check_eval_stats(counters, rm, rv, w, b, 1e-5)
         OPS.forward_eval(x, w, b, rm, rv, 1e-5)
+        OPS.forward_inference(x, w, b, rm, rv, 1e-5, counters)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert nbt.item() == 1 and counters[Counter.BATCHES].item() == 1
@@ -266,6 +269,7 @@ def test_opcheck_every_op(shape, dtype, layout):
                                             torch.tensor(0, device=x.device), counters, mean, invstd,
                                             w.detach(), b.detach(), count, eps, None)),
         (OPS.check_eval_stats.default, (counters.clone(), mean, var, w.detach(), b.detach(), eps)),
+        (OPS.forward_inference.default, (x.detach(), w.detach(), b.detach(), mean, var, eps, counters.clone())),
     ]
     for op, args in calls:
         torch.library.opcheck(op, args)

@@ -53,6 +53,9 @@ def test_opcheck_every_op(shape, dtype, layout):
                                             mean, invstd, w.detach(), b.detach(), count, eps, None)),
         (OPS.check_eval_stats.default, (torch.zeros(NUM_COUNTERS, dtype=torch.int64), mean, var,
                                         w.detach(), b.detach(), eps)),
+        (OPS.forward_inference.default, (x.detach(), w.detach(), b.detach(), mean, var, eps,
+                                         torch.zeros(NUM_COUNTERS, dtype=torch.int64))),
+        (OPS.forward_inference.default, (x.detach(), None, None, mean, var, eps, None)),
     ]
     for op, args in calls:
         torch.library.opcheck(op, args)

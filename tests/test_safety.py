@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import torch_safebn
 from conftest import make_input, module_pair
@@ -257,15 +258,43 @@ def test_update_op_skips_a_nonfinite_batch_whole():
 @pytest.mark.parametrize("field,value,found", [("running_var", -1.0, "variance in 1 channel"),
                                                ("running_mean", float("nan"), "mean in 1 channel"),
                                                ("weight", float("inf"), "weight in 1 channel")])
-def test_eval_flags_invalid_statistics(field, value, found):
+@pytest.mark.parametrize("grad", [False, True], ids=["forward_inference", "forward_eval"])
+def test_eval_flags_invalid_statistics(field, value, found, grad):
     bn = SafeBatchNorm2d(3).eval()
     with torch.no_grad():
         getattr(bn, field)[1] = value
-    with pytest.raises(NonFiniteError, match=f"in eval mode.*{found}"):
+    with pytest.raises(NonFiniteError, match=f"in eval mode.*{found}"), torch.set_grad_enabled(grad):
         bn(make_input((2, 3, 2, 2)))
     counters = torch.zeros(NUM_COUNTERS, dtype=torch.int64)
     OPS.check_eval_stats(counters, bn.running_mean, bn.running_var, bn.weight.detach(), None, bn.eps)
     assert counters[Counter.NONFINITE_EVENTS] == 1
+
+
+class _OpsCalled(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "safebn":
+            self.names.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("checks", [True, False])
+def test_eval_without_gradients_is_one_op(checks):
+    """Where no gradient is wanted, one op: forward_inference (no autograd
+    wrapper, the check in the same call); else forward_eval, then the check.
+    Both give the same output."""
+    bn = SafeBatchNorm2d(3, checks=checks).eval()
+    x = make_input((2, 3, 4, 4))
+    with torch.no_grad(), _OpsCalled() as called:
+        y = bn(x)
+    assert called.names == ["safebn::forward_inference"]
+    with _OpsCalled() as called:
+        y_grad = bn(x)
+    assert called.names == ["safebn::forward_eval"] + (["safebn::check_eval_stats"] if checks else [])
+    assert torch.equal(y, y_grad)
 
 
 # -- freeze_stats and checks=False ---------------------------------------------------------

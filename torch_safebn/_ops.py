@@ -28,6 +28,8 @@ SCHEMAS = {
     "Tensor? weight, Tensor? bias, int count, float eps, float? momentum) -> ()",
     "check_eval_stats": "(Tensor(a!) counters, Tensor running_mean, Tensor running_var, "
     "Tensor? weight, Tensor? bias, float eps) -> ()",
+    "forward_inference": "(Tensor input, Tensor? weight, Tensor? bias, Tensor running_mean, "
+    "Tensor running_var, float eps, Tensor(a!)? counters) -> Tensor",
 }
 
 
@@ -122,6 +124,11 @@ def _(running_mean, running_var, num_batches_tracked, counters, mean, invstd, we
 @torch.library.register_fake("safebn::check_eval_stats")
 def _(counters, running_mean, running_var, weight, bias, eps):
     return None
+
+
+@torch.library.register_fake("safebn::forward_inference")
+def _(input, weight, bias, running_mean, running_var, eps, counters):
+    return _output_like(input)
 
 
 # -- autograd ------------------------------------------------------------------------

@@ -83,9 +83,13 @@ def batch_norm(
     if not training:
         if not has_running_stats:
             raise ValueError("running_mean and running_var must be given when training=False")
-        output = OPS.forward_eval(input, weight, bias, running_mean, running_var, eps)
+        if _wants_grad(input, weight, bias):
+            output = OPS.forward_eval(input, weight, bias, running_mean, running_var, eps)
+            if guarded:
+                OPS.check_eval_stats(counters, running_mean, running_var, _detached(weight), _detached(bias), eps)
+        else:
+            output = OPS.forward_inference(input, weight, bias, running_mean, running_var, eps, counters)
         if guarded:
-            OPS.check_eval_stats(counters, running_mean, running_var, _detached(weight), _detached(bias), eps)
             state.after_op(counters, tuple(input.shape), training=False)
         return output
 
@@ -137,6 +141,10 @@ def record_batch(
             mean, invstd, _detached(weight), _detached(bias), count, eps, momentum,
         )
         state.after_op(counters, shape, training=True)
+
+
+def _wants_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _detached(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -19,6 +19,7 @@ __all__ = [
     "backward_elemt",
     "update_running_stats",
     "check_eval_stats",
+    "forward_inference",
 ]
 
 
@@ -171,3 +172,10 @@ def check_eval_stats(counters, running_mean, running_var, weight, bias, eps):
     var_ok = torch.isfinite(var) & (var + eps > 0)
     faults = _faults(running_mean, var_ok, weight, bias)
     _record_nonfinite(counters, faults, sum(faults) > 0)
+
+
+def forward_inference(input, weight, bias, running_mean, running_var, eps, counters):
+    output = forward_eval(input, weight, bias, running_mean, running_var, eps)
+    if counters is not None:
+        check_eval_stats(counters, running_mean, running_var, weight, bias, eps)
+    return output

@@ -124,7 +124,11 @@ class SafetyState:
         self.name: str | None = None
         self._warned: set[str] = set()
         self._reported_nonfinite = 0
-        self._pending: tuple[torch.Tensor, torch.cuda.Event, tuple] | None = None
+        # On CUDA, the counters' last snapshot: a pinned copy on its way, the
+        # event that says it landed, and the (shape, training) of the call it follows.
+        self._snapshot: torch.Tensor | None = None
+        self._snapshot_landed: torch.cuda.Event | None = None
+        self._pending: tuple[tuple, bool] | None = None
 
     # -- messages --------------------------------------------------------------
     def describe(self) -> str:
@@ -190,21 +194,24 @@ class SafetyState:
             self._act(counters.tolist(), shape, training)
             return
         if self._pending is not None:
-            host, event, (old_shape, old_training) = self._pending
-            if not event.query():
+            if not self._snapshot_landed.query():
                 return  # still in flight: keep it; the counters are cumulative, so nothing is lost
+            old_shape, old_training = self._pending
             self._pending = None
-            self._act(host.tolist(), old_shape, old_training)
-        host = torch.empty(NUM_COUNTERS, dtype=torch.int64, pin_memory=True)
-        host.copy_(counters, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(counters.device))
-        self._pending = (host, event, (shape, training))
+            self._act(self._snapshot.tolist(), old_shape, old_training)
+        if self._snapshot is None:
+            # One pinned buffer and event, reused: allocating them each call cost
+            # more host time than the kernels of a small batch norm.
+            self._snapshot = torch.empty(NUM_COUNTERS, dtype=torch.int64, pin_memory=True)
+            self._snapshot_landed = torch.cuda.Event()
+        self._snapshot.copy_(counters, non_blocking=True)
+        self._snapshot_landed.record(torch.cuda.current_stream(counters.device))
+        self._pending = (shape, training)
 
     def __getstate__(self) -> dict:
         # A snapshot in flight (a CUDA event) neither copies nor pickles:
         # deepcopy(model) and torch.save(model) drop it, as check() would read the counters anyway.
-        return {**self.__dict__, "_pending": None}
+        return {**self.__dict__, "_pending": None, "_snapshot": None, "_snapshot_landed": None}
 
     def unreported_nonfinite(self, values: list[int]) -> bool:
         return values[Counter.NONFINITE_EVENTS] > self._reported_nonfinite
