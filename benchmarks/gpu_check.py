@@ -629,6 +629,7 @@ def run_timings(device: torch.device, plan: list[Step], min_run_time: float, clo
     threads = torch.get_num_threads()
     budget = Budget(clock, FINISH_RESERVE_S)
     measured: dict[benchmark.Workload, list] = {}
+    copies: dict[benchmark.Workload, list] = {}  # the copies timed with each workload's steps
     skipped, errors = [], []
     failures_in_a_row: dict[str, int] = {}
     with benchmark.torch_threads(threads):
@@ -646,7 +647,8 @@ def run_timings(device: torch.device, plan: list[Step], min_run_time: float, clo
                 continue
             started = time.perf_counter()
             try:
-                group = benchmark.measure(step.workload, step.implementations, device, threads, min_run_time)
+                group, copy_measurement = benchmark.measure(step.workload, step.implementations, device, threads,
+                                                            min_run_time)
             except Exception as error:  # one workload failing to time must not end the run
                 errors.append({"step": step.label(), "error": f"{type(error).__name__}: {error}".strip()[:2000],
                                "implementations": [impl.name for impl in step.implementations]})
@@ -659,12 +661,13 @@ def run_timings(device: torch.device, plan: list[Step], min_run_time: float, clo
                 budget.spent(step.kind, time.perf_counter() - started)
             failures_in_a_row[step.kind] = 0
             measured.setdefault(step.workload, []).extend(group)
+            copies.setdefault(step.workload, []).append(copy_measurement)
             times = ", ".join(f"{impl.name} {m.median * 1e6:.1f} us" for impl, m in group)
             log(f"{step.workload.label()}: {times} ({time.perf_counter() - started:.1f} s)")
     rows = []
     for workload in dict.fromkeys(step.workload for step in plan):  # the plan's order
         if workload in measured:
-            rows += benchmark.workload_rows(workload, measured[workload], machine)
+            rows += benchmark.workload_rows(workload, measured[workload], machine, copies[workload])
     settings = {"min_run_time_s": min_run_time, "budget_s": clock.budget_s, "skipped": skipped, "errors": errors}
     return benchmark.make_result(machine, rows, settings)
 

@@ -20,8 +20,9 @@ How bytes are counted: a pass moves a whole number of passes over the activation
   fwd 3 (read x for the statistics, read x, write y), bwd 5 (read dy and x for the
   reductions, read dy and x, write dx), fwdbwd 8, eval 2 (read x, write y).
 Per-channel parameters and statistics are left out. GB/s is those bytes over the
-median time; % of copy bandwidth compares that with a large tensor copy_ (read +
-write) timed on the same device with the same threads.
+median time; % of copy bandwidth compares that with a copy_ of COPY_BYTES (read +
+write) timed in turns with the workload's implementations, on the same device with
+the same threads.
 """
 from __future__ import annotations
 
@@ -29,11 +30,13 @@ import contextlib
 import copy
 import dataclasses
 import datetime
+import functools
 import itertools
 import json
 import math
 import os
 import platform
+import statistics
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -115,7 +118,8 @@ ROW_FIELDS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "runs": (int, "timed blocks behind the median and IQR"),
     "bytes": (int, "bytes the pass moves at the least: passes over the activation x its size"),
     "gb_per_s": (float, "bytes / median, 1e9 bytes per second"),
-    "pct_copy_bandwidth": (float, "gb_per_s as a percentage of the machine's copy bandwidth"),
+    "copy_gb_per_s": (float, "GB/s of a copy of COPY_BYTES timed in turns with this workload's implementations"),
+    "pct_copy_bandwidth": (float, "gb_per_s as a percentage of copy_gb_per_s"),
     "speedup_vs_best_peer": ((float, type(None)), "fastest peer's median / this median; null without peers"),
     "speedup_vs_native": ((float, type(None)), "native's median / this median; null when native was not run"),
 }
@@ -292,14 +296,24 @@ def _time_in_turns(statements: Sequence[Callable[[], object]], threads: int, min
 COPY_BYTES = 256 * 2**20  # well past any last-level cache, CPU or GPU
 
 
-def measure_copy_bandwidth(device: torch.device, threads: int, min_run_time: float) -> float:
-    """GB/s of dst.copy_(src) over COPY_BYTES, counting the read and the write.
-    The fastest timed block counts: a ceiling should not move with whatever
-    else shares the machine at that moment."""
-    source = torch.ones(COPY_BYTES // 4, dtype=torch.float32, device=device)
+@functools.cache
+def _copy_statement(device: torch.device, nbytes: int) -> Callable[[], object]:
+    """dst.copy_(src) over nbytes; its buffers are kept for the process's next workloads."""
+    source = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     target = torch.empty_like(source)
-    fastest = min(_time_in_turns([lambda: target.copy_(source)], threads, min_run_time)[0].times)
-    return 2 * COPY_BYTES / fastest / 1e9
+    return lambda: target.copy_(source)
+
+
+def copy_gb_per_s(seconds: float) -> float:
+    """A copy's GB/s, counting the read and the write."""
+    return 2 * COPY_BYTES / seconds / 1e9
+
+
+def measure_copy_bandwidth(device: torch.device, threads: int, min_run_time: float) -> float:
+    """The machine's copy bandwidth at the start of a run, for the table's
+    header and the plot's roofline. The fastest timed block counts: a
+    ceiling. The rows compare with a copy timed in turns with them instead."""
+    return copy_gb_per_s(min(_time_in_turns([_copy_statement(device, COPY_BYTES)], threads, min_run_time)[0].times))
 
 
 def _statement(workload: Workload, module: nn.Module, x: torch.Tensor, grad_output: torch.Tensor) -> Callable:
@@ -394,18 +408,22 @@ def measure(
     threads: int,
     min_run_time: float,
     on_measured: Callable[[Workload, Implementation], None] | None = None,
-) -> list[tuple[Implementation, Measurement]]:
-    """Times each implementation on one workload, over the same input, in turns."""
+) -> tuple[list[tuple[Implementation, Measurement]], Measurement]:
+    """Times each implementation on one workload, over the same input, in turns,
+    and a copy of COPY_BYTES in the same turns: the bandwidth the rows are a
+    percentage of then holds under the same conditions (a VM's speed can drift
+    twofold in minutes). Returns ([(implementation, measurement)], the copy's)."""
     x, grad_output, template = _inputs(workload, device)
     # Each implementation gets its own copy of the module's state: they run in
     # turns, and one's running-statistics update would bump the version of
     # buffers that another's retained graph (the bwd pass) saved.
     statements = [_statement(workload, impl.build(copy.deepcopy(template)), x, grad_output) for impl in implementations]
-    group = list(zip(implementations, _time_in_turns(statements, threads, min_run_time)))
+    *timed, copy_measurement = _time_in_turns([*statements, _copy_statement(device, COPY_BYTES)], threads, min_run_time)
+    group = list(zip(implementations, timed))
     if on_measured:
         for impl in implementations:
             on_measured(workload, impl)
-    return group
+    return group, copy_measurement
 
 
 def make_result(machine: dict, rows: list[dict], settings: dict) -> dict:
@@ -438,14 +456,17 @@ def run(
         machine = describe_machine(device, threads, min_run_time)
         rows = []
         for workload in plan:
-            group = measure(workload, implementations, device, threads, min_run_time, on_measured)
-            rows += workload_rows(workload, group, machine)
+            group, copy_measurement = measure(workload, implementations, device, threads, min_run_time, on_measured)
+            rows += workload_rows(workload, group, machine, [copy_measurement])
     return make_result(machine, rows, {"min_run_time_s": min_run_time})
 
 
-def workload_rows(workload: Workload, group: list[tuple[Implementation, Measurement]], machine: dict) -> list[dict]:
+def workload_rows(workload: Workload, group: list[tuple[Implementation, Measurement]], machine: dict,
+                  copies: list[Measurement]) -> list[dict]:
     """One row per implementation of a workload, with the speed-ups among them:
-    group is measure()'s list, or several of them joined."""
+    group is measure()'s list, or several of them joined, and copies the copies
+    timed with them (their median copy time is the rows' copy bandwidth)."""
+    copy_bandwidth = copy_gb_per_s(statistics.median(m.median for m in copies))
     peer_medians = [measurement.median for impl, measurement in group if impl.is_peer]
     native_medians = [measurement.median for impl, measurement in group if impl.name == "native"]
     rows = []
@@ -467,7 +488,8 @@ def workload_rows(workload: Workload, group: list[tuple[Implementation, Measurem
             "runs": runs,
             "bytes": workload.bytes,
             "gb_per_s": gb_per_s,
-            "pct_copy_bandwidth": 100 * gb_per_s / machine["copy_gb_per_s"],
+            "copy_gb_per_s": copy_bandwidth,
+            "pct_copy_bandwidth": 100 * gb_per_s / copy_bandwidth,
             "speedup_vs_best_peer": min(peer_medians) / median if peer_medians else None,
             "speedup_vs_native": native_medians[0] / median if native_medians else None,
         })

@@ -51,7 +51,8 @@ def _render(lines: list[list[str]], text_columns: Collection[int]) -> list[str]:
 def _title(machine: dict) -> str:
     return (
         f"{machine['device']} ({machine['device_type']}, {machine['cpu_capability']}), {machine['threads']} threads, "
-        f"torch {machine['torch_version']}, copy bandwidth {machine['copy_gb_per_s']:.3g} GB/s"
+        f"torch {machine['torch_version']}, copy bandwidth {machine['copy_gb_per_s']:.3g} GB/s at the start "
+        "(% of copy: against a copy timed in turns with each workload)"
     )
 
 
