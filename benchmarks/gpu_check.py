@@ -135,10 +135,9 @@ REFERENCE_POINTS = (
     ((256, 256, 56, 56), "channels_last", F32),
 )
 QUICK_TIMING_SHAPES = ((8, 16, 14, 14), (512, 64))
-# The Timer multiplies a block's calls by 10 until the block takes min_run_time,
-# then times one such block: a row costs about two blocks of min_run_time to 10
-# x min_run_time. 0.02 s is 10 calls or more of every case here on a GPU, and
-# leaves time for torch.compile.
+# Each implementation of a step gets min_run_time of timed calls, in blocks taken
+# in turns with the others' (benchmark._time_in_turns). 0.02 s is 10 calls or
+# more of every case here on a GPU, and leaves time for torch.compile.
 MIN_RUN_TIME_S = {"cuda": 0.02, "cpu": 0.01}
 # Seconds a step is assumed to take until one of its kind has been timed: the
 # first compile starts inductor and its workers.

@@ -263,16 +263,20 @@ PEERS = {
 
 
 # -- timing --------------------------------------------------------------------------------
-BLOCKS_PER_RUN_TIME = 10  # timed blocks of calls per min_run_time
+BLOCKS_PER_RUN_TIME = 25  # timed blocks of calls per min_run_time
+WARM_UP_FROM_CALLS = 4  # a block of this many calls or more starts with an untimed one
 
 
 def _time_in_turns(statements: Sequence[Callable[[], object]], threads: int, min_run_time: float) -> list[Measurement]:
     """Times the statements in turns, a block of calls each, until each has had
     min_run_time: a machine that slows down or speeds up meanwhile (other
     processes, clocks) then shifts every statement alike, and the ratios between
-    them hold. A block lasts about min_run_time / BLOCKS_PER_RUN_TIME. The
-    Timer's default clock synchronizes the accelerator when one is present, so
-    GPU times are whole."""
+    them hold. A block lasts about min_run_time / BLOCKS_PER_RUN_TIME. Each
+    round starts one statement later than the last, so that none always
+    follows the same one (the copy sweeps the caches), and a block of short
+    calls starts with an untimed call, so that it does not pay for the cache
+    state the previous statement left. The Timer's default clock synchronizes
+    the accelerator when one is present, so GPU times are whole."""
     def calls_per_block(seconds_per_call: float) -> int:
         return max(1, round(min_run_time / BLOCKS_PER_RUN_TIME / max(seconds_per_call, 1e-9)))
 
@@ -284,12 +288,17 @@ def _time_in_turns(statements: Sequence[Callable[[], object]], threads: int, min
         calls.append(calls_per_block(timer.timeit(1).median))
     blocks: list[list[Measurement]] = [[] for _ in timers]
     spent = [0.0] * len(timers)
+    rounds = 0
     while timers and (not blocks[0] or min(spent) < min_run_time):
-        for i, timer in enumerate(timers):
-            block = timer.timeit(calls[i])
+        for step in range(len(timers)):
+            i = (rounds + step) % len(timers)
+            if calls[i] >= WARM_UP_FROM_CALLS:
+                statements[i]()
+            block = timers[i].timeit(calls[i])
             blocks[i].append(block)
             spent[i] += block.raw_times[0]
             calls[i] = calls_per_block(block.median)  # one call, just after the warm-up, may have been slow
+        rounds += 1
     return [Measurement.merge(measurements)[0] for measurements in blocks]
 
 
