@@ -132,3 +132,33 @@ def test_an_empty_batch_has_undefined_statistics():
     assert y.shape == x.shape and mean.shape == invstd.shape == (3,)
     assert mean.isnan().all() and invstd.isnan().all()
     assert all(t.shape == (3,) and t.isnan().all() for t in OPS.batch_stats(x))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_large_outputs_reuse_freed_blocks_and_write_every_element(layout):
+    """Outputs of 32 MB or more come from freed blocks of the same size (csrc/cpu/large_buffers.h):
+    each op's output must land on a block just filled with NaN, and overwrite all of it."""
+    x = make_input((4, 8, 512, 520), torch.float32, layout)  # 34 MB
+    dy = make_input((4, 8, 512, 520), torch.float32, layout, seed=3)
+    w, b = torch.rand(8) + 0.5, torch.randn(8)
+    mean, var = OPS.batch_stats(x)
+    invstd = torch.rsqrt(var + 1e-5)
+    sum_dy, sum_dy_xmu = OPS.backward_reduce(dy, x, mean)
+    calls = {
+        "forward_train": lambda: OPS.forward_train(x, w, b, 1e-5)[0],
+        "forward_eval": lambda: OPS.forward_eval(x, w, b, mean, var, 1e-5),
+        "forward_inference": lambda: OPS.forward_inference(x, w, b, mean, var, 1e-5, None),
+        "normalize": lambda: OPS.normalize(x, w, b, mean, invstd),
+        "backward": lambda: OPS.backward(dy, x, w, mean, invstd, True, [True, False, False])[0],
+        "backward_elemt": lambda: OPS.backward_elemt(dy, x, w, mean, invstd, sum_dy, sum_dy_xmu, x.numel() // 8),
+    }
+    for name, call in calls.items():
+        expected = call()
+        want = expected.clone(memory_format=torch.preserve_format)
+        address = expected.data_ptr()
+        expected.fill_(float("nan"))
+        del expected
+        got = call()
+        assert got.data_ptr() == address, f"{name}: the freed block was not reused"
+        assert got.is_contiguous(memory_format=LAYOUTS[layout]), name
+        assert torch.equal(got, want), f"{name}: an element kept the freed block's NaN"

@@ -2,6 +2,7 @@
 // across threads, and the per-channel bookkeeping around kernels.h.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -9,13 +10,10 @@
 #include <limits>
 #include <vector>
 
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
-
 #include "../checks.h"
 #include "../guard.h"
 #include "kernels.h"
+#include "large_buffers.h"
 
 namespace safebn {
 namespace {
@@ -334,19 +332,12 @@ GradSums reduce_grads(const T* dy, const T* x, T* dx, const Geometry& g, const s
 // [64, 64, 112, 112] float32 forward); transparent huge pages, where the
 // system allows them on request, take 512 times fewer faults. torch does the
 // same for all its allocations under THP_MEM_ALLOC_ENABLE=1.
+// The input is contiguous, channels_last or channels_last_3d (prepare()):
+// the output takes its strides.
 at::Tensor empty_output_like(const at::Tensor& input) {
-  at::Tensor output = at::empty_like(input);
-#ifdef __linux__
-  constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
-  constexpr size_t kFreshMemory = size_t(32) << 20;
-  const size_t bytes = output.nbytes();
-  if (bytes >= kFreshMemory) {
-    const uintptr_t start = reinterpret_cast<uintptr_t>(output.data_ptr());
-    const uintptr_t begin = (start + kHugePage - 1) & ~(kHugePage - 1), end = (start + bytes) & ~(kHugePage - 1);
-    if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // advice: failure is harmless
-  }
-#endif
-  return output;
+  if (input.nbytes() < cpu::LargeBuffers::kMinBytes) return at::empty_like(input);
+  return at::detail::empty_strided_generic(input.sizes(), input.strides(), &cpu::LargeBuffers::instance(),
+                                           c10::DispatchKeySet(c10::DispatchKey::CPU), input.scalar_type());
 }
 
 struct Prepared {

@@ -1,0 +1,101 @@
+// Where the CPU ops' large outputs come from. A fresh allocation of tens of
+// megabytes is a fresh mapping: the first write to each page faults and the
+// kernel zeroes it, which costs as much as a pass over the tensor (more in 4 KB
+// pages). A training step frees its outputs and asks for the same sizes again
+// the next step, so freed blocks are kept, up to kMaxCachedBytes, for the next
+// request of the same size.
+#pragma once
+
+#include <c10/core/Allocator.h>
+
+#include <cstdlib>
+#include <list>
+#include <mutex>
+#include <new>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
+namespace safebn {
+namespace cpu {
+
+class LargeBuffers final : public c10::Allocator {
+ public:
+  static constexpr size_t kMinBytes = size_t(32) << 20;  // smaller requests: at::empty, which glibc recycles
+  static constexpr size_t kMaxCachedBytes = size_t(1) << 30;
+  static constexpr size_t kHugePage = size_t(2) << 20;
+
+  static LargeBuffers& instance() {
+    static LargeBuffers* buffers = new LargeBuffers();  // never destroyed: blocks may be freed at exit
+    return *buffers;
+  }
+
+  c10::DataPtr allocate(size_t bytes) override {
+    const size_t size = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+    Block* block = take(size);
+    if (block == nullptr) block = new Block{fresh(size), size};
+    return {block->data, block, &release, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+
+ private:
+  struct Block {
+    void* data;
+    size_t size;
+  };
+
+  static void* fresh(size_t size) {
+    void* data = std::aligned_alloc(kHugePage, size);
+    if (data == nullptr) throw std::bad_alloc();
+#ifdef __linux__
+    madvise(data, size, MADV_HUGEPAGE);  // advice: failure is harmless
+#endif
+    return data;
+  }
+
+  static void release(void* block) { instance().keep(static_cast<Block*>(block)); }
+
+  Block* take(size_t size) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto it = free_.begin(); it != free_.end(); ++it) {
+      if ((*it)->size == size) {
+        Block* block = *it;
+        free_.erase(it);
+        cached_bytes_ -= size;
+        return block;
+      }
+    }
+    return nullptr;
+  }
+
+  // Keeps a freed block, the most recent first, dropping the least recently
+  // freed ones past kMaxCachedBytes.
+  void keep(Block* block) {
+    std::list<Block*> dropped;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      free_.push_front(block);
+      cached_bytes_ += block->size;
+      while (cached_bytes_ > kMaxCachedBytes) {
+        cached_bytes_ -= free_.back()->size;
+        dropped.push_back(free_.back());
+        free_.pop_back();
+      }
+    }
+    for (Block* b : dropped) {
+      std::free(b->data);
+      delete b;
+    }
+  }
+
+  std::mutex mutex_;
+  std::list<Block*> free_;
+  size_t cached_bytes_ = 0;
+};
+
+}  // namespace cpu
+}  // namespace safebn
