@@ -2,6 +2,7 @@
 // shares. Device implementations register in cpu/ and cuda/; fake kernels and
 // autograd formulas are registered from torch_safebn/_ops.py.
 #include <Python.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -87,6 +88,29 @@ at::Tensor channel_stat_tensor(const at::Tensor& input) {
 
 at::Tensor undefined_channel_stats(const at::Tensor& input) { return channel_stat_tensor(input).fill_(NAN); }
 
+// forward_eval, then check_eval_stats when counters are given, on whatever
+// device: below autograd, so that neither goes through forward_eval's Python
+// autograd wrapper (the op is not differentiable; functional.py calls it
+// where no gradient is wanted).
+at::Tensor forward_inference(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                             const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
+                             const at::Tensor& running_var, double eps, const std::optional<at::Tensor>& counters) {
+  static const auto forward_eval =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("safebn::forward_eval", "")
+          .typed<at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                            const at::Tensor&, const at::Tensor&, double)>();
+  static const auto check_eval_stats =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("safebn::check_eval_stats", "")
+          .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                      const std::optional<at::Tensor>&, double)>();
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  at::Tensor output = forward_eval.call(input, weight, bias, running_mean, running_var, eps);
+  if (counters.has_value()) check_eval_stats.call(*counters, running_mean, running_var, weight, bias, eps);
+  return output;
+}
+
 TORCH_LIBRARY(safebn, m) {
   // Differentiable (functional) ops; autograd is registered in _ops.py.
   m.def("forward_train(Tensor input, Tensor? weight, Tensor? bias, float eps) "
@@ -116,6 +140,8 @@ TORCH_LIBRARY(safebn, m) {
   m.def("forward_inference(Tensor input, Tensor? weight, Tensor? bias, Tensor running_mean, "
         "Tensor running_var, float eps, Tensor(a!)? counters) -> Tensor");
 }
+
+TORCH_LIBRARY_IMPL(safebn, CompositeExplicitAutograd, m) { m.impl("forward_inference", &forward_inference); }
 
 }  // namespace safebn
 

@@ -644,14 +644,6 @@ void check_eval_stats(const at::Tensor& counters, const at::Tensor& running_mean
   });
 }
 
-at::Tensor forward_inference(const at::Tensor& input, const std::optional<at::Tensor>& weight,
-                             const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
-                             const at::Tensor& running_var, double eps, const std::optional<at::Tensor>& counters) {
-  at::Tensor output = forward_eval(input, weight, bias, running_mean, running_var, eps);
-  if (counters.has_value()) check_eval_stats(*counters, running_mean, running_var, weight, bias, eps);
-  return output;
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(safebn, CPU, m) {
@@ -664,7 +656,6 @@ TORCH_LIBRARY_IMPL(safebn, CPU, m) {
   m.impl("backward_elemt", &backward_elemt);
   m.impl("update_running_stats", &update_running_stats);
   m.impl("check_eval_stats", &check_eval_stats);
-  m.impl("forward_inference", &forward_inference);
 }
 
 }  // namespace safebn

@@ -476,14 +476,6 @@ void check_eval_stats(const at::Tensor& counters, const at::Tensor& running_mean
   });
 }
 
-at::Tensor forward_inference(const at::Tensor& input, const std::optional<at::Tensor>& weight,
-                             const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
-                             const at::Tensor& running_var, double eps, const std::optional<at::Tensor>& counters) {
-  at::Tensor output = forward_eval(input, weight, bias, running_mean, running_var, eps);
-  if (counters.has_value()) check_eval_stats(*counters, running_mean, running_var, weight, bias, eps);
-  return output;
-}
-
 }  // namespace
 }  // namespace cuda
 
@@ -497,7 +489,6 @@ TORCH_LIBRARY_IMPL(safebn, CUDA, m) {
   m.impl("backward_elemt", &cuda::backward_elemt);
   m.impl("update_running_stats", &cuda::update_running_stats);
   m.impl("check_eval_stats", &cuda::check_eval_stats);
-  m.impl("forward_inference", &cuda::forward_inference);
 }
 
 }  // namespace safebn
