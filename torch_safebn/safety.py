@@ -124,10 +124,10 @@ class SafetyState:
         self.name: str | None = None
         self._warned: set[str] = set()
         self._reported_nonfinite = 0
-        # On CUDA, the counters' last snapshot: a pinned copy on its way, the
-        # event that says it landed, and the (shape, training) of the call it follows.
-        self._snapshot: torch.Tensor | None = None
-        self._snapshot_landed: torch.cuda.Event | None = None
+        # On CUDA: (device, pinned host copy, event that says it landed) for the
+        # counters' snapshots, reused call after call, and the (shape, training)
+        # of the call whose snapshot is on its way.
+        self._snapshot: tuple[torch.device, torch.Tensor, torch.cuda.Event] | None = None
         self._pending: tuple[tuple, bool] | None = None
 
     # -- messages --------------------------------------------------------------
@@ -194,24 +194,25 @@ class SafetyState:
             self._act(counters.tolist(), shape, training)
             return
         if self._pending is not None:
-            if not self._snapshot_landed.query():
+            _, host, landed = self._snapshot
+            if not landed.query():
                 return  # still in flight: keep it; the counters are cumulative, so nothing is lost
             old_shape, old_training = self._pending
             self._pending = None
-            self._act(self._snapshot.tolist(), old_shape, old_training)
-        if self._snapshot is None:
-            # One pinned buffer and event, reused: allocating them each call cost
-            # more host time than the kernels of a small batch norm.
-            self._snapshot = torch.empty(NUM_COUNTERS, dtype=torch.int64, pin_memory=True)
-            self._snapshot_landed = torch.cuda.Event()
-        self._snapshot.copy_(counters, non_blocking=True)
-        self._snapshot_landed.record(torch.cuda.current_stream(counters.device))
+            self._act(host.tolist(), old_shape, old_training)
+        if self._snapshot is None or self._snapshot[0] != counters.device:
+            # An event records on its own device only: a module moved to another GPU gets a new one.
+            self._snapshot = (counters.device, torch.empty(NUM_COUNTERS, dtype=torch.int64, pin_memory=True),
+                              torch.cuda.Event())
+        _, host, landed = self._snapshot
+        host.copy_(counters, non_blocking=True)
+        landed.record(torch.cuda.current_stream(counters.device))
         self._pending = (shape, training)
 
     def __getstate__(self) -> dict:
         # A snapshot in flight (a CUDA event) neither copies nor pickles:
         # deepcopy(model) and torch.save(model) drop it, as check() would read the counters anyway.
-        return {**self.__dict__, "_pending": None, "_snapshot": None, "_snapshot_landed": None}
+        return {**self.__dict__, "_pending": None, "_snapshot": None}
 
     def unreported_nonfinite(self, values: list[int]) -> bool:
         return values[Counter.NONFINITE_EVENTS] > self._reported_nonfinite
