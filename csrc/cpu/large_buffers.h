@@ -10,6 +10,7 @@
 
 #include <cstdlib>
 #include <list>
+#include <memory>
 #include <mutex>
 #include <new>
 
@@ -34,7 +35,11 @@ class LargeBuffers final : public c10::Allocator {
   c10::DataPtr allocate(size_t bytes) override {
     const size_t size = (bytes + kHugePage - 1) / kHugePage * kHugePage;
     Block* block = take(size);
-    if (block == nullptr) block = new Block{fresh(size), size};
+    if (block == nullptr) {
+      auto fresh_block = std::make_unique<Block>(Block{nullptr, size});
+      fresh_block->data = fresh(size);
+      block = fresh_block.release();
+    }
     return {block->data, block, &release, c10::Device(c10::DeviceType::CPU)};
   }
 
@@ -48,8 +53,13 @@ class LargeBuffers final : public c10::Allocator {
     size_t size;
   };
 
-  static void* fresh(size_t size) {
+  // New memory; when there is none, the kept blocks are given back first.
+  void* fresh(size_t size) {
     void* data = std::aligned_alloc(kHugePage, size);
+    if (data == nullptr) {
+      drop_past(0);
+      data = std::aligned_alloc(kHugePage, size);
+    }
     if (data == nullptr) throw std::bad_alloc();
 #ifdef __linux__
     madvise(data, size, MADV_HUGEPAGE);  // advice: failure is harmless
@@ -72,24 +82,33 @@ class LargeBuffers final : public c10::Allocator {
     return nullptr;
   }
 
-  // Keeps a freed block, the most recent first, dropping the least recently
-  // freed ones past kMaxCachedBytes.
+  // Keeps a freed block, the most recent first, then drops the least recently
+  // freed ones past kMaxCachedBytes. Called from a deleter, which must not
+  // throw: a block that cannot be listed is freed.
   void keep(Block* block) {
-    std::list<Block*> dropped;
-    {
+    try {
       std::lock_guard<std::mutex> lock(mutex_);
       free_.push_front(block);
       cached_bytes_ += block->size;
-      while (cached_bytes_ > kMaxCachedBytes) {
-        cached_bytes_ -= free_.back()->size;
-        dropped.push_back(free_.back());
-        free_.pop_back();
-      }
+    } catch (...) {
+      destroy(block);
+      return;
     }
-    for (Block* b : dropped) {
-      std::free(b->data);
-      delete b;
+    drop_past(kMaxCachedBytes);
+  }
+
+  void drop_past(size_t limit) noexcept {
+    std::lock_guard<std::mutex> lock(mutex_);
+    while (cached_bytes_ > limit) {
+      cached_bytes_ -= free_.back()->size;
+      destroy(free_.back());
+      free_.pop_back();
     }
+  }
+
+  static void destroy(Block* block) noexcept {
+    std::free(block->data);
+    delete block;
   }
 
   std::mutex mutex_;
