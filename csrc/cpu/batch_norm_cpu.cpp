@@ -326,12 +326,9 @@ GradSums reduce_grads(const T* dy, const T* x, T* dx, const Geometry& g, const s
   return sums;
 }
 
-// An output the size of the input. Past glibc's mmap threshold (32 MB at
-// most) every allocation is fresh memory, and faulting it in page by page
-// costs more than the kernels that write it (a third of the time of a
-// [64, 64, 112, 112] float32 forward); transparent huge pages, where the
-// system allows them on request, take 512 times fewer faults. torch does the
-// same for all its allocations under THP_MEM_ALLOC_ENABLE=1.
+// An output the size of the input. From a megabyte up, at::empty_like would
+// be fresh memory every step, faulted in page by page at more than the cost
+// of the kernels that write it (large_buffers.h).
 // The input is contiguous, channels_last or channels_last_3d (prepare()):
 // the output takes its strides.
 at::Tensor empty_output_like(const at::Tensor& input) {
