@@ -6,6 +6,10 @@
 // Independent accumulators per sum over a contiguous run: enough to hide the
 // add latency (4 AVX2 registers per sum); 16 runs at half the speed.
 constexpr int64_t kLanes = 32;
+// Fewer for the short rows of a row-by-row walk, whose lanes are reduced at
+// the end of every row: with 32, a float32 row of 64 values took twice as
+// long as with 16.
+constexpr int64_t kRowLanes = 16;
 // Widest strip of a block whose lane sums are kept on the stack.
 constexpr int64_t kMaxStrip = 1024;
 
@@ -38,17 +42,32 @@ inline Inputs<T, N> advanced(const Inputs<T, N>& in, int64_t offset) {
   return moved;
 }
 
+// The terms of the statistics' sums: x - shift and its square.
+template <typename acc_t>
+inline void add_shifted_terms(acc_t x, acc_t shift, acc_t& sum, acc_t& sum_sq) {
+  const acc_t d = x - shift;
+  sum += d;
+  sum_sq += d * d;
+}
+
+// The terms of the gradient's sums: dy and dy * (x - mean).
+template <typename acc_t>
+inline void add_grad_terms(acc_t dy, acc_t x, acc_t mean, acc_t& sum_dy, acc_t& sum_dy_xmu) {
+  sum_dy += dy;
+  sum_dy_xmu += dy * (x - mean);
+}
+
 // ---------------------------------------------------------------------------
 // Contiguous layouts with long rows: one channel's "plane" (plane index
 // i = n * S + s) at a time, so that a channel can be reduced and then written
 // while it is still in cache. [begin, end) may start and stop mid-row.
 
 // Adds a run's sums over its n values to two double totals: add(values, k,
-// a, b) adds to a and b the terms of value k of a word. kLanes acc_t
+// a, b) adds to a and b the terms of value k of a word. Lanes acc_t
 // accumulators per sum take words in turn; they are tree-reduced and flushed
 // once each holds kFlushEvery values. Values short of a whole word are added
 // one by one.
-template <typename T, size_t N, typename Add>
+template <int64_t Lanes, typename T, size_t N, typename Add>
 inline void sum_values(int64_t n, const Inputs<T, N>& in, Add add, double& total_a, double& total_b) {
   using acc_t = acc_type<T>;
   using P = Packing<T>;
@@ -56,17 +75,25 @@ inline void sum_values(int64_t n, const Inputs<T, N>& in, Add add, double& total
   const int64_t words = n / V;
   int64_t i = 0;
   while (i < words) {
-    const int64_t stop = std::min(words, i + kFlushEvery * kLanes / V);
-    acc_t a[kLanes] = {}, b[kLanes] = {};
+    const int64_t stop = std::min(words, i + kFlushEvery * Lanes / V);
+    acc_t a[Lanes] = {}, b[Lanes] = {};
     const auto add_word = [&](int64_t word, int64_t j) {
       const auto values = unpack_words<P>(in, word);
       for (int k = 0; k < V; ++k) add(values, k, a[j], b[j]);
     };
-    for (; i + kLanes <= stop; i += kLanes)
-      for (int64_t j = 0; j < kLanes; ++j) add_word(i + j, j);
+    for (; i + Lanes <= stop; i += Lanes) {
+      if constexpr (Lanes > kRowLanes) {
+        for (int64_t j = 0; j < Lanes; ++j) add_word(i + j, j);
+      } else {
+        // Kept a loop: GCC 12 unrolls a loop this short over floats and then
+        // vectorizes the loop around it instead, with a shuffle per value.
+#pragma GCC unroll 1
+        for (int64_t j = 0; j < Lanes; ++j) add_word(i + j, j);
+      }
+    }
     for (int64_t j = 0; i + j < stop; ++j) add_word(i + j, j);
     i = stop;
-    for (int64_t w = kLanes / 2; w > 0; w /= 2)
+    for (int64_t w = Lanes / 2; w > 0; w /= 2)
       for (int64_t j = 0; j < w; ++j) {
         a[j] += a[j + w];
         b[j] += b[j + w];
@@ -119,10 +146,8 @@ Welford<acc_type<T>> plane_stats(const T* x, const Geometry& g, int64_t c, int64
   for_each_run(g, c, begin, begin + 1, [&](int64_t offset, int64_t) { shift = load(x[offset]); });
   ShiftedSums total;
   for_each_run(g, c, begin, end, [&](int64_t offset, int64_t len) {
-    sum_values(len, Inputs<T, 1>{x + offset}, [shift](const auto& v, int k, acc_t& s1, acc_t& s2) {
-      const acc_t d = v[0][k] - shift;
-      s1 += d;
-      s2 += d * d;
+    sum_values<kLanes>(len, Inputs<T, 1>{x + offset}, [shift](const auto& v, int k, acc_t& s1, acc_t& s2) {
+      add_shifted_terms(v[0][k], shift, s1, s2);
     }, total.sum, total.sum_sq);
     total.count += len;
   });
@@ -143,9 +168,8 @@ void plane_grad_sums(const T* dy, const T* x, const Geometry& g, int64_t c, int6
                      acc_type<T> mean, double* sum_dy, double* sum_dy_xmu) {
   using acc_t = acc_type<T>;
   for_each_run(g, c, begin, end, [&](int64_t offset, int64_t len) {
-    sum_values(len, Inputs<T, 2>{dy + offset, x + offset}, [mean](const auto& v, int k, acc_t& a, acc_t& b) {
-      a += v[0][k];
-      b += v[0][k] * (v[1][k] - mean);
+    sum_values<kLanes>(len, Inputs<T, 2>{dy + offset, x + offset}, [mean](const auto& v, int k, acc_t& a, acc_t& b) {
+      add_grad_terms(v[0][k], v[1][k], mean, a, b);
     }, *sum_dy, *sum_dy_xmu);
   });
 }
@@ -157,6 +181,63 @@ void plane_grad_input(const T* dy, const T* x, T* dx, const Geometry& g, int64_t
     map_values(len, Inputs<T, 2>{dy + offset, x + offset}, dx + offset,
                [&k](const auto& v, int i) { return grad_input_value(v[0][i], v[1][i], k); });
   });
+}
+
+// ---------------------------------------------------------------------------
+// Contiguous layouts, the (n, c) rows [begin, end) in memory order: a stream
+// through memory, where a channel's rows lie C * S apart. Each row's sums go
+// to its channel's totals; each row is written with its channel's constants.
+
+template <typename T>
+void rows_stats(const T* x, const Geometry& g, int64_t begin, int64_t end, const acc_type<T>* shift,
+                ShiftedSums* totals) {
+  using acc_t = acc_type<T>;
+  const int64_t S = g.spatial;
+  for (int64_t r = begin; r < end; ++r) {
+    ShiftedSums& total = totals[r % g.channels];
+    const acc_t row_shift = shift[r % g.channels];
+    sum_values<kRowLanes>(S, Inputs<T, 1>{x + r * S}, [row_shift](const auto& v, int k, acc_t& s1, acc_t& s2) {
+      add_shifted_terms(v[0][k], row_shift, s1, s2);
+    }, total.sum, total.sum_sq);
+    total.count += S;
+  }
+}
+
+template <typename T>
+void rows_grad_sums(const T* dy, const T* x, const Geometry& g, int64_t begin, int64_t end,
+                    const acc_type<T>* mean, double* sum_dy, double* sum_dy_xmu) {
+  using acc_t = acc_type<T>;
+  const int64_t S = g.spatial;
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t c = r % g.channels;
+    const acc_t row_mean = mean[c];
+    sum_values<kRowLanes>(S, Inputs<T, 2>{dy + r * S, x + r * S}, [row_mean](const auto& v, int k, acc_t& a, acc_t& b) {
+      add_grad_terms(v[0][k], v[1][k], row_mean, a, b);
+    }, sum_dy[c], sum_dy_xmu[c]);
+  }
+}
+
+template <typename T>
+void rows_normalize(const T* x, T* y, const Geometry& g, int64_t begin, int64_t end, const acc_type<T>* mean,
+                    const acc_type<T>* scale, const acc_type<T>* bias) {
+  const int64_t S = g.spatial;
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t c = r % g.channels;
+    const acc_type<T> m = mean[c], s = scale[c], b = bias[c];
+    map_values(S, Inputs<T, 1>{x + r * S}, y + r * S,
+               [=](const auto& v, int k) { return normalize_value(v[0][k], m, s, b); });
+  }
+}
+
+template <typename T>
+void rows_grad_input(const T* dy, const T* x, T* dx, const Geometry& g, int64_t begin, int64_t end,
+                     const GradInputCoefficients<acc_type<T>>* k) {
+  const int64_t S = g.spatial;
+  for (int64_t r = begin; r < end; ++r) {
+    const GradInputCoefficients<acc_type<T>> row_k = k[r % g.channels];
+    map_values(S, Inputs<T, 2>{dy + r * S, x + r * S}, dx + r * S,
+               [&row_k](const auto& v, int i) { return grad_input_value(v[0][i], v[1][i], row_k); });
+  }
 }
 
 // ---------------------------------------------------------------------------
@@ -252,9 +333,7 @@ void blocks_stats(const T* x, const Blocks& b, int64_t begin, int64_t end, const
   using acc_t = acc_type<T>;
   std::vector<double> sum(b.channels, 0.0), sum_sq(b.channels, 0.0);
   sum_blocks(b, begin, end, Inputs<T, 1>{x}, [shift](const auto& v, int k, int64_t lane, acc_t& s1, acc_t& s2) {
-    const acc_t d = v[0][k] - shift[lane];
-    s1 += d;
-    s2 += d * d;
+    add_shifted_terms(v[0][k], shift[lane], s1, s2);
   }, sum.data(), sum_sq.data());
   const int64_t count = (end - begin) * (b.width / b.channels);
   for (int64_t c = 0; c < b.channels; ++c) {
@@ -269,8 +348,7 @@ void blocks_grad_sums(const T* dy, const T* x, const Blocks& b, int64_t begin, i
                       const acc_type<T>* mean, double* sum_dy, double* sum_dy_xmu) {
   using acc_t = acc_type<T>;
   sum_blocks(b, begin, end, Inputs<T, 2>{dy, x}, [mean](const auto& v, int k, int64_t lane, acc_t& a, acc_t& s) {
-    a += v[0][k];
-    s += v[0][k] * (v[1][k] - mean[lane]);
+    add_grad_terms(v[0][k], v[1][k], mean[lane], a, s);
   }, sum_dy, sum_dy_xmu);
 }
 
@@ -297,5 +375,6 @@ void blocks_grad_input(const T* dy, const T* x, T* dx, const Blocks& b, int64_t 
 template <typename T>
 KernelTable<T> make_table() {
   return {&plane_stats<T>,  &plane_normalize<T>,  &plane_grad_sums<T>,  &plane_grad_input<T>,
+          &rows_stats<T>,   &rows_grad_sums<T>,   &rows_normalize<T>,   &rows_grad_input<T>,
           &blocks_stats<T>, &blocks_normalize<T>, &blocks_grad_sums<T>, &blocks_grad_input<T>};
 }
