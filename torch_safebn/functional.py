@@ -86,7 +86,7 @@ def batch_norm(
         if _wants_grad(input, weight, bias):
             output = OPS.forward_eval(input, weight, bias, running_mean, running_var, eps)
             if guarded:
-                OPS.check_eval_stats(counters, running_mean, running_var, _detached(weight), _detached(bias), eps)
+                OPS.check_eval_stats(counters, running_mean, running_var, weight, bias, eps)
         else:
             output = OPS.forward_inference(input, weight, bias, running_mean, running_var, eps, counters)
         if guarded:
@@ -138,14 +138,10 @@ def record_batch(
     if has_running_stats or counters is not None:
         OPS.update_running_stats(
             running_mean, running_var, num_batches_tracked if has_running_stats else None, counters,
-            mean, invstd, _detached(weight), _detached(bias), count, eps, momentum,
+            mean, invstd, weight, bias, count, eps, momentum,
         )
         state.after_op(counters, shape, training=True)
 
 
 def _wants_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.detach()

@@ -190,7 +190,7 @@ class SafetyState:
             return
         if counters.is_cuda and torch.cuda.is_current_stream_capturing():
             return  # inside a CUDA graph the device-side guard acts alone; check() reports
-        if counters.device.type == "cpu" or self.policy.sync:
+        if not counters.is_cuda or self.policy.sync:
             self._act(counters.tolist(), shape, training)
             return
         if self._pending is not None:
