@@ -1,6 +1,6 @@
 """Issue 5's CPU suite: the `full` preset (float32 and bfloat16 input, contiguous
 and channels_last, fwd / bwd / fwdbwd / eval) against native eager batch norm and
-torch.compile, on 2 threads set explicitly. About 10 to 15 minutes on 2 cores.
+torch.compile, on 2 threads set explicitly. About 17 to 20 minutes on 2 cores.
 
     python benchmarks/cpu_suite.py [more bench options, e.g. --min-run-time 1]
 
