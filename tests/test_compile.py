@@ -33,6 +33,8 @@ def test_compiled_model_matches_eager(training):
         torch.testing.assert_close(x2.grad, x.grad, atol=1e-5, rtol=1e-5)
     for (name, a), (_, b) in zip(eager.named_buffers(), compiled_model.named_buffers()):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6, msg=name)
+        # The ops that update and check them take the (grad-requiring) weight and bias.
+        assert not b.requires_grad, f"{name} requires grad after a compiled step"
     # A conv bias followed by batch norm has a zero gradient in exact
     # arithmetic, so its computed one is rounding noise of the largest
     # gradient: the absolute tolerance scales with that.

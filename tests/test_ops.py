@@ -139,9 +139,8 @@ def test_an_empty_batch_has_undefined_statistics():
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("shape", [(2, 8, 128, 130), (4, 8, 256, 260)], ids=["1MB", "8MB"])
 def test_large_outputs_reuse_freed_blocks_and_write_every_element(shape, layout):
-    """Outputs of 1 MB or more come from freed blocks of the same size (csrc/cpu/large_buffers.h; from
-    2 MB, in whole huge pages): each op's output must land on a block just filled with NaN, and
-    overwrite all of it."""
+    """Outputs of 1 MB or more come from freed blocks of the same size (csrc/cpu/large_buffers.h):
+    each op's output must land on a block just filled with NaN, and overwrite all of it."""
     x = make_input(shape, torch.float32, layout)
     dy = make_input(shape, torch.float32, layout, seed=3)
     w, b = torch.rand(8) + 0.5, torch.randn(8)
@@ -156,7 +155,8 @@ def test_large_outputs_reuse_freed_blocks_and_write_every_element(shape, layout)
         "backward": lambda: OPS.backward(dy, x, w, mean, invstd, True, [True, False, False])[0],
         "backward_elemt": lambda: OPS.backward_elemt(dy, x, w, mean, invstd, sum_dy, sum_dy_xmu, x.numel() // 8),
     }
-    pages = x.nbytes // 4096
+    # A fresh block faults at least once per 2 MB (a huge page, where the system gives them).
+    fresh_block_faults = max(1, x.nbytes // (2 << 20))
     for name, call in calls.items():
         expected = call()
         want = expected.clone(memory_format=torch.preserve_format)
@@ -167,7 +167,7 @@ def test_large_outputs_reuse_freed_blocks_and_write_every_element(shape, layout)
         got = call()
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
         assert got.data_ptr() == address, f"{name}: the freed block was not reused"
-        # A fresh block would fault in each of its pages: the address alone could be a new mapping.
-        assert faults < pages // 4, f"{name}: {faults} page faults writing an output of {pages} pages"
+        # The address alone could be a new mapping that happens to land there.
+        assert faults < fresh_block_faults, f"{name}: {faults} page faults writing a reused block"
         assert got.is_contiguous(memory_format=LAYOUTS[layout]), name
         assert torch.equal(got, want), f"{name}: an element kept the freed block's NaN"

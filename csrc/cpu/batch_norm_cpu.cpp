@@ -102,6 +102,8 @@ struct Plan {
 Plan plan_for(const Geometry& g) {
   constexpr int64_t kLongRun = 512, kMinSlice = 4096, kMinBlockWidth = 64, kMinElementwiseRow = 32,
                     kMinReductionRow = 64, kMinTaskValues = 16384;
+  // Rows reduced one by one are written one by one too: the plan leaves no blocks.
+  static_assert(kMinReductionRow >= kMinElementwiseRow, "reductions by rows need elementwise passes by rows");
   const int64_t threads = at::get_num_threads(), C = g.channels, S = g.spatial;
   Plan p;
   p.elementwise_by_rows = !g.channels_last && S >= kMinElementwiseRow;

@@ -3,8 +3,8 @@
 // independent lanes, which the compiler vectorizes for the target at hand.
 // Deliberately no #pragma once and no includes: kernels.cpp provides them.
 
-// Independent accumulators per sum over a contiguous run: enough to hide the
-// add latency (4 AVX2 registers per sum); 16 runs at half the speed.
+// Independent accumulators per sum over a long contiguous run: enough to
+// hide the add latency (4 AVX2 registers per sum); 16 runs at half the speed.
 constexpr int64_t kLanes = 32;
 // Fewer for the short rows of a row-by-row walk, whose lanes are reduced at
 // the end of every row: with 32, a float32 row of 64 values took twice as
@@ -58,9 +58,7 @@ inline void add_grad_terms(acc_t dy, acc_t x, acc_t mean, acc_t& sum_dy, acc_t& 
 }
 
 // ---------------------------------------------------------------------------
-// Contiguous layouts with long rows: one channel's "plane" (plane index
-// i = n * S + s) at a time, so that a channel can be reduced and then written
-// while it is still in cache. [begin, end) may start and stop mid-row.
+// Contiguous runs of values, the building blocks of the plane and row walks.
 
 // Adds a run's sums over its n values to two double totals: add(values, k,
 // a, b) adds to a and b the terms of value k of a word. Lanes acc_t
@@ -123,6 +121,11 @@ inline void map_values(int64_t n, const Inputs<T, N>& in, T* out, F f) {
   }
   for (int64_t r = words * V; r < n; ++r) store(out + r, f(unpack_words<ValueByValue<T>>(in, r), 0));
 }
+
+// ---------------------------------------------------------------------------
+// Contiguous layouts with long rows: one channel's "plane" (plane index
+// i = n * S + s) at a time, so that a channel can be reduced and then written
+// while it is still in cache. [begin, end) may start and stop mid-row.
 
 // Calls fn(offset, length) for each contiguous run of channel c's plane
 // indices [begin, end); offset is the run's position in the tensor.
@@ -204,6 +207,18 @@ void rows_stats(const T* x, const Geometry& g, int64_t begin, int64_t end, const
 }
 
 template <typename T>
+void rows_normalize(const T* x, T* y, const Geometry& g, int64_t begin, int64_t end, const acc_type<T>* mean,
+                    const acc_type<T>* scale, const acc_type<T>* bias) {
+  const int64_t S = g.spatial;
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t c = r % g.channels;
+    const acc_type<T> m = mean[c], s = scale[c], b = bias[c];
+    map_values(S, Inputs<T, 1>{x + r * S}, y + r * S,
+               [=](const auto& v, int k) { return normalize_value(v[0][k], m, s, b); });
+  }
+}
+
+template <typename T>
 void rows_grad_sums(const T* dy, const T* x, const Geometry& g, int64_t begin, int64_t end,
                     const acc_type<T>* mean, double* sum_dy, double* sum_dy_xmu) {
   using acc_t = acc_type<T>;
@@ -214,18 +229,6 @@ void rows_grad_sums(const T* dy, const T* x, const Geometry& g, int64_t begin, i
     sum_values<kRowLanes>(S, Inputs<T, 2>{dy + r * S, x + r * S}, [row_mean](const auto& v, int k, acc_t& a, acc_t& b) {
       add_grad_terms(v[0][k], v[1][k], row_mean, a, b);
     }, sum_dy[c], sum_dy_xmu[c]);
-  }
-}
-
-template <typename T>
-void rows_normalize(const T* x, T* y, const Geometry& g, int64_t begin, int64_t end, const acc_type<T>* mean,
-                    const acc_type<T>* scale, const acc_type<T>* bias) {
-  const int64_t S = g.spatial;
-  for (int64_t r = begin; r < end; ++r) {
-    const int64_t c = r % g.channels;
-    const acc_type<T> m = mean[c], s = scale[c], b = bias[c];
-    map_values(S, Inputs<T, 1>{x + r * S}, y + r * S,
-               [=](const auto& v, int k) { return normalize_value(v[0][k], m, s, b); });
   }
 }
 
@@ -375,6 +378,6 @@ void blocks_grad_input(const T* dy, const T* x, T* dx, const Blocks& b, int64_t 
 template <typename T>
 KernelTable<T> make_table() {
   return {&plane_stats<T>,  &plane_normalize<T>,  &plane_grad_sums<T>,  &plane_grad_input<T>,
-          &rows_stats<T>,   &rows_grad_sums<T>,   &rows_normalize<T>,   &rows_grad_input<T>,
+          &rows_stats<T>,   &rows_normalize<T>,   &rows_grad_sums<T>,   &rows_grad_input<T>,
           &blocks_stats<T>, &blocks_normalize<T>, &blocks_grad_sums<T>, &blocks_grad_input<T>};
 }

@@ -98,14 +98,14 @@ struct KernelTable {
   void (*plane_grad_input)(const T* dy, const T* x, T* dx, const Geometry& g, int64_t c, int64_t begin,
                            int64_t end, const GradInputCoefficients<acc_t>& k);
 
-  // Contiguous layouts, the (n, c) rows [begin, end) (row n * C + c).
-  // Per-channel arrays, the outputs added to.
+  // Contiguous layouts, the (n, c) rows [begin, end) (row n * C + c), with
+  // per-channel arrays; the sums are added to the outputs.
   void (*rows_stats)(const T* x, const Geometry& g, int64_t begin, int64_t end, const acc_t* shift,
                      ShiftedSums* totals);
-  void (*rows_grad_sums)(const T* dy, const T* x, const Geometry& g, int64_t begin, int64_t end,
-                         const acc_t* mean, double* sum_dy, double* sum_dy_xmu);
   void (*rows_normalize)(const T* x, T* y, const Geometry& g, int64_t begin, int64_t end, const acc_t* mean,
                          const acc_t* scale, const acc_t* bias);
+  void (*rows_grad_sums)(const T* dy, const T* x, const Geometry& g, int64_t begin, int64_t end,
+                         const acc_t* mean, double* sum_dy, double* sum_dy_xmu);
   void (*rows_grad_input)(const T* dy, const T* x, T* dx, const Geometry& g, int64_t begin, int64_t end,
                           const GradInputCoefficients<acc_t>* k);
 

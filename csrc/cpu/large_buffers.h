@@ -1,11 +1,12 @@
-// Where the CPU ops' outputs of a megabyte or more come from. glibc hands such
-// an allocation back to the system when it is freed, so the next one is fresh
-// memory: the first write to each page faults and the kernel zeroes it, which
-// costs more than a pass over the tensor (on the development VM a 1 MB tensor
-// written and freed twice a step took 1.5 ms a step, 512 KB ones 76 us). A
-// training step frees its outputs and asks for the same sizes again the next
-// step, so freed blocks are kept, up to kMaxCachedBytes, for the next request
-// of the same size.
+// Where the CPU ops' outputs of a megabyte or more come from. On the
+// development VM glibc handed every freed block of 1 MB or more back to the
+// system (its threshold moves at run time, up to 32 MB), so the next one was
+// fresh memory: the first write to each page faults and the kernel zeroes it,
+// which costs more than a pass over the tensor (two 1 MB tensors written and
+// freed a step took 1.5 ms a step, two of 512 KB 76 us). A training step frees
+// its outputs and asks for the same sizes again the next step, so freed
+// blocks are kept, up to kMaxCachedBytes, for the next request of the same
+// size.
 #pragma once
 
 #include <c10/core/Allocator.h>
@@ -37,7 +38,8 @@ class LargeBuffers final : public c10::Allocator {
 
   c10::DataPtr allocate(size_t bytes) override {
     // Blocks of a huge page or more come in whole huge pages, so that the
-    // system can back them with huge pages.
+    // system can back them with huge pages (a fault per 2 MB, not per 4 KB); the
+    // price is the rounding, up to one huge page a block (2.1 MB takes 4 MB).
     const size_t alignment = bytes >= kHugePage ? kHugePage : kPage;
     const size_t size = (bytes + alignment - 1) / alignment * alignment;
     Block* block = take(size);
