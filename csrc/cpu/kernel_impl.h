@@ -191,56 +191,57 @@ void plane_grad_input(const T* dy, const T* x, T* dx, const Geometry& g, int64_t
 // through memory, where a channel's rows lie C * S apart. Each row's sums go
 // to its channel's totals; each row is written with its channel's constants.
 
+// Calls fn(c, offset) for each (n, c) row r in [begin, end): c = r % C, and
+// offset = r * S, the row's position in the tensor.
+template <typename Fn>
+inline void for_each_row(const Geometry& g, int64_t begin, int64_t end, Fn fn) {
+  for (int64_t r = begin; r < end; ++r) fn(r % g.channels, r * g.spatial);
+}
+
 template <typename T>
 void rows_stats(const T* x, const Geometry& g, int64_t begin, int64_t end, const acc_type<T>* shift,
                 ShiftedSums* totals) {
   using acc_t = acc_type<T>;
-  const int64_t S = g.spatial;
-  for (int64_t r = begin; r < end; ++r) {
-    ShiftedSums& total = totals[r % g.channels];
-    const acc_t row_shift = shift[r % g.channels];
-    sum_values<kRowLanes>(S, Inputs<T, 1>{x + r * S}, [row_shift](const auto& v, int k, acc_t& s1, acc_t& s2) {
+  for_each_row(g, begin, end, [&](int64_t c, int64_t offset) {
+    const acc_t row_shift = shift[c];
+    sum_values<kRowLanes>(g.spatial, Inputs<T, 1>{x + offset}, [row_shift](const auto& v, int k, acc_t& s1, acc_t& s2) {
       add_shifted_terms(v[0][k], row_shift, s1, s2);
-    }, total.sum, total.sum_sq);
-    total.count += S;
-  }
+    }, totals[c].sum, totals[c].sum_sq);
+    totals[c].count += g.spatial;
+  });
 }
 
 template <typename T>
 void rows_normalize(const T* x, T* y, const Geometry& g, int64_t begin, int64_t end, const acc_type<T>* mean,
                     const acc_type<T>* scale, const acc_type<T>* bias) {
-  const int64_t S = g.spatial;
-  for (int64_t r = begin; r < end; ++r) {
-    const int64_t c = r % g.channels;
+  for_each_row(g, begin, end, [&](int64_t c, int64_t offset) {
     const acc_type<T> m = mean[c], s = scale[c], b = bias[c];
-    map_values(S, Inputs<T, 1>{x + r * S}, y + r * S,
+    map_values(g.spatial, Inputs<T, 1>{x + offset}, y + offset,
                [=](const auto& v, int k) { return normalize_value(v[0][k], m, s, b); });
-  }
+  });
 }
 
 template <typename T>
 void rows_grad_sums(const T* dy, const T* x, const Geometry& g, int64_t begin, int64_t end,
                     const acc_type<T>* mean, double* sum_dy, double* sum_dy_xmu) {
   using acc_t = acc_type<T>;
-  const int64_t S = g.spatial;
-  for (int64_t r = begin; r < end; ++r) {
-    const int64_t c = r % g.channels;
+  for_each_row(g, begin, end, [&](int64_t c, int64_t offset) {
     const acc_t row_mean = mean[c];
-    sum_values<kRowLanes>(S, Inputs<T, 2>{dy + r * S, x + r * S}, [row_mean](const auto& v, int k, acc_t& a, acc_t& b) {
-      add_grad_terms(v[0][k], v[1][k], row_mean, a, b);
-    }, sum_dy[c], sum_dy_xmu[c]);
-  }
+    sum_values<kRowLanes>(g.spatial, Inputs<T, 2>{dy + offset, x + offset},
+                          [row_mean](const auto& v, int k, acc_t& a, acc_t& b) {
+                            add_grad_terms(v[0][k], v[1][k], row_mean, a, b);
+                          }, sum_dy[c], sum_dy_xmu[c]);
+  });
 }
 
 template <typename T>
 void rows_grad_input(const T* dy, const T* x, T* dx, const Geometry& g, int64_t begin, int64_t end,
                      const GradInputCoefficients<acc_type<T>>* k) {
-  const int64_t S = g.spatial;
-  for (int64_t r = begin; r < end; ++r) {
-    const GradInputCoefficients<acc_type<T>> row_k = k[r % g.channels];
-    map_values(S, Inputs<T, 2>{dy + r * S, x + r * S}, dx + r * S,
+  for_each_row(g, begin, end, [&](int64_t c, int64_t offset) {
+    const GradInputCoefficients<acc_type<T>> row_k = k[c];
+    map_values(g.spatial, Inputs<T, 2>{dy + offset, x + offset}, dx + offset,
                [&row_k](const auto& v, int i) { return grad_input_value(v[0][i], v[1][i], row_k); });
-  }
+  });
 }
 
 // ---------------------------------------------------------------------------
