@@ -203,3 +203,19 @@ def test_benchmarks_readme_documents_every_json_field():
     readme = (pathlib.Path(__file__).parents[1] / "benchmarks" / "README.md").read_text()
     for field in benchmark.ROW_FIELDS:
         assert f"| `{field}` |" in readme
+
+
+def test_cpu_suite_runs_issue_5s_workloads():
+    """benchmarks/cpu_suite.py: issue 5's shapes, dtypes, layouts and passes against both peers, on 2
+    threads set explicitly (the Timer's default is 1)."""
+    assert set(benchmark.PRESETS["full"]) == {
+        (32, 64, 56, 56), (64, 64, 112, 112), (64, 512, 7, 7), (8, 3, 224, 224),
+        (128, 256, 14, 14), (8192, 512), (4, 32, 16, 32, 32),
+    }
+    suite = runpy.run_path(str(pathlib.Path(__file__).parents[1] / "benchmarks" / "cpu_suite.py"))
+    options = dict(zip(suite["OPTIONS"][1::2], suite["OPTIONS"][2::2]))
+    assert options["--preset"] == "full" and options["--threads"] == "2"
+    assert set(options["--dtypes"].split(",")) == {"float32", "bfloat16"}
+    assert set(options["--layouts"].split(",")) == {"contiguous", "channels_last"}
+    assert set(options["--passes"].split(",")) == {"fwd", "bwd", "fwdbwd", "eval"}
+    assert set(options["--peers"].split(",")) == {"native", "compile"}
