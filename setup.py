@@ -33,7 +33,8 @@ def _extension():
     # kernels run on one thread. libgomp resolves to the one torch loaded.
     cxx_flags = ["-O3", "-Wall", "-Wno-unused-function", "-fopenmp"]
     link_flags = ["-fopenmp"]
-    sources = ["csrc/ops.cpp", "csrc/cpu/kernels.cpp", "csrc/cpu/batch_norm_cpu.cpp"]
+    sources = ["csrc/ops.cpp", "csrc/checks.cpp", "csrc/autograd.cpp", "csrc/cpu/kernels.cpp",
+               "csrc/cpu/batch_norm_cpu.cpp"]
     include_dirs = [os.path.join(HERE, "csrc")]
     if not _cuda_build_possible():
         return cpp_extension.CppExtension(

@@ -14,7 +14,8 @@ namespace safebn {
 void check_input(const at::Tensor& input);
 
 // Validates a per-channel tensor (weight, bias, mean, invstd, running stats):
-// C elements, on the input's device, of the input's dtype or a float dtype.
+// C elements, on the input's device, of the input's dtype or, for a float16 or
+// bfloat16 input, float32 (nn.BatchNorm's pairing).
 void check_channel_tensor(const at::Tensor& t, const at::Tensor& input, const char* name);
 void check_channel_tensor(const std::optional<at::Tensor>& t, const at::Tensor& input, const char* name);
 
@@ -23,6 +24,16 @@ void check_eps(double eps);
 // What every device's update_running_stats requires of its buffers.
 void check_update_args(const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
                        const std::optional<at::Tensor>& num_batches_tracked, std::optional<double> momentum);
+
+// A module's counters: kNumCounters contiguous int64 values on `device`.
+void check_counters(const std::optional<at::Tensor>& counters, const at::Device& device);
+
+// What batch_norm_train requires of the buffers it updates, checked before
+// anything is computed: an error leaves every buffer as it was.
+void check_training_buffers(const at::Tensor& input, const std::optional<at::Tensor>& running_mean,
+                            const std::optional<at::Tensor>& running_var,
+                            const std::optional<at::Tensor>& num_batches_tracked,
+                            const std::optional<at::Tensor>& counters, std::optional<double> momentum);
 
 // The input in a layout the kernels walk directly: contiguous, channels_last
 // or channels_last_3d are returned as they are; any other strides are copied

@@ -7,16 +7,22 @@
 namespace safebn {
 
 // Slots of the per-module int64 counters tensor. torch_safebn/safety.py names
-// them in the same order (COUNTER_NAMES); tests/test_ops.py checks the two agree.
+// them in the same order (Counter); tests/test_ops.py checks the two agree.
 enum Counter : int64_t {
-  kBatches = 0,           // training batches the update op saw
+  kBatches = 0,           // training batches the update saw
   kSkippedUpdates,        // batches that left the running statistics untouched
   kNonFiniteEvents,       // batches or eval calls with non-finite statistics/parameters
   kDegenerateBatches,     // one value per channel, normalized with running stats
   kSingleSampleBatches,   // N == 1 with more than one value per channel
   kLowVarianceChannels,   // channel-batches whose variance was below eps
-  kBadMeanChannels,       // channels at fault in the latest non-finite event:
-  kBadVarChannels,        //   mean, variance (or running_var + eps <= 0),
+  kReportedEvents,        // non-finite events the host has raised or warned about (written by the host)
+  // The first non-finite event not yet reported, kept until the host reports
+  // it, so that an error names where the trouble began rather than its latest
+  // consequence:
+  kEventStep,             //   training batches seen before it
+  kEventInTraining,       //   1 in a training batch, 0 in an eval call
+  kBadMeanChannels,       //   channels at fault: mean, variance (or running_var + eps <= 0),
+  kBadVarChannels,
   kBadWeightChannels,     //   weight,
   kBadBiasChannels,       //   bias
   kNumCounters
@@ -83,13 +89,18 @@ SAFEBN_HOST_DEVICE ChannelFaults eval_faults(
   return f;
 }
 
-// Records a non-finite event with the channels at fault.
-SAFEBN_HOST_DEVICE void record_nonfinite(int64_t* counters, const ChannelFaults& f) {
+// Records a non-finite event, and describes it when it is the first one the
+// host has not reported yet. In a training batch, kBatches already counts it.
+SAFEBN_HOST_DEVICE void record_nonfinite(int64_t* counters, const ChannelFaults& f, bool training) {
+  if (counters[kNonFiniteEvents] == counters[kReportedEvents]) {
+    counters[kEventStep] = training ? counters[kBatches] - 1 : counters[kBatches];
+    counters[kEventInTraining] = training;
+    counters[kBadMeanChannels] = f.mean;
+    counters[kBadVarChannels] = f.var;
+    counters[kBadWeightChannels] = f.weight;
+    counters[kBadBiasChannels] = f.bias;
+  }
   counters[kNonFiniteEvents] += 1;
-  counters[kBadMeanChannels] = f.mean;
-  counters[kBadVarChannels] = f.var;
-  counters[kBadWeightChannels] = f.weight;
-  counters[kBadBiasChannels] = f.bias;
 }
 
 }  // namespace safebn

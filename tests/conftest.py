@@ -46,3 +46,13 @@ def module_pair(num_features, dim, param_dtype=torch.float32, seed=0, **native_o
 def assert_close(actual, expected, dtype, what=""):
     atol, rtol = TOLERANCE[dtype]
     torch.testing.assert_close(actual.to(torch.float64), expected.to(torch.float64), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+
+
+def forward_train(x, weight=None, bias=None, eps=1e-5):
+    """The training forward's (output, mean, invstd), no buffers given."""
+    return torch.ops.safebn.batch_norm_train(x, weight, bias, None, None, None, None, 0.1, eps)
+
+
+def forward_eval(x, weight, bias, running_mean, running_var, eps=1e-5):
+    """The eval forward's output, unchecked."""
+    return torch.ops.safebn.batch_norm_eval(x, weight, bias, running_mean, running_var, None, eps)

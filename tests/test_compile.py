@@ -1,8 +1,11 @@
-"""torch.compile(fullgraph=True) over a conv-bn-relu model: no graph break,
-same numbers as eager, running statistics updated the same way."""
+"""torch.compile(fullgraph=True), torch.export and torch.fx over converted
+models: no graph break, no more recompiles than native over batch sizes, the
+same numbers as eager, the running statistics updated the same way, and the
+same errors and warnings at the same step."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -41,3 +44,123 @@ def test_compiled_model_matches_eager(training):
     largest = max(p.grad.abs().max().item() for p in eager.parameters())
     for (name, a), (_, b) in zip(eager.named_parameters(), compiled_model.named_parameters()):
         torch.testing.assert_close(b.grad, a.grad, atol=2e-6 * largest, rtol=1e-5, msg=name)
+
+
+def test_no_graph_break():
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(_model())(torch.randn(4, 3, 10, 10))
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+def _graphs_over_batch_sizes(model, dynamic):
+    """How many graphs torch.compile makes for a training step over changing batch sizes."""
+    torch._dynamo.reset()
+    graphs = []
+    aot_eager = torch._dynamo.lookup_backend("aot_eager")
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return aot_eager(gm, example_inputs)
+
+    compiled = torch.compile(model, backend=counting, dynamic=dynamic, fullgraph=True)
+    for n in (2, 3, 4, 5, 8, 2, 7, 9, 10, 11, 12, 13):
+        compiled(torch.randn(n, 3, 10, 10)).sum().backward()
+    return len(graphs)
+
+
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_changing_batch_sizes_recompile_no_more_than_native(dynamic):
+    torch.manual_seed(0)
+    native = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.BatchNorm2d(8))
+    safe = torch_safebn.convert_model(copy.deepcopy(native))
+    assert _graphs_over_batch_sizes(safe, dynamic) <= _graphs_over_batch_sizes(native, dynamic) <= 2
+
+
+def test_mark_dynamic_batch():
+    torch._dynamo.reset()
+    x = torch.randn(4, 3, 10, 10)
+    torch._dynamo.mark_dynamic(x, 0)
+    model = _model()
+    expected = copy.deepcopy(model)(x)
+    torch.testing.assert_close(torch.compile(model, fullgraph=True, backend="aot_eager")(x), expected)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_export_with_a_dynamic_batch(training):
+    model = _model().train(training)
+    eager = copy.deepcopy(model)
+    program = torch.export.export(model, (torch.randn(4, 3, 10, 10),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+    ops = [str(n.target) for n in program.graph.nodes if "safebn" in str(n.target)]
+    assert ops == [f"safebn.batch_norm_{'train' if training else 'eval'}.default"] * 2
+    exported = program.module()
+    for n in (6, 3):
+        x = torch.randn(n, 3, 10, 10)
+        torch.testing.assert_close(exported(x), eager(x), atol=1e-5, rtol=1e-5)
+    if training:  # the exported program updates the running statistics as the module does
+        torch.testing.assert_close(exported.state_dict()["1.running_var"], eager[1].running_var)
+
+
+def _train_the_report_model(seed, compiled, steps=12):
+    """The motivating report: BatchNorm2d -> Conv2d on one [1, 1, 1, 16] example, SGD lr=0.1.
+    Returns (the step that raised, its message, the warnings (text, file), the counters after)."""
+    torch._dynamo.reset()
+    torch.manual_seed(seed)
+    example = torch.randn(1, 1, 1, 16)
+    model = torch_safebn.convert_model(nn.Sequential(nn.BatchNorm2d(1), nn.Conv2d(1, 1, [1, 16])))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    forward = torch.compile(model, fullgraph=True) if compiled else model
+    step, message = None, None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(steps):
+            try:
+                loss = (forward(example) - 1).square().mean()  # the warnings' line
+            except torch_safebn.NonFiniteError as error:
+                message = str(error)
+                break
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    warned = [(str(w.message), w.filename) for w in caught if issubclass(w.category, RuntimeWarning)]
+    return step, message, warned, model[0].safety_counters.tolist()
+
+
+def test_compiled_code_raises_and_warns_as_eager_at_the_same_step():
+    eager = _train_the_report_model(seed=0, compiled=False)
+    compiled = _train_the_report_model(seed=0, compiled=True)
+    step, message, warned, counters = eager
+    assert message is not None and "at training step 7" in message, "seed 0 diverges at step 7"
+    assert compiled == eager
+    assert len(warned) == 1 and "single example" in warned[0][0] and warned[0][1] == __file__
+
+
+def test_fx_sees_a_converted_model_as_it_sees_the_native_one():
+    """torch.fx records torch.nn's batch norms as module calls; the converted ones too, so that a
+    traced model keeps its guards, and torchvision's feature extraction finds the same nodes."""
+    from torchvision.models import resnet18
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    torch.manual_seed(0)
+    native = resnet18(num_classes=10)
+    safe = torch_safebn.convert_model(copy.deepcopy(native))
+    traced_native, traced_safe = torch.fx.symbolic_trace(native), torch.fx.symbolic_trace(safe)
+    nodes = [[(n.op, str(n.target)) for n in traced.graph.nodes] for traced in (traced_native, traced_safe)]
+    assert nodes[1] == nodes[0] and ("call_module", "layer1.0.bn1") in nodes[1]
+    assert isinstance(traced_safe.get_submodule("layer1.0.bn1"), torch_safebn.SafeBatchNorm2d)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(traced_safe(x), traced_native(x), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(safe.bn1.running_var, native.bn1.running_var)  # the traced call trained them
+    assert get_graph_node_names(safe) == get_graph_node_names(native)
+    returns = {"layer1.0.bn1": "bn", "layer4": "features"}
+    safe_features = create_feature_extractor(safe.eval(), returns)(x)
+    native_features = create_feature_extractor(native.eval(), returns)(x)
+    for key in returns.values():
+        torch.testing.assert_close(safe_features[key], native_features[key], atol=1e-4, rtol=1e-4)
+
+
+def test_fx_tracing_a_lone_batch_norm_fails_as_native():
+    """As the root of a trace a module is traced into, and native batch norm's input check stops it."""
+    for module in (nn.BatchNorm2d(3), torch_safebn.SafeBatchNorm2d(3)):
+        with pytest.raises(torch.fx.proxy.TraceError):
+            torch.fx.symbolic_trace(module)

@@ -12,7 +12,8 @@ import os
 import pytest
 import torch
 
-import torch_safebn  # noqa: F401  (registers the ops)
+import torch_safebn
+from conftest import forward_eval, forward_train
 from torch_safebn.safety import NUM_COUNTERS, Counter
 
 OPS = torch.ops.safebn
@@ -89,14 +90,13 @@ def test_every_op_matches_cpu(shape, layout, dtype):
     w, b = params(C, dtype)
     dx, ddy, dw, db = on_device(x), on_device(dy), on_device(w), on_device(b)
 
-    y, mean, invstd = OPS.forward_train(x, w, b, eps)
-    y_d, mean_d, invstd_d = OPS.forward_train(dx, dw, db, eps)
+    y, mean, invstd = forward_train(x, w, b, eps)
+    y_d, mean_d, invstd_d = forward_train(dx, dw, db, eps)
     assert y_d.stride() == y.stride(), "the output keeps the input's layout"
-    assert_close(y_d, y, dtype, "forward_train output")
+    assert_close(y_d, y, dtype, "batch_norm_train output")
     assert_close(mean_d, mean, torch.float64 if dtype == torch.float64 else torch.float32, "mean")
     assert_close(invstd_d, invstd, torch.float64 if dtype == torch.float64 else torch.float32, "invstd")
-    assert_close(OPS.forward_train(dx, None, None, eps)[0], OPS.forward_train(x, None, None, eps)[0], dtype,
-                 "forward_train without affine")
+    assert_close(forward_train(dx, eps=eps)[0], forward_train(x, eps=eps)[0], dtype, "batch_norm_train without affine")
 
     m, v = OPS.batch_stats(x)
     m_d, v_d = OPS.batch_stats(dx)
@@ -104,8 +104,8 @@ def test_every_op_matches_cpu(shape, layout, dtype):
     assert_close(v_d, v, acc_dtype(dtype), "batch_stats var")
     assert_close(OPS.normalize(dx, dw, db, on_device(mean), on_device(invstd)),
                  OPS.normalize(x, w, b, mean, invstd), dtype, "normalize")
-    assert_close(OPS.forward_eval(dx, dw, None, on_device(m), on_device(v), eps),
-                 OPS.forward_eval(x, w, None, m, v, eps), dtype, "forward_eval")
+    assert_close(forward_eval(dx, dw, None, on_device(m), on_device(v), eps),
+                 forward_eval(x, w, None, m, v, eps), dtype, "batch_norm_eval")
 
     for train in (True, False):
         for mask in ([True, True, True], [True, False, False], [False, True, True]):
@@ -135,8 +135,8 @@ def test_unaligned_views_take_the_scalar_path(dtype):
     """A view one element into its storage cannot be read in 16-byte packs."""
     base = make((4 * 6 * 8 * 8 + 1,), dtype, "contiguous", seed=3)
     x = base[1:].view(4, 6, 8, 8)
-    y, mean, invstd = OPS.forward_train(x, None, None, 1e-5)
-    y_d, mean_d, invstd_d = OPS.forward_train(on_device(base)[1:].view(4, 6, 8, 8), None, None, 1e-5)
+    y, mean, invstd = forward_train(x)
+    y_d, mean_d, invstd_d = forward_train(on_device(base)[1:].view(4, 6, 8, 8))
     assert_close(y_d, y, dtype, "output")
     assert_close(mean_d, mean, torch.float32, "mean")
 
@@ -154,7 +154,7 @@ def test_large_offset_statistics_in_float32(shape, layout):
 
 def test_empty_inputs_match_cpu():
     x = torch.empty(0, 3, 4, 4)
-    y_d, mean_d, invstd_d = OPS.forward_train(on_device(x), None, None, 1e-5)
+    y_d, mean_d, invstd_d = forward_train(on_device(x))
     assert y_d.shape == x.shape and mean_d.isnan().all() and invstd_d.isnan().all()
     w, invstd = torch.ones(3), torch.full((3,), float("nan"))
     expected = OPS.backward(x, x, w, torch.zeros(3), invstd, True, [True, True, True])
@@ -197,30 +197,60 @@ def test_update_running_stats_matches_cpu(buffer_dtype):
         torch.testing.assert_close(a, e, rtol=rtol, atol=0, msg=lambda m: f"{name}: {m}")
 
 
-def test_check_eval_stats_matches_cpu():
+def _training_sequence(device, buffer_dtype):
+    """batch_norm_train's guard over a sequence of batches (clean, non-finite, one example,
+    overflowing float16 buffers, empty), as a module calls it."""
+    rm = torch.zeros(3, dtype=buffer_dtype, device=device)
+    rv = torch.ones(3, dtype=buffer_dtype, device=device)
+    nbt = torch.tensor(0, device=device)
+    counters = torch.zeros(NUM_COUNTERS, dtype=torch.int64, device=device)
+    dtype = torch.float16 if buffer_dtype == torch.float16 else torch.float32
+    batches = [make((4, 3, 5), dtype, "contiguous", seed=s) for s in range(3)]
+    batches[1][0, 2, 0] = float("nan")
+    batches.append(make((1, 3, 7), dtype, "contiguous", seed=3))  # one example
+    batches.append((make((4, 3, 5), torch.float32, "contiguous", seed=4) * 2e4).to(dtype))  # var overflows float16
+    batches.append(torch.empty(0, 3, 5, dtype=dtype))
+    for momentum, x in zip((None, 0.1, 0.1, 0.2, 0.5, 0.1), batches):
+        OPS.batch_norm_train(x.to(device), None, None, rm, rv, nbt, counters, momentum, 1e-5)
+    return rm.cpu(), rv.cpu(), nbt.cpu(), counters.cpu()
+
+
+@pytest.mark.parametrize("buffer_dtype", [torch.float32, torch.float16], ids=str)
+def test_batch_norm_train_guard_matches_cpu(buffer_dtype):
+    expected = _training_sequence("cpu", buffer_dtype)
+    actual = _training_sequence(DEVICE, buffer_dtype)
+    rtol = 1e-3 if buffer_dtype == torch.float16 else 1e-6
+    for name, a, e in zip(("running_mean", "running_var", "num_batches_tracked", "counters"), actual, expected):
+        torch.testing.assert_close(a, e, rtol=rtol, atol=0, msg=lambda m: f"{name}: {m}")
+    assert expected[3][Counter.SINGLE_SAMPLE_BATCHES] == 1 and expected[3][Counter.NONFINITE_EVENTS] >= 1
+
+
+def test_eval_check_matches_cpu():
     def run(device):
         counters = torch.zeros(NUM_COUNTERS, dtype=torch.int64, device=device)
         one = torch.ones(4, device=device)
-        OPS.check_eval_stats(counters, one, one, one, one, 1e-5)
+        x = torch.ones(3, 4, device=device)
+        OPS.batch_norm_eval(x, one, one, one, one, counters, 1e-5)
         bad_var = torch.tensor([1.0, -1.0, float("nan"), 1.0], device=device)
         bad_bias = torch.tensor([0, float("inf"), 0, 0], device=device)
-        OPS.check_eval_stats(counters, one, bad_var, None, bad_bias, 1e-5)
-        OPS.forward_inference(torch.ones(3, 4, device=device), None, bad_bias, one, bad_var, 1e-5, counters)
+        OPS.batch_norm_eval(x, None, bad_bias, one, bad_var, counters, 1e-5)
+        OPS.batch_norm_eval(x, None, None, one, bad_var, counters, 1e-5)
         return counters.cpu()
 
     actual, expected = run(DEVICE), run("cpu")
     assert torch.equal(actual, expected), (actual, expected)
-    # Two events; the channel slots hold the latest event's channels.
+    # Two events, none reported: the channel slots describe the first.
     assert actual[Counter.NONFINITE_EVENTS] == 2 and actual[Counter.BAD_VAR_CHANNELS] == 2
+    assert actual[Counter.BAD_BIAS_CHANNELS] == 1 and actual[Counter.EVENT_IN_TRAINING] == 0
 
 
 @pytest.mark.parametrize("shape,layout", [((20, 6, 64, 64), "contiguous"), ((16, 64, 16, 16), "channels_last")])
 def test_results_are_deterministic(shape, layout):
     x = on_device(make(shape, torch.float32, layout, seed=5))
     dy = on_device(make(shape, torch.float32, layout, seed=6))
-    first = OPS.forward_train(x, None, None, 1e-5)
+    first = forward_train(x)
     grads = OPS.backward(dy, x, None, first[1], first[2], True, [True, False, False])
-    again = OPS.forward_train(x, None, None, 1e-5)
+    again = forward_train(x)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert torch.equal(grads[0], OPS.backward(dy, x, None, first[1], first[2], True, [True, False, False])[0])
 
@@ -234,15 +264,16 @@ def test_no_op_synchronizes_with_the_host():
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        y, mean, invstd = OPS.forward_train(x, w, b, 1e-5)
+        y, mean, invstd = OPS.batch_norm_train(x, w, b, rm, rv, nbt, counters, None, 1e-5)
         OPS.update_running_stats(rm, rv, nbt, counters, mean, invstd, w, b, 8 * 144, 1e-5, None)
         OPS.backward(y, x, w, mean, invstd, True, [True, True, True])
-        OPS.check_eval_stats(counters, rm, rv, w, b, 1e-5)
-        OPS.forward_eval(x, w, b, rm, rv, 1e-5)
-        OPS.forward_inference(x, w, b, rm, rv, 1e-5, counters)
+        OPS.batch_norm_eval(x, w, b, rm, rv, counters, 1e-5)
+        bn = torch_safebn.SafeBatchNorm2d(16, device=DEVICE)
+        bn(x).sum().backward()
+        bn.eval()(x)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert nbt.item() == 1 and counters[Counter.BATCHES].item() == 1
+    assert nbt.item() == 2 and counters[Counter.BATCHES].item() == 2
 
 
 @pytest.mark.parametrize("shape,dtype,layout", [((4, 6, 5, 3), torch.float32, "contiguous"),
@@ -258,19 +289,18 @@ def test_opcheck_every_op(shape, dtype, layout):
     invstd = torch.rsqrt(var + eps)
     sum_dy, sum_dy_xmu = OPS.backward_reduce(grad, x, mean)
     counters = torch.zeros(NUM_COUNTERS, dtype=torch.int64, device=x.device)
+    buffers = (torch.zeros_like(mean), torch.ones_like(mean), torch.tensor(0, device=x.device), counters)
     calls = [
-        (OPS.forward_train.default, (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), eps)),
-        (OPS.forward_eval.default, (x, w, b, mean, var, eps)),
+        (OPS.batch_norm_train.default, (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(),
+                                        *[t.clone() for t in buffers], 0.1, eps)),
+        (OPS.batch_norm_eval.default, (x, w, b, mean, var, counters.clone(), eps)),
         (OPS.backward.default, (grad, x.detach(), w.detach(), mean, invstd, True, [True, True, True])),
         (OPS.batch_stats.default, (x.detach(),)),
         (OPS.normalize.default, (x.detach(), w.detach(), b.detach(), mean, invstd)),
         (OPS.backward_reduce.default, (grad, x.detach(), mean)),
         (OPS.backward_elemt.default, (grad, x.detach(), w.detach(), mean, invstd, sum_dy, sum_dy_xmu, count)),
-        (OPS.update_running_stats.default, (torch.zeros_like(mean), torch.ones_like(mean),
-                                            torch.tensor(0, device=x.device), counters, mean, invstd,
+        (OPS.update_running_stats.default, (*[t.clone() for t in buffers], mean, invstd,
                                             w.detach(), b.detach(), count, eps, None)),
-        (OPS.check_eval_stats.default, (counters.clone(), mean, var, w.detach(), b.detach(), eps)),
-        (OPS.forward_inference.default, (x.detach(), w.detach(), b.detach(), mean, var, eps, counters.clone())),
     ]
     for op, args in calls:
         torch.library.opcheck(op, args)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import LAYOUTS, make_input
+from conftest import LAYOUTS, forward_eval, forward_train, make_input
 
 OPS = torch.ops.safebn
 
@@ -19,14 +19,14 @@ def test_large_offset_variance_in_float32(shape, layout):
     mean, var = OPS.batch_stats(x64.float())
     assert torch.allclose(var.double(), var64, rtol=1e-4, atol=0), (var, var64)
     assert torch.allclose(mean.double(), mean64, rtol=1e-7, atol=0)
-    _, _, invstd = OPS.forward_train(x64.float(), None, None, 1e-5)
+    _, _, invstd = forward_train(x64.float(), None, None, 1e-5)
     assert torch.allclose(invstd.double(), torch.rsqrt(var64 + 1e-5), rtol=1e-4, atol=0)
 
 
 def test_large_offset_normalized_output_in_float32():
     x64 = make_input((32, 3, 32, 32), torch.float64, offset=1e4)
-    y, _, _ = OPS.forward_train(x64.float(), None, None, 1e-5)
-    y64, _, _ = OPS.forward_train(x64, None, None, 1e-5)
+    y, _, _ = forward_train(x64.float(), None, None, 1e-5)
+    y64, _, _ = forward_train(x64, None, None, 1e-5)
     # x - mean is exact to float32's spacing at 1e4 (~1e-3); nothing is lost beyond that
     assert (y.double() - y64).abs().max() < 2e-3
 
@@ -72,7 +72,7 @@ def test_bfloat16_rounds_like_torch_in_every_walk(shape, layout):
     per_channel[1] = channels
     w = weight.view(per_channel)
 
-    y = OPS.forward_eval(x, weight, zeros, zeros, var, eps)
+    y = forward_eval(x, weight, zeros, zeros, var, eps)
     assert y.stride() == x.stride()
     assert_same_bits(y, ((x.float() - 0) * w + 0).to(torch.bfloat16))
 

@@ -7,7 +7,8 @@ import resource
 import pytest
 import torch
 
-from conftest import LAYOUTS, make_input
+import torch_safebn
+from conftest import LAYOUTS, forward_eval, forward_train, make_input
 from torch_safebn import _ops, reference
 from torch_safebn.safety import NUM_COUNTERS, Counter
 
@@ -30,6 +31,11 @@ def _args(shape, dtype, layout, requires_grad=False):
     return x, w, b
 
 
+def _buffers(C, acc, nbt=0):
+    """running_mean, running_var, num_batches_tracked and counters of a fresh module."""
+    return torch.zeros(C, dtype=acc), torch.ones(C, dtype=acc), torch.tensor(nbt), torch.zeros(NUM_COUNTERS, dtype=torch.int64)
+
+
 @pytest.mark.parametrize("shape,dtype,layout", CASES)
 def test_opcheck_every_op(shape, dtype, layout):
     x, w, b = _args(shape, dtype, layout, requires_grad=True)
@@ -41,26 +47,41 @@ def test_opcheck_every_op(shape, dtype, layout):
     sum_dy, sum_dy_xmu = OPS.backward_reduce(grad, x.detach(), mean)
     count = x.numel() // C
     calls = [
-        (OPS.forward_train.default, (x, w, b, eps)),
-        (OPS.forward_train.default, (x, None, None, eps)),
-        (OPS.forward_eval.default, (x, w, b, mean, var, eps)),
+        (OPS.batch_norm_train.default, (x, w, b, *_buffers(C, acc), 0.1, eps)),
+        (OPS.batch_norm_train.default, (x, w, b, *_buffers(C, acc, nbt=3), None, eps)),  # cumulative average
+        (OPS.batch_norm_train.default, (x, None, None, None, None, None, None, 0.1, eps)),
+        (OPS.batch_norm_eval.default, (x, w, b, mean, var, torch.zeros(NUM_COUNTERS, dtype=torch.int64), eps)),
+        (OPS.batch_norm_eval.default, (x, None, None, mean, var, None, eps)),
         (OPS.backward.default, (grad, x.detach(), w.detach(), mean, invstd, True, [True, True, True])),
         (OPS.backward.default, (grad, x.detach(), w.detach(), mean, invstd, False, [True, False, True])),
         (OPS.batch_stats.default, (x.detach(),)),
         (OPS.normalize.default, (x.detach(), w.detach(), b.detach(), mean, invstd)),
         (OPS.backward_reduce.default, (grad, x.detach(), mean)),
         (OPS.backward_elemt.default, (grad, x.detach(), w.detach(), mean, invstd, sum_dy, sum_dy_xmu, count)),
-        (OPS.update_running_stats.default, (torch.zeros(C, dtype=acc), torch.ones(C, dtype=acc),
-                                            torch.tensor(0), torch.zeros(NUM_COUNTERS, dtype=torch.int64),
-                                            mean, invstd, w.detach(), b.detach(), count, eps, None)),
-        (OPS.check_eval_stats.default, (torch.zeros(NUM_COUNTERS, dtype=torch.int64), mean, var,
-                                        w.detach(), b.detach(), eps)),
-        (OPS.forward_inference.default, (x.detach(), w.detach(), b.detach(), mean, var, eps,
-                                         torch.zeros(NUM_COUNTERS, dtype=torch.int64))),
-        (OPS.forward_inference.default, (x.detach(), None, None, mean, var, eps, None)),
+        (OPS.update_running_stats.default, (*_buffers(C, acc), mean, invstd, w.detach(), b.detach(), count, eps, None)),
     ]
     for op, args in calls:
         torch.library.opcheck(op, args)
+
+
+def test_opcheck_a_skipped_update():
+    """The guard's other branch: a float16 batch whose variance would overflow float16 buffers
+    (its NaN-free outputs let opcheck compare them)."""
+    x = make_input((4, 3, 2, 2), torch.float16, scale=2e4).requires_grad_()
+    assert torch.isfinite(x).all()
+    running_mean, running_var = torch.zeros(3, dtype=torch.float16), torch.ones(3, dtype=torch.float16)
+    counters = torch.zeros(NUM_COUNTERS, dtype=torch.int64)
+    args = (x, None, None, running_mean, running_var, torch.tensor(0), counters, 0.1, 1e-5)
+    torch.library.opcheck(OPS.batch_norm_train.default, args)
+    OPS.batch_norm_train(*args)
+    assert counters[Counter.SKIPPED_UPDATES] == 1 and torch.equal(running_var, torch.ones(3, dtype=torch.float16))
+
+
+def test_opcheck_observe():
+    """The host's op: a module's state acts on its counters (here: nothing to report)."""
+    bn = torch_safebn.SafeBatchNorm2d(3)
+    bn(make_input((4, 3, 2, 2)))
+    torch.library.opcheck(OPS.observe.default, (bn.safety_counters, bn.safety_state.id, [4, 3, 2, 2], 0))
 
 
 def test_fallback_schemas_equal_the_compiled_ones():
@@ -82,14 +103,32 @@ def test_counter_slots_agree_with_the_kernels():
     c = torch.zeros(NUM_COUNTERS, dtype=torch.int64)
     ok = torch.ones(3)
     _update(c, ok, ok)
-    assert c.tolist() == [1, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+    assert c.tolist() == [1] + [0] * (NUM_COUNTERS - 1)
+    _update(c, ok, ok)
     _update(c, torch.tensor([float("nan"), 0.0, 0.0]), ok, weight=torch.tensor([1.0, float("inf"), float("inf")]))
-    assert c[Counter.BATCHES] == 2 and c[Counter.SKIPPED_UPDATES] == 1 and c[Counter.NONFINITE_EVENTS] == 1
+    assert c[Counter.BATCHES] == 3 and c[Counter.SKIPPED_UPDATES] == 1 and c[Counter.NONFINITE_EVENTS] == 1
+    assert c[Counter.EVENT_STEP] == 2 and c[Counter.EVENT_IN_TRAINING] == 1 and c[Counter.REPORTED_EVENTS] == 0
     assert c[Counter.BAD_MEAN_CHANNELS] == 1 and c[Counter.BAD_WEIGHT_CHANNELS] == 2
     assert c[Counter.BAD_VAR_CHANNELS] == 0 and c[Counter.BAD_BIAS_CHANNELS] == 0
     _update(c, torch.zeros(3), torch.full((3,), 1e5))  # variance 1e-10 - far below eps
     assert c[Counter.LOW_VARIANCE_CHANNELS] == 3
     assert len(Counter) == NUM_COUNTERS == c.numel()
+
+
+@pytest.mark.parametrize("impl", ["compiled", "reference"])
+def test_the_first_unreported_event_is_the_one_described(impl):
+    """A later event does not overwrite the description of one the host has not
+    reported; once the host marks it reported, the next event is described."""
+    update = OPS.update_running_stats if impl == "compiled" else reference.update_running_stats
+    c = torch.zeros(NUM_COUNTERS, dtype=torch.int64)
+    ok, nan = torch.ones(3), torch.tensor([float("nan"), 0.0, 0.0])
+    for mean, weight in ((ok, None), (nan, None), (ok, torch.tensor([float("inf")] * 3))):
+        update(None, None, None, c, mean, ok, weight, None, 8, 1e-5, 0.1)
+    assert c[Counter.NONFINITE_EVENTS] == 2 and c[Counter.EVENT_STEP] == 1
+    assert c[Counter.BAD_MEAN_CHANNELS] == 1 and c[Counter.BAD_WEIGHT_CHANNELS] == 0
+    c[Counter.REPORTED_EVENTS] = 2
+    update(None, None, None, c, ok, ok, torch.tensor([1.0, float("inf"), 1.0]), None, 8, 1e-5, 0.1)
+    assert c[Counter.EVENT_STEP] == 3 and c[Counter.BAD_WEIGHT_CHANNELS] == 1 and c[Counter.BAD_MEAN_CHANNELS] == 0
 
 
 @pytest.mark.parametrize("impl", ["compiled", "reference"])
@@ -118,9 +157,9 @@ def test_an_input_without_channels_gives_empty_results(layout):
     divide by the channel count, which would end the process."""
     x = torch.randn(4, 0, 5, 5).contiguous(memory_format=LAYOUTS[layout])
     empty = torch.zeros(0)
-    y, mean, invstd = torch.ops.safebn.forward_train(x, None, None, 1e-5)
+    y, mean, invstd = forward_train(x)
     assert y.shape == x.shape and mean.numel() == invstd.numel() == 0
-    assert torch.ops.safebn.forward_eval(x, None, None, empty, empty, 1e-5).shape == x.shape
+    assert forward_eval(x, None, None, empty, empty).shape == x.shape
     for train in (True, False):
         dx, dw, db = torch.ops.safebn.backward(x, x, empty, empty, empty, train, [True, True, True])
         assert dx.shape == x.shape and dw.numel() == db.numel() == 0
@@ -130,7 +169,7 @@ def test_an_input_without_channels_gives_empty_results(layout):
 def test_an_empty_batch_has_undefined_statistics():
     """N = 0: no values, so every channel's mean and variance are NaN (the CUDA ops alike)."""
     x = torch.randn(0, 3, 4, 4)
-    y, mean, invstd = OPS.forward_train(x, None, None, 1e-5)
+    y, mean, invstd = forward_train(x)
     assert y.shape == x.shape and mean.shape == invstd.shape == (3,)
     assert mean.isnan().all() and invstd.isnan().all()
     assert all(t.shape == (3,) and t.isnan().all() for t in OPS.batch_stats(x))
@@ -148,9 +187,8 @@ def test_large_outputs_reuse_freed_blocks_and_write_every_element(shape, layout)
     invstd = torch.rsqrt(var + 1e-5)
     sum_dy, sum_dy_xmu = OPS.backward_reduce(dy, x, mean)
     calls = {
-        "forward_train": lambda: OPS.forward_train(x, w, b, 1e-5)[0],
-        "forward_eval": lambda: OPS.forward_eval(x, w, b, mean, var, 1e-5),
-        "forward_inference": lambda: OPS.forward_inference(x, w, b, mean, var, 1e-5, None),
+        "batch_norm_train": lambda: forward_train(x, w, b)[0],
+        "batch_norm_eval": lambda: forward_eval(x, w, b, mean, var),
         "normalize": lambda: OPS.normalize(x, w, b, mean, invstd),
         "backward": lambda: OPS.backward(dy, x, w, mean, invstd, True, [True, False, False])[0],
         "backward_elemt": lambda: OPS.backward_elemt(dy, x, w, mean, invstd, sum_dy, sum_dy_xmu, x.numel() // 8),

@@ -6,13 +6,14 @@ from __future__ import annotations
 import copy
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import torch_safebn
-from conftest import make_input, module_pair
+from conftest import forward_train, make_input, module_pair
 from torch_safebn import DegenerateBatchError, NonFiniteError, SafeBatchNorm1d, SafeBatchNorm2d, SafetyError
 from torch_safebn.safety import NUM_COUNTERS, Counter
 
@@ -67,7 +68,7 @@ def test_bad_inputs_get_errors_that_say_expected_and_got():
     bn = SafeBatchNorm2d(3)
     with pytest.raises(ValueError, match="expected 4D input"):
         bn(torch.randn(4, 3, 5))
-    with pytest.raises(ValueError, match=r"has shape \[3\] but the input has 5 channels.*expected \[5\]"):
+    with pytest.raises(ValueError, match=r"one value per channel: expected shape \[5\].*got \[3\].*num_features"):
         bn(torch.randn(4, 5, 2, 2))
     with pytest.raises(TypeError, match="floating-point input.*got torch.int64"):
         bn(torch.ones(4, 3, 2, 2, dtype=torch.int64))
@@ -75,8 +76,64 @@ def test_bad_inputs_get_errors_that_say_expected_and_got():
         bn(torch.ones(4, 3, 2, 2, dtype=torch.complex64))
     with pytest.raises(ValueError, match="weight is on meta but the input is on cpu"):
         torch_safebn.batch_norm(torch.randn(4, 3), None, None, torch.ones(3, device="meta"), training=True)
-    with pytest.raises(RuntimeError, match="eps must be finite and > 0"):
-        OPS.forward_train(torch.randn(4, 3), None, None, 0.0)  # the op checks too
+    with pytest.raises(ValueError, match="eps must be finite and > 0"):
+        forward_train(torch.randn(4, 3), eps=0.0)  # the op checks too
+
+
+@pytest.mark.parametrize("make", [np.float32, np.float64, torch.tensor], ids=["np.float32", "np.float64", "tensor"])
+def test_eps_and_momentum_as_numpy_or_0d_tensor_scalars_work_as_native(make):
+    native = nn.BatchNorm2d(3, eps=make(1e-3), momentum=make(0.3))
+    safe = SafeBatchNorm2d(3, eps=make(1e-3), momentum=make(0.3))
+    converted = torch_safebn.convert_model(copy.deepcopy(native))
+    x = make_input((4, 3, 2, 2))
+    for module in (safe, converted):
+        torch.testing.assert_close(module(x), native(x))
+        torch.testing.assert_close(module.running_var, native.running_var)
+        native.running_var.fill_(1), native.running_mean.zero_()
+        assert isinstance(module.eps, float) and isinstance(module.momentum, float)
+
+
+def test_eps_and_momentum_set_later_are_validated_when_set():
+    bn = SafeBatchNorm2d(3)
+    bn.momentum = None
+    bn.eps = np.float32(1e-3)
+    assert bn.momentum is None and bn.eps == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match="momentum must be None"):
+        bn.momentum = 2.0
+    with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+        bn.eps = 0
+    assert bn.momentum is None and bn.eps == pytest.approx(1e-3), "a refused value changes nothing"
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_dtype_pairings_are_those_of_native(training):
+    """A float32 module takes float32, float16 and bfloat16 input (autocast's pairing); float64
+    input into it is refused, as native refuses it, rather than computed in mixed precision."""
+    native, safe = nn.BatchNorm2d(3).train(training), SafeBatchNorm2d(3).train(training)
+    for dtype in (torch.float16, torch.bfloat16):
+        x = make_input((4, 3, 2, 2), dtype)
+        assert safe(x).dtype == native(x).dtype == dtype
+    x64 = make_input((4, 3, 2, 2), torch.float64)
+    with pytest.raises(RuntimeError):
+        native(x64)
+    with pytest.raises(TypeError, match=r"does not go with an input of dtype torch.float64.*module.to\(torch.float64\)"):
+        safe(x64)
+    with pytest.raises(TypeError, match="does not go with an input of dtype torch.float32"):
+        SafeBatchNorm2d(3, dtype=torch.float64)(make_input((4, 3, 2, 2)))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_running_statistics_that_require_grad_are_refused_as_native(training):
+    native, safe = nn.BatchNorm2d(3).train(training), SafeBatchNorm2d(3).train(training)
+    for module in (native, safe):
+        module.running_mean.requires_grad_()
+    x = make_input((4, 3, 2, 2))
+    with pytest.raises(RuntimeError, match="running_mean"):
+        native(x)
+    with pytest.raises(RuntimeError, match="running_mean requires grad, but batch norm does not differentiate"):
+        safe(x)
+    with torch.no_grad():  # as native, only where a gradient could be taken
+        safe(x)
 
 
 def test_extra_repr_and_convert_model_pass_options_on():
@@ -234,7 +291,7 @@ def test_constant_channel_is_finite_and_counted_as_low_variance():
 # -- the guards inside the ops, called directly -----------------------------------------------
 def test_update_op_with_one_value_per_channel_never_writes_nan():
     x = torch.randn(1, 3)
-    _, mean, invstd = OPS.forward_train(x, None, None, 1e-5)
+    _, mean, invstd = forward_train(x)
     rm, rv, nbt = torch.zeros(3), torch.ones(3), torch.tensor(0)
     counters = torch.zeros(NUM_COUNTERS, dtype=torch.int64)
     OPS.update_running_stats(rm, rv, nbt, counters, mean, invstd, None, None, 1, 1e-5, 0.1)
@@ -258,7 +315,7 @@ def test_update_op_skips_a_nonfinite_batch_whole():
 @pytest.mark.parametrize("field,value,found", [("running_var", -1.0, "variance in 1 channel"),
                                                ("running_mean", float("nan"), "mean in 1 channel"),
                                                ("weight", float("inf"), "weight in 1 channel")])
-@pytest.mark.parametrize("grad", [False, True], ids=["forward_inference", "forward_eval"])
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
 def test_eval_flags_invalid_statistics(field, value, found, grad):
     bn = SafeBatchNorm2d(3).eval()
     with torch.no_grad():
@@ -266,8 +323,8 @@ def test_eval_flags_invalid_statistics(field, value, found, grad):
     with pytest.raises(NonFiniteError, match=f"in eval mode.*{found}"), torch.set_grad_enabled(grad):
         bn(make_input((2, 3, 2, 2)))
     counters = torch.zeros(NUM_COUNTERS, dtype=torch.int64)
-    OPS.check_eval_stats(counters, bn.running_mean, bn.running_var, bn.weight.detach(), None, bn.eps)
-    assert counters[Counter.NONFINITE_EVENTS] == 1
+    OPS.batch_norm_eval(make_input((2, 3)), bn.weight.detach(), None, bn.running_mean, bn.running_var, counters, bn.eps)
+    assert counters[Counter.NONFINITE_EVENTS] == 1 and counters[Counter.EVENT_IN_TRAINING] == 0
 
 
 class _OpsCalled(TorchDispatchMode):
@@ -282,19 +339,21 @@ class _OpsCalled(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("checks", [True, False])
-def test_eval_without_gradients_is_one_op(checks):
-    """Where no gradient is wanted, one op: forward_inference (no autograd
-    wrapper, the check in the same call); else forward_eval, then the check.
-    Both give the same output."""
-    bn = SafeBatchNorm2d(3, checks=checks).eval()
-    x = make_input((2, 3, 4, 4))
-    with torch.no_grad(), _OpsCalled() as called:
-        y = bn(x)
-    assert called.names == ["safebn::forward_inference"]
+@pytest.mark.parametrize("training", [True, False])
+def test_each_call_is_one_op_each_way(training, checks):
+    """One dispatcher call into C++ per forward (statistics, output, guarded
+    update or check together) and one per backward, with or without checks."""
+    bn = SafeBatchNorm2d(3, checks=checks).train(training)
+    x = make_input((2, 3, 4, 4)).requires_grad_()
     with _OpsCalled() as called:
-        y_grad = bn(x)
-    assert called.names == ["safebn::forward_eval"] + (["safebn::check_eval_stats"] if checks else [])
-    assert torch.equal(y, y_grad)
+        y = bn(x)
+    assert called.names == ["safebn::batch_norm_train" if training else "safebn::batch_norm_eval"]
+    with _OpsCalled() as called:
+        y.sum().backward()
+    assert called.names == ["safebn::backward"]
+    with torch.no_grad(), _OpsCalled() as called:
+        bn(x)
+    assert len(called.names) == 1
 
 
 # -- freeze_stats and checks=False ---------------------------------------------------------
@@ -360,3 +419,36 @@ def test_functional_form_raises_at_once():
     assert torch.equal(rm, torch.zeros(3))
     out = torch_safebn.batch_norm(_poisoned((4, 3)), rm, rv, training=True, on_nonfinite="skip")
     assert torch.isnan(out[:, 1]).all() and torch.equal(rm, torch.zeros(3))
+
+
+def test_check_names_the_first_event_no_forward_reported():
+    """Events counted under 'skip' are described from the first; once the policy is 'raise',
+    check() raises for that one (its step, its channels) and says how many followed."""
+    bn = torch_safebn.convert_model(nn.Sequential(nn.BatchNorm2d(3)), on_nonfinite="skip")
+    for step in range(5):
+        bad = {1: _poisoned(channel=2), 3: _poisoned(channel=0, value=float("inf"))}.get(step)
+        bn(bad if bad is not None else make_input((4, 3, 2, 2), seed=step))
+    torch_safebn.check(bn)  # 'skip': nothing to raise
+    torch_safebn.convert_model(bn, on_nonfinite="raise")
+    with pytest.raises(NonFiniteError, match=r"'0' at training step 1 \(the 2nd batch it saw\).*mean in 1 channel"
+                                             r".*1 later event followed it unreported"):
+        torch_safebn.check(bn)
+    torch_safebn.check(bn)  # raised once
+
+
+def test_convert_model_applies_new_options_to_converted_modules():
+    model = torch_safebn.convert_model(nn.Sequential(nn.BatchNorm2d(3), nn.BatchNorm1d(2)), checks=False)
+    assert model[0].safety_counters is None
+    torch_safebn.convert_model(model, checks=True, on_single_sample="ignore")
+    assert model[0].policy.checks and model[0].policy.on_single_sample == "ignore"
+    assert model[0].safety_counters.tolist() == [0] * NUM_COUNTERS
+    model[0](make_input((4, 3, 2, 2)))
+    assert torch_safebn.report(model).rows[0]["batches"] == 1
+    with pytest.raises(ValueError, match="freeze_stats=True needs track_running_stats=True"):
+        torch_safebn.convert_model(nn.Sequential(nn.BatchNorm2d(3, track_running_stats=False)), freeze_stats=True)
+
+
+@pytest.mark.parametrize("options", [{"on_nonfinite": "ignore"}, {"checks": "yes"}, {"on_nan": "raise"}])
+def test_convert_model_refuses_bad_options_even_without_a_batch_norm(options):
+    with pytest.raises((ValueError, TypeError)):
+        torch_safebn.convert_model(nn.Sequential(nn.Linear(2, 2)), **options)

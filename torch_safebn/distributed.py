@@ -22,7 +22,7 @@ from . import functional
 from ._ops import OPS
 from .modules import _SafeBatchNormMixin
 from .reference import accumulate_dtype
-from .safety import SafetyState, validate_hyperparameters
+from .safety import Counter, SafetyState
 
 __all__ = ["SafeSyncBatchNorm", "sync_batch_norm"]
 
@@ -46,8 +46,8 @@ class GroupSafetyState(SafetyState):
             f"batch: {self.counts_by_rank})"
         )
 
-    def nonfinite_message(self, values: list[int], shape: tuple | None, training: bool) -> str:
-        message = super().nonfinite_message(values, shape, training)
+    def nonfinite_message(self, values: list[int], shape: tuple | None) -> str:
+        message = super().nonfinite_message(values, shape)
         # Each event is reported once; its ranks go with it, so that a later
         # event (a non-finite weight, say) is not blamed on them.
         ranks, self.nonfinite_ranks = self.nonfinite_ranks, []
@@ -170,13 +170,11 @@ def sync_batch_norm(
 
     Every rank of the group must call it for the same layers in the same order
     (ranks may hold different batch sizes, an empty one included). The checks
-    of functional.batch_norm apply to the group's batch: one value per channel
-    is degenerate only if the whole group holds one."""
-    validate_hyperparameters(eps, momentum)
-    functional._check_tensors(input, running_mean, running_var, weight, bias)
+    of SafeBatchNorm apply to the group's batch: one value per channel is
+    degenerate only if the whole group holds one. Eager only: the collectives
+    and the host's decisions run in Python."""
     guarded = state.policy.checks
     counters = counters if guarded else None
-    has_running_stats = running_mean is not None and running_var is not None
     shape = tuple(input.shape)
 
     stats = _gather_statistics(input, eps, group)
@@ -192,19 +190,22 @@ def sync_batch_norm(
                 f"Expected more than 1 value per channel when training, got 1 over the process group "
                 f"(values per channel by rank: {stats.counts_by_rank})"
             )
-        state.degenerate(counters, shape, has_running_stats)
-        # on_degenerate="running_stats": normalize with them, on this rank alone.
-        return functional.batch_norm(
-            input, running_mean, running_var, weight, bias, False, momentum, eps,
-            num_batches_tracked=num_batches_tracked, counters=counters, state=state,
-        )
+        if state.policy.on_degenerate == "running_stats" and running_mean is not None:
+            # Normalized with the running statistics, on this rank alone.
+            state.degenerate_handled(counters, shape)
+            return functional.guarded_batch_norm(input, weight, bias, running_mean, running_var,
+                                                 num_batches_tracked, counters, False, momentum, eps, state)
+        state.degenerate_refused(shape)
     if guarded and stats.examples == 1 and stats.count > 1:
         state.single_sample(counters, shape)
+        counters[Counter.SINGLE_SAMPLE_BATCHES] += 1  # update_running_stats does not see the group's batch size
 
     output = _SyncBatchNormFunction.apply(input, weight, bias, stats.mean, stats.invstd, stats.count, group)
-    functional.record_batch(stats.mean, stats.invstd, stats.count, running_mean, running_var, weight, bias,
-                            momentum, eps, num_batches_tracked=num_batches_tracked, counters=counters,
-                            state=state, shape=shape)
+    if running_mean is not None or counters is not None:
+        OPS.update_running_stats(running_mean, running_var, num_batches_tracked, counters, stats.mean, stats.invstd,
+                                 weight, bias, stats.count, eps, momentum)
+    if counters is not None:
+        state.after_op(counters, shape, training=True)
     return output
 
 

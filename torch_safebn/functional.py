@@ -1,44 +1,22 @@
 """batch_norm(): F.batch_norm's signature and numbers, plus the safety checks.
 
-The one path from the modules to the ops: it validates the arguments, applies
-the host-known policies (degenerate and single-example batches), calls the
-ops, and hands what the ops counted to the module's SafetyState."""
+The one path from the modules to the ops. A call is one op (training: the
+statistics, the output and the guarded update of every buffer; eval: the
+output and the check of the running statistics), then the module's
+SafetyState acts on what the op counted. What depends on the shape alone (a
+batch of one example, one value per channel) is decided here, before the op.
+In compiled code every host action goes through the safebn::observe op, so
+that it happens at run time, in the step that saw it, as in eager code."""
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
 from ._ops import OPS
-from .safety import NUM_COUNTERS, Policy, SafetyState, validate_hyperparameters
+from .safety import NUM_COUNTERS, Event, Policy, SafetyState, validate_eps, validate_momentum
 
 __all__ = ["batch_norm"]
-
-
-def _check_tensors(input, running_mean, running_var, weight, bias) -> None:
-    if not isinstance(input, torch.Tensor):
-        raise TypeError(f"batch_norm expects a tensor input, got {type(input).__name__}")
-    if not input.is_floating_point():
-        raise TypeError(
-            f"batch_norm expects a floating-point input (float32, float64, float16 or bfloat16), got "
-            f"{input.dtype}. Convert it with .float() first."
-        )
-    if not 2 <= input.dim() <= 5:
-        raise ValueError(
-            f"batch_norm expects an input of 2 to 5 dimensions (N, C, ...), got shape {list(input.shape)}"
-        )
-    channels = input.shape[1]
-    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        if t.shape != (channels,):
-            raise ValueError(
-                f"{name} has shape {list(t.shape)} but the input has {channels} channels (shape "
-                f"{list(input.shape)}): expected [{channels}]. Check num_features against the input's dimension 1."
-            )
-        if t.device != input.device:
-            raise ValueError(
-                f"{name} is on {t.device} but the input is on {input.device}: move the module and the "
-                "input to the same device."
-            )
 
 
 def batch_norm(
@@ -52,96 +30,83 @@ def batch_norm(
     eps: float = 1e-5,
     *,
     num_batches_tracked: torch.Tensor | None = None,
-    counters: torch.Tensor | None = None,
-    state: SafetyState | None = None,
     on_degenerate: str = "raise",
     on_nonfinite: str = "raise",
     on_single_sample: str = "warn",
     checks: bool = True,
 ) -> torch.Tensor:
-    """Batch normalization as F.batch_norm computes it, guarded.
+    """Batch normalization as F.batch_norm computes it, guarded, with the
+    policy of the keyword options (see SafeBatchNorm2d). Errors are raised in
+    the call that saw the problem, on every device. momentum=None averages
+    cumulatively over `num_batches_tracked`, which a training call then
+    advances as the modules' buffer."""
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"batch_norm expects a tensor input, got {type(input).__name__}")
+    eps, momentum = validate_eps(eps), validate_momentum(momentum)
+    if not training and running_mean is None:
+        raise ValueError("running_mean and running_var must be given when training=False")
+    state = SafetyState(Policy(on_degenerate, on_nonfinite, on_single_sample, checks=checks, sync=True),
+                        owner="batch_norm")
+    counters = torch.zeros(NUM_COUNTERS, dtype=torch.int64, device=input.device) if checks else None
+    return guarded_batch_norm(input, weight, bias, running_mean, running_var, num_batches_tracked, counters,
+                              training, momentum, eps, state)
 
-    Called directly, the policy comes from the keyword options and errors are
-    raised at once (the counters, if not given, are a temporary tensor, read
-    back after the call). Modules pass their own `state` and `counters`
-    instead, which carry the policy, the name and the counts across calls.
-    momentum=None averages cumulatively and needs `num_batches_tracked`.
-    """
-    if state is None:
-        policy = Policy(on_degenerate, on_nonfinite, on_single_sample, checks=checks, sync=True)
-        state = SafetyState(policy, owner="batch_norm")
-        if checks and counters is None:
-            counters = torch.zeros(NUM_COUNTERS, dtype=torch.int64, device=input.device)
-    validate_hyperparameters(eps, momentum)
-    _check_tensors(input, running_mean, running_var, weight, bias)
-    guarded = state.policy.checks
-    counters = counters if guarded else None
-    has_running_stats = running_mean is not None and running_var is not None
-    if momentum is None and has_running_stats and num_batches_tracked is None:
-        raise ValueError("momentum=None (a cumulative average) needs num_batches_tracked")
 
-    if not training:
-        if not has_running_stats:
-            raise ValueError("running_mean and running_var must be given when training=False")
-        if _wants_grad(input, weight, bias):
-            output = OPS.forward_eval(input, weight, bias, running_mean, running_var, eps)
-            if guarded:
-                OPS.check_eval_stats(counters, running_mean, running_var, weight, bias, eps)
-        else:
-            output = OPS.forward_inference(input, weight, bias, running_mean, running_var, eps, counters)
-        if guarded:
-            state.after_op(counters, tuple(input.shape), training=False)
+def guarded_batch_norm(
+    input: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    num_batches_tracked: torch.Tensor | None,
+    counters: torch.Tensor | None,
+    use_batch_stats: bool,
+    momentum: float | None,
+    eps: float,
+    state: SafetyState,
+) -> torch.Tensor:
+    """The modules' forward below the module: arguments validated already,
+    `counters` None when checks are off. Normalizes with the batch's
+    statistics and updates the running ones (when given) if
+    `use_batch_stats`, else normalizes with the running statistics."""
+    compiling = torch.compiler.is_compiling()
+    if not use_batch_stats:
+        output = OPS.batch_norm_eval.default(input, weight, bias, running_mean, running_var, counters, eps)
+        if counters is not None:
+            _after_op(state, counters, input, Event.EVAL_CALL, compiling)
         return output
-
-    count = input.numel() // input.shape[1] if input.shape[1] else 0
-    if count == 1:
-        if not guarded:
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
-        state.degenerate(counters, tuple(input.shape), has_running_stats)
-        return batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps,
-                          num_batches_tracked=num_batches_tracked, counters=counters, state=state)
-    if guarded and input.shape[0] == 1 and count > 1:
-        state.single_sample(counters, tuple(input.shape))
-
-    output, mean, invstd = OPS.forward_train(input, weight, bias, eps)
-    record_batch(mean, invstd, count, running_mean, running_var, weight, bias, momentum, eps,
-                 num_batches_tracked=num_batches_tracked, counters=counters, state=state, shape=tuple(input.shape))
+    if input.shape[0] == 1:
+        values_per_channel = input.numel() // input.shape[1] if input.shape[1] else 0
+        if values_per_channel == 1:
+            if counters is None:  # checks=False: native's error
+                raise ValueError(
+                    f"Expected more than 1 value per channel when training, got input size {input.size()}")
+            if state.policy.on_degenerate == "running_stats" and running_mean is not None:
+                _observe(state, counters, input, Event.DEGENERATE_HANDLED, compiling)
+                return OPS.batch_norm_eval.default(input, weight, bias, running_mean, running_var, counters, eps)
+            _observe(state, counters, input, Event.DEGENERATE_REFUSED, compiling)
+        elif counters is not None and state.policy.on_single_sample != "ignore":
+            _observe(state, counters, input, Event.SINGLE_SAMPLE, compiling)
+    output = OPS.batch_norm_train.default(input, weight, bias, running_mean, running_var, num_batches_tracked,
+                                          counters, momentum, eps)[0]
+    if counters is not None:
+        _after_op(state, counters, input, Event.TRAINING_BATCH, compiling)
     return output
 
 
-def record_batch(
-    mean: torch.Tensor,
-    invstd: torch.Tensor,
-    count: int,
-    running_mean: torch.Tensor | None,
-    running_var: torch.Tensor | None,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    momentum: float | None,
-    eps: float,
-    *,
-    num_batches_tracked: torch.Tensor | None,
-    counters: torch.Tensor | None,
-    state: SafetyState,
-    shape: tuple,
-) -> None:
-    """After a training forward over `count` values per channel: the guarded
-    running-statistics update (guarded when `counters` is given), then the
-    policy's response to what it counted. Shared with SafeSyncBatchNorm."""
-    has_running_stats = running_mean is not None and running_var is not None
-    if count == 0:
-        # An empty batch changes no buffer. Native still counts it in
-        # num_batches_tracked, which checks=False reproduces.
-        if counters is None and has_running_stats and num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
-        return
-    if has_running_stats or counters is not None:
-        OPS.update_running_stats(
-            running_mean, running_var, num_batches_tracked if has_running_stats else None, counters,
-            mean, invstd, weight, bias, count, eps, momentum,
-        )
-        state.after_op(counters, shape, training=True)
+def _after_op(state: SafetyState, counters: torch.Tensor, input: torch.Tensor, event: Event, compiling: bool) -> None:
+    """What every guarded call does after its op: the host acts on what the op counted."""
+    if compiling:
+        _observe(state, counters, input, event, compiling)
+    else:
+        state.after_op(counters, input.shape, training=event == Event.TRAINING_BATCH)
 
 
-def _wants_grad(*tensors: torch.Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+def _observe(state: SafetyState, counters: torch.Tensor, input: torch.Tensor, event: Event, compiling: bool) -> None:
+    """state.observe now, or, in compiled code, the op that calls it at run
+    time. An exported program has no module to act for: its buffers stay
+    guarded by the ops, and report() of the exporting model reads its counters."""
+    if not compiling:
+        state.observe(counters, input.shape, event)
+    elif not torch.compiler.is_exporting():
+        OPS.observe.default(counters, state.id, list(input.shape), int(event))

@@ -1,16 +1,42 @@
 """SafeBatchNorm1d/2d/3d: drop-in subclasses of nn.BatchNorm1d/2d/3d.
 
 Same constructor (plus keyword-only safety options), same state_dict keys,
-same numbers; the forward goes through functional.batch_norm."""
+same numbers; the forward goes through functional.guarded_batch_norm."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 from . import functional
-from .safety import NUM_COUNTERS, Policy, SafetyState, validate_hyperparameters
+from .safety import NUM_COUNTERS, Policy, SafetyState, validate_eps, validate_momentum
 
 __all__ = ["SafeBatchNorm1d", "SafeBatchNorm2d", "SafeBatchNorm3d"]
+
+SAFETY_OPTIONS_DOC = """
+    Safety options (keyword-only; torch_safebn.convert_model passes them on):
+
+    on_degenerate ("raise" | "running_stats"): a training batch with one value
+        per channel, whose variance is 0/0: raise DegenerateBatchError (a
+        ValueError), or normalize it with the running statistics, leave them
+        untouched and warn once.
+    on_nonfinite ("raise" | "warn" | "skip"): NaN/Inf in the batch statistics,
+        the weight or the bias (in eval mode: in the running statistics, or
+        running_var + eps <= 0). The running buffers never take such a batch;
+        raise NonFiniteError (a FloatingPointError) naming the module and the
+        step, warn once, or only count.
+    on_single_sample ("warn" | "ignore" | "raise"): a training batch of one
+        example with more than one value per channel, normalized against
+        itself: warn once, say nothing, or raise DegenerateBatchError.
+    freeze_stats (False): use the running statistics and never update them,
+        in training too (.train() does not undo it).
+    checks (True): False turns every check off, for measuring their cost;
+        the module then behaves as nn.BatchNorm.
+    sync (False): on CUDA, raise in the forward that saw the problem, at the
+        cost of a host synchronization per call; by default the error comes at
+        the next forward of the module, or from torch_safebn.check(model).
+
+    torch_safebn.report(model) reads the per-module counters.
+"""
 
 
 class _SafeBatchNormMixin:
@@ -36,7 +62,6 @@ class _SafeBatchNormMixin:
         sync: bool = False,
         **native_options,  # options of the installed torch's class, e.g. bias=False
     ) -> None:
-        validate_hyperparameters(eps, momentum)
         policy = Policy(on_degenerate, on_nonfinite, on_single_sample, freeze_stats, checks, sync)
         if freeze_stats and not track_running_stats:
             raise ValueError("freeze_stats=True needs track_running_stats=True: there are no running statistics to use")
@@ -46,25 +71,53 @@ class _SafeBatchNormMixin:
         # Not persistent: state_dict keys stay those of nn.BatchNorm.
         self.register_buffer("safety_counters", counters, persistent=False)
 
+    def __setattr__(self, name: str, value) -> None:
+        # Validated when set, not at every call: eps and momentum reach the
+        # ops as floats (a NumPy or 0-d tensor scalar is accepted, as native does).
+        if name == "eps":
+            value = validate_eps(value)
+        elif name == "momentum":
+            value = validate_momentum(value)
+        super().__setattr__(name, value)
+
     @property
     def policy(self) -> Policy:
         return self.safety_state.policy
 
+    def set_policy(self, policy: Policy) -> None:
+        """Applies another policy; turning checks on or off adds or drops the counters."""
+        if policy.freeze_stats and not self.track_running_stats:
+            raise ValueError("freeze_stats=True needs track_running_stats=True: there are no running statistics to use")
+        if policy.checks and self.safety_counters is None:
+            device = next((t.device for t in self.parameters()), None) or next(
+                (t.device for t in self.buffers()), None)
+            self.safety_counters = torch.zeros(NUM_COUNTERS, dtype=torch.int64, device=device)
+        elif not policy.checks:
+            self.safety_counters = None
+        self.safety_state.policy = policy
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if isinstance(input, torch.fx.Proxy) and input.tracer.path_of_module(self):
+            return _call_as_fx_leaf(self, input)
         self._check_input_dim(input)
-        use_batch_stats = (self.training and not self.policy.freeze_stats) or self.running_mean is None
-        return functional.batch_norm(
+        state = self.safety_state
+        training = self.training and not state.policy.freeze_stats
+        running_mean, running_var, num_batches_tracked = self.running_mean, self.running_var, self.num_batches_tracked
+        if training and not self.track_running_stats:
+            # As nn.BatchNorm: buffers that training does not track stay as they are.
+            running_mean = running_var = num_batches_tracked = None
+        return functional.guarded_batch_norm(
             input,
-            self.running_mean,
-            self.running_var,
             self.weight,
             self.bias,
-            use_batch_stats,
+            running_mean,
+            running_var,
+            num_batches_tracked,
+            self.safety_counters,
+            training or running_mean is None,
             self.momentum,
             self.eps,
-            num_batches_tracked=self.num_batches_tracked,
-            counters=self.safety_counters,
-            state=self.safety_state,
+            state,
         )
 
     def extra_repr(self) -> str:
@@ -72,16 +125,26 @@ class _SafeBatchNormMixin:
         return super().extra_repr() + (", " + options if options else "")
 
 
+def _call_as_fx_leaf(module: nn.Module, input: torch.fx.Proxy) -> torch.fx.Proxy:
+    """torch.fx records torch.nn's modules as calls (leaves) and traces into
+    all others; a drop-in batch norm records itself as the call its native
+    counterpart would be, so that a traced model keeps the module, its
+    safety and its name (torchvision's feature extraction relies on both).
+    As the root of a trace it is traced into, and fails as native's does."""
+    tracer = input.tracer
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), (input,), {})
+
+
 class SafeBatchNorm1d(_SafeBatchNormMixin, nn.BatchNorm1d):
-    """nn.BatchNorm1d over [N, C] or [N, C, L], guarded."""
+    __doc__ = "nn.BatchNorm1d over [N, C] or [N, C, L], guarded.\n" + SAFETY_OPTIONS_DOC
 
 
 class SafeBatchNorm2d(_SafeBatchNormMixin, nn.BatchNorm2d):
-    """nn.BatchNorm2d over [N, C, H, W] (contiguous or channels_last), guarded."""
+    __doc__ = "nn.BatchNorm2d over [N, C, H, W] (contiguous or channels_last), guarded.\n" + SAFETY_OPTIONS_DOC
 
 
 class SafeBatchNorm3d(_SafeBatchNormMixin, nn.BatchNorm3d):
-    """nn.BatchNorm3d over [N, C, D, H, W] (contiguous or channels_last_3d), guarded."""
+    __doc__ = "nn.BatchNorm3d over [N, C, D, H, W] (contiguous or channels_last_3d), guarded.\n" + SAFETY_OPTIONS_DOC
 
 
 SAFE_FOR_NATIVE = {nn.BatchNorm1d: SafeBatchNorm1d, nn.BatchNorm2d: SafeBatchNorm2d, nn.BatchNorm3d: SafeBatchNorm3d}

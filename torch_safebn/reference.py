@@ -10,16 +10,14 @@ from .safety import Counter
 
 __all__ = [
     "accumulate_dtype",
-    "forward_train",
-    "forward_eval",
+    "batch_norm_train",
+    "batch_norm_eval",
     "backward",
     "batch_stats",
     "normalize",
     "backward_reduce",
     "backward_elemt",
     "update_running_stats",
-    "check_eval_stats",
-    "forward_inference",
 ]
 
 
@@ -55,13 +53,13 @@ def normalize(input, weight, bias, mean, invstd):
     return out.to(input.dtype)
 
 
-def forward_train(input, weight, bias, eps):
+def _forward_train(input, weight, bias, eps):
     mean, var = batch_stats(input)
     invstd = torch.rsqrt(var + eps)
     return normalize(input, weight, bias, mean, invstd), mean, invstd
 
 
-def forward_eval(input, weight, bias, running_mean, running_var, eps):
+def _forward_eval(input, weight, bias, running_mean, running_var, eps):
     acc = accumulate_dtype(input.dtype)
     return normalize(input, weight, bias, running_mean.to(acc), torch.rsqrt(running_var.to(acc) + eps))
 
@@ -113,26 +111,36 @@ def _faults(mean, var_ok, weight, bias):
     return bad(mean), (~var_ok).sum(), bad(weight), bad(bias)
 
 
-def _record_nonfinite(counters, faults, happened):
-    """Adds one non-finite event where `happened`, with no host synchronization."""
-    counters[Counter.NONFINITE_EVENTS] += happened.long()
+def _record_nonfinite(counters, faults, happened, training):
+    """Adds one non-finite event where `happened`, and describes it when it is
+    the first one not reported yet (csrc/guard.h), with no host synchronization."""
+    describe = happened & (counters[Counter.NONFINITE_EVENTS] == counters[Counter.REPORTED_EVENTS])
+    step = counters[Counter.BATCHES] - 1 if training else counters[Counter.BATCHES]
+    counters[Counter.EVENT_STEP] = torch.where(describe, step, counters[Counter.EVENT_STEP])
+    counters[Counter.EVENT_IN_TRAINING] = torch.where(describe, int(training), counters[Counter.EVENT_IN_TRAINING])
     for slot, count in zip(
         (Counter.BAD_MEAN_CHANNELS, Counter.BAD_VAR_CHANNELS, Counter.BAD_WEIGHT_CHANNELS, Counter.BAD_BIAS_CHANNELS),
         faults,
     ):
-        counters[slot] = torch.where(happened, count, counters[slot])
+        counters[slot] = torch.where(describe, count, counters[slot])
+    counters[Counter.NONFINITE_EVENTS] += happened.long()
 
 
-def update_running_stats(
-    running_mean, running_var, num_batches_tracked, counters, mean, invstd, weight, bias, count, eps, momentum
-):
+def _update(running_mean, running_var, num_batches_tracked, counters, mean, invstd, weight, bias, count, eps, momentum,
+            single_sample):
     if (running_mean is None) != (running_var is None):
-        raise RuntimeError("running_mean and running_var must be given together")
+        raise ValueError("running_mean and running_var must be given together")
     if momentum is None and num_batches_tracked is None and running_mean is not None:
-        raise RuntimeError("momentum=None (a cumulative average) needs num_batches_tracked")
+        raise ValueError("momentum=None (a cumulative average) needs num_batches_tracked")
     guarded = counters is not None
+    if count == 0:
+        # An empty batch changes no buffer; native counts it in num_batches_tracked.
+        if not guarded and running_mean is not None and num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        return
     if guarded:
         counters[Counter.BATCHES] += 1
+        counters[Counter.SINGLE_SAMPLE_BATCHES] += int(single_sample)
         if count < 2:
             counters[Counter.SKIPPED_UPDATES] += 1
             return
@@ -144,7 +152,7 @@ def update_running_stats(
         faults = _faults(mean, var_ok, weight, bias)
         counters[Counter.LOW_VARIANCE_CHANNELS] += (var_ok & (var < eps)).sum()
         nonfinite = sum(faults) > 0
-        _record_nonfinite(counters, faults, nonfinite)
+        _record_nonfinite(counters, faults, nonfinite, training=True)
         counters[Counter.SKIPPED_UPDATES] += nonfinite.long()
         proceed = ~nonfinite
     if running_mean is None:
@@ -158,7 +166,7 @@ def update_running_stats(
         fits = torch.isfinite(new_mean) & torch.isfinite(new_var) & (new_mean.abs() <= limit) & (new_var <= limit)
         overflow = proceed & ~fits.all()
         zero = torch.zeros((), dtype=torch.int64, device=mean.device)
-        _record_nonfinite(counters, (zero, (~fits).sum(), zero, zero), overflow)
+        _record_nonfinite(counters, (zero, (~fits).sum(), zero, zero), overflow, training=True)
         counters[Counter.SKIPPED_UPDATES] += overflow.long()
         proceed = proceed & ~overflow
     running_mean.copy_(torch.where(proceed, new_mean, running_mean.to(acc)))
@@ -167,15 +175,30 @@ def update_running_stats(
         num_batches_tracked.add_(proceed.long())
 
 
-def check_eval_stats(counters, running_mean, running_var, weight, bias, eps):
-    var = running_var.to(accumulate_dtype(running_var.dtype))
-    var_ok = torch.isfinite(var) & (var + eps > 0)
-    faults = _faults(running_mean, var_ok, weight, bias)
-    _record_nonfinite(counters, faults, sum(faults) > 0)
+def update_running_stats(
+    running_mean, running_var, num_batches_tracked, counters, mean, invstd, weight, bias, count, eps, momentum
+):
+    _update(running_mean, running_var, num_batches_tracked, counters, mean, invstd, weight, bias, count, eps,
+            momentum, single_sample=False)
 
 
-def forward_inference(input, weight, bias, running_mean, running_var, eps, counters):
-    output = forward_eval(input, weight, bias, running_mean, running_var, eps)
+def batch_norm_train(input, weight, bias, running_mean, running_var, num_batches_tracked, counters, momentum, eps):
+    output, mean, invstd = _forward_train(input, weight, bias, eps)
+    mean, invstd = mean.detach(), invstd.detach()  # statistics, not differentiable outputs
+    count = input.numel() // input.shape[1] if input.shape[1] else 0
+    with torch.no_grad():
+        _update(running_mean, running_var, num_batches_tracked, counters, mean, invstd,
+                None if weight is None else weight.detach(), None if bias is None else bias.detach(), count, eps,
+                momentum, single_sample=input.shape[0] == 1 and count > 1)
+    return output, mean, invstd
+
+
+def batch_norm_eval(input, weight, bias, running_mean, running_var, counters, eps):
+    output = _forward_eval(input, weight, bias, running_mean, running_var, eps)
     if counters is not None:
-        check_eval_stats(counters, running_mean, running_var, weight, bias, eps)
+        with torch.no_grad():
+            var = running_var.to(accumulate_dtype(running_var.dtype))
+            var_ok = torch.isfinite(var) & (var + eps > 0)
+            faults = _faults(running_mean, var_ok, weight, bias)
+            _record_nonfinite(counters, faults, sum(faults) > 0, training=False)
     return output

@@ -9,7 +9,13 @@ from __future__ import annotations
 import dataclasses
 import enum
 import itertools
+import math
+import numbers
+import os
+import sys
 import warnings
+import weakref
+from collections.abc import Sequence
 
 import torch
 
@@ -36,14 +42,18 @@ class Counter(enum.IntEnum):
     DEGENERATE_BATCHES = 3
     SINGLE_SAMPLE_BATCHES = 4
     LOW_VARIANCE_CHANNELS = 5
-    BAD_MEAN_CHANNELS = 6
-    BAD_VAR_CHANNELS = 7
-    BAD_WEIGHT_CHANNELS = 8
-    BAD_BIAS_CHANNELS = 9
+    REPORTED_EVENTS = 6  # non-finite events the host raised or warned about
+    # The first non-finite event not reported yet:
+    EVENT_STEP = 7  # training batches before it
+    EVENT_IN_TRAINING = 8
+    BAD_MEAN_CHANNELS = 9
+    BAD_VAR_CHANNELS = 10
+    BAD_WEIGHT_CHANNELS = 11
+    BAD_BIAS_CHANNELS = 12
 
 
 NUM_COUNTERS = len(Counter)
-# The counters a report shows; the BAD_* slots describe the latest event only.
+# The counters a report shows.
 REPORTED = (
     Counter.BATCHES,
     Counter.SKIPPED_UPDATES,
@@ -52,6 +62,16 @@ REPORTED = (
     Counter.SINGLE_SAMPLE_BATCHES,
     Counter.LOW_VARIANCE_CHANNELS,
 )
+
+
+class Event(enum.IntEnum):
+    """What a forward tells its SafetyState (the `event` of the safebn::observe op)."""
+
+    TRAINING_BATCH = 0  # after a training forward: act on what the guard counted
+    EVAL_CALL = 1  # after an eval forward: likewise
+    SINGLE_SAMPLE = 2  # before a training forward of one example
+    DEGENERATE_HANDLED = 3  # one value per channel, normalized with the running statistics
+    DEGENERATE_REFUSED = 4  # one value per channel, and no running statistics to use: raise
 
 
 class SafetyError(RuntimeError):
@@ -97,38 +117,98 @@ class Policy:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) != f.default}
 
 
-def validate_hyperparameters(eps, momentum) -> None:
-    """eps finite and > 0; momentum None or within [0, 1]. Raises ValueError naming the argument."""
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 < float(eps) < float("inf")):
+def _as_float(value) -> float | None:
+    """A real number given as a Python, NumPy or 0-d tensor scalar, as float;
+    None for anything else (strings, bools, tensors of several values)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
+            return None
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
+
+
+def validate_eps(eps) -> float:
+    """eps as a float, finite and > 0; otherwise a ValueError naming it."""
+    value = _as_float(eps)
+    if value is None or not 0.0 < value < math.inf:
         raise ValueError(
             f"eps must be a finite number > 0, got {eps!r}: it keeps 1/sqrt(var + eps) finite for a "
             "constant channel. The usual value is 1e-5."
         )
-    if momentum is not None and (
-        isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= float(momentum) <= 1.0
-    ):
+    return value
+
+
+def validate_momentum(momentum) -> float | None:
+    """momentum as None or a float in [0, 1]; otherwise a ValueError naming it."""
+    if momentum is None:
+        return None
+    value = _as_float(momentum)
+    if value is None or not 0.0 <= value <= 1.0:
         raise ValueError(
             f"momentum must be None (cumulative average) or a number in [0, 1], got {momentum!r}. "
             "The usual value is 0.1."
         )
+    return value
+
+
+# Directories whose frames a warning skips to reach the user's line.
+_INTERNAL_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, sys.modules[__package__]))
+
+
+def _is_internal(filename: str) -> bool:
+    # "<...>": code that torch generated (FX); "torchinductor": inductor's compiled modules.
+    return filename.startswith(_INTERNAL_DIRS) or filename.startswith("<") or "torchinductor" in filename
+
+
+def warn_at_caller(message: str) -> None:
+    """Warns at the first frame outside torch_safebn and torch: the user's
+    line, whether the module ran eagerly or inside compiled code."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and _is_internal(frame.f_code.co_filename):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, RuntimeWarning, stacklevel=level)
+
+
+# Every live SafetyState by its id, which compiled code hands the observe op.
+_STATES: weakref.WeakValueDictionary[int, SafetyState] = weakref.WeakValueDictionary()
+_IDS = itertools.count()
 
 
 class SafetyState:
     """A module's safety bookkeeping on the host: its policy, its name in the
-    model, which warnings it gave, and how many non-finite events it already
-    reported. The counters themselves are a buffer of the module."""
+    model and which warnings it gave. The counters themselves are a buffer of
+    the module, on its device; this class turns them into errors and warnings."""
 
     def __init__(self, policy: Policy, owner: str):
         self.policy = policy
         self.owner = owner  # e.g. "SafeBatchNorm2d(16)", for messages until a name is known
         self.name: str | None = None
         self._warned: set[str] = set()
-        self._reported_nonfinite = 0
         # On CUDA: (device, pinned host copy, event that says it landed) for the
         # counters' snapshots, reused call after call, and the (shape, training)
         # of the call whose snapshot is on its way.
         self._snapshot: tuple[torch.device, torch.Tensor, torch.cuda.Event] | None = None
         self._pending: tuple[tuple, bool] | None = None
+        self._register()
+
+    def _register(self) -> None:
+        self.id = next(_IDS)
+        _STATES[self.id] = self
+
+    @staticmethod
+    def with_id(state_id: int) -> SafetyState:
+        return _STATES[state_id]
+
+    def __getstate__(self) -> dict:
+        # A snapshot in flight (a CUDA event) neither copies nor pickles:
+        # deepcopy(model) and torch.save(model) drop it, as check() would read the counters anyway.
+        return {**self.__dict__, "_pending": None, "_snapshot": None, "id": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._register()  # a copy is another module's
 
     # -- messages --------------------------------------------------------------
     def describe(self) -> str:
@@ -137,15 +217,27 @@ class SafetyState:
         return f"{self.owner} (name it in errors with torch_safebn.name_modules(model))"
 
     def warn_once(self, key: str, message: str) -> None:
-        if key in self._warned or torch.compiler.is_compiling():
-            return
-        self._warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
+        if key not in self._warned:
+            self._warned.add(key)
+            warn_at_caller(message)
 
-    # -- host-known hazards ------------------------------------------------------
-    def single_sample(self, counters: torch.Tensor | None, shape: tuple) -> None:
-        if counters is not None:
-            counters[Counter.SINGLE_SAMPLE_BATCHES] += 1
+    # -- what a forward tells it -----------------------------------------------------
+    def observe(self, counters: torch.Tensor, shape: Sequence[int], event: Event) -> None:
+        """The one entry point of the forwards, eager and compiled (the observe op)."""
+        if event == Event.TRAINING_BATCH or event == Event.EVAL_CALL:
+            self.after_op(counters, shape, training=event == Event.TRAINING_BATCH)
+        elif event == Event.SINGLE_SAMPLE:
+            self.single_sample(counters, shape)
+        elif event == Event.DEGENERATE_HANDLED:
+            self.degenerate_handled(counters, shape)
+        else:
+            self.degenerate_refused(shape)
+
+    def single_sample(self, counters: torch.Tensor | None, shape: Sequence[int]) -> None:
+        """Before a training forward of one example with more than one value
+        per channel; the forward's op counts the batches it normalizes."""
+        if self.policy.on_single_sample == "ignore":
+            return
         text = (
             f"{self.describe()}: the batch holds a single example (input shape {list(shape)}), so every "
             "channel's mean and variance come from that one example and the output is normalized against "
@@ -153,22 +245,22 @@ class SafetyState:
             "drop_last=True)), or pass on_single_sample='ignore' if this is intended."
         )
         if self.policy.on_single_sample == "raise":
+            if counters is not None:  # refused before the op that counts the others
+                counters[Counter.SINGLE_SAMPLE_BATCHES] += 1
             raise DegenerateBatchError(text)
-        if self.policy.on_single_sample == "warn":
-            self.warn_once("single_sample", text)
+        self.warn_once("single_sample", text)
 
-    def degenerate(self, counters: torch.Tensor | None, shape: tuple, has_running_stats: bool) -> None:
-        """One value per channel in training. Returns normally when the batch is
-        to be normalized with the running statistics instead."""
-        if self.policy.on_degenerate == "running_stats" and has_running_stats:
-            if counters is not None:
-                counters[Counter.DEGENERATE_BATCHES] += 1
-            self.warn_once(
-                "degenerate",
-                f"{self.describe()}: a batch with one value per channel (input shape {list(shape)}) was "
-                "normalized with the running statistics, which it did not update.",
-            )
-            return
+    def degenerate_handled(self, counters: torch.Tensor | None, shape: Sequence[int]) -> None:
+        """A batch with one value per channel, normalized with the running statistics."""
+        if counters is not None:
+            counters[Counter.DEGENERATE_BATCHES] += 1
+        self.warn_once(
+            "degenerate",
+            f"{self.describe()}: a batch with one value per channel (input shape {list(shape)}) was "
+            "normalized with the running statistics, which it did not update.",
+        )
+
+    def degenerate_refused(self, shape: Sequence[int]) -> None:
         hint = (
             "Use batches of more than one value per channel (DataLoader(..., drop_last=True) avoids a last "
             "batch of one), or pass on_degenerate='running_stats' to normalize such batches with the running "
@@ -181,17 +273,20 @@ class SafetyState:
             f"{list(shape)}: the batch variance is 0/0. {hint}"
         )
 
-    # -- device-detected hazards -------------------------------------------------
-    def after_op(self, counters: torch.Tensor | None, shape: tuple, training: bool) -> None:
-        """Acts on what the ops counted. Reads the counters at once on the CPU
-        (or with sync=True); on CUDA it acts on the snapshot an earlier call
-        took, if that copy has landed, so that no call waits on the device."""
-        if counters is None or torch.compiler.is_compiling():
+    def after_op(self, counters: torch.Tensor, shape: Sequence[int], training: bool) -> None:
+        """Acts on what the op counted for a call on an input of `shape`.
+        Reads the counters at once on the CPU (or with sync=True); on CUDA it
+        acts on the snapshot an earlier call took, if that copy has landed,
+        so that no call waits on the device."""
+        if not counters.is_cuda:
+            values = counters.tolist()
+            if values[Counter.NONFINITE_EVENTS] != values[Counter.REPORTED_EVENTS]:
+                self._act(counters, values, shape, training)
             return
-        if counters.is_cuda and torch.cuda.is_current_stream_capturing():
+        if torch.cuda.is_current_stream_capturing():
             return  # inside a CUDA graph the device-side guard acts alone; check() reports
-        if not counters.is_cuda or self.policy.sync:
-            self._act(counters.tolist(), shape, training)
+        if self.policy.sync:
+            self._act(counters, counters.tolist(), shape, training)
             return
         if self._pending is not None:
             _, host, landed = self._snapshot
@@ -199,7 +294,7 @@ class SafetyState:
                 return  # still in flight: keep it; the counters are cumulative, so nothing is lost
             old_shape, old_training = self._pending
             self._pending = None
-            self._act(host.tolist(), old_shape, old_training)
+            self._act(counters, host.tolist(), old_shape, old_training)
         if self._snapshot is None or self._snapshot[0] != counters.device:
             # An event records on its own device only: a module moved to another GPU gets a new one.
             self._snapshot = (counters.device, torch.empty(NUM_COUNTERS, dtype=torch.int64, pin_memory=True),
@@ -207,29 +302,23 @@ class SafetyState:
         _, host, landed = self._snapshot
         host.copy_(counters, non_blocking=True)
         landed.record(torch.cuda.current_stream(counters.device))
-        self._pending = (shape, training)
+        self._pending = (tuple(shape), training)
 
-    def __getstate__(self) -> dict:
-        # A snapshot in flight (a CUDA event) neither copies nor pickles:
-        # deepcopy(model) and torch.save(model) drop it, as check() would read the counters anyway.
-        return {**self.__dict__, "_pending": None, "_snapshot": None}
-
-    def unreported_nonfinite(self, values: list[int]) -> bool:
-        return values[Counter.NONFINITE_EVENTS] > self._reported_nonfinite
-
-    def _act(self, values: list[int], shape: tuple, training: bool) -> None:
-        if not self.unreported_nonfinite(values):
+    def _act(self, counters: torch.Tensor, values: list[int], shape: Sequence[int], training: bool) -> None:
+        unreported = values[Counter.NONFINITE_EVENTS] - values[Counter.REPORTED_EVENTS]
+        if unreported <= 0 or self.policy.on_nonfinite == "skip":
             return
-        self._reported_nonfinite = values[Counter.NONFINITE_EVENTS]
-        policy = self.policy.on_nonfinite
-        if policy == "skip":
-            return
-        message = self.nonfinite_message(values, shape, training)
-        if policy == "raise":
+        counters[Counter.REPORTED_EVENTS] = values[Counter.NONFINITE_EVENTS]
+        # The call's shape is the event's when the event is the call's own.
+        own = unreported == 1 and bool(values[Counter.EVENT_IN_TRAINING]) == training and values[
+            Counter.EVENT_STEP] == values[Counter.BATCHES] - training
+        message = self.nonfinite_message(values, tuple(shape) if own else None)
+        if self.policy.on_nonfinite == "raise":
             raise NonFiniteError(message)
         self.warn_once("nonfinite", message + " (warned once; report(model) counts every event)")
 
-    def nonfinite_message(self, values: list[int], shape: tuple | None, training: bool) -> str:
+    def nonfinite_message(self, values: list[int], shape: tuple | None) -> str:
+        """Describes the first event not reported yet, from the counters."""
         found = ", ".join(
             f"{what} in {values[slot]} channel{'s' if values[slot] != 1 else ''}"
             for what, slot in (
@@ -241,20 +330,29 @@ class SafetyState:
             if values[slot]
         )
         where = f" (input shape {list(shape)})" if shape is not None else ""
-        if training:
+        step = values[Counter.EVENT_STEP]
+        later = values[Counter.NONFINITE_EVENTS] - values[Counter.REPORTED_EVENTS] - 1
+        more = f" {later} later event{'s' if later != 1 else ''} followed it unreported." if later > 0 else ""
+        if values[Counter.EVENT_IN_TRAINING]:
             return (
-                f"{self.describe()} at training step {values[Counter.BATCHES] - 1} (the "
-                f"{_ordinal(values[Counter.BATCHES])} batch it saw){where}: non-finite values: {found}. "
-                "The running statistics were not updated from this batch. NaN/Inf in the weight or bias "
-                "usually means the optimizer diverged: lower the learning rate or clip gradients; NaN/Inf "
-                "in the mean or variance means the input itself holds NaN/Inf or overflows its dtype. "
-                "Pass on_nonfinite='skip' (or 'warn') to keep training and count such batches."
+                f"{self.describe()} at training step {step} (the {_ordinal(step + 1)} batch it saw){where}: "
+                f"non-finite values: {found}. The running statistics were not updated from this batch.{more} "
+                "NaN/Inf in the weight or bias usually means the optimizer diverged: lower the learning rate or "
+                "clip gradients; NaN/Inf in the mean or variance means the input itself holds NaN/Inf or "
+                "overflows its dtype. Pass on_nonfinite='skip' (or 'warn') to keep training and count such batches."
             )
         return (
-            f"{self.describe()} in eval mode{where}: non-finite or invalid statistics: {found} "
-            "(a variance counts when running_var + eps <= 0). The output is not trustworthy: reload the "
-            "running statistics from a good checkpoint or recompute them in training mode."
+            f"{self.describe()} in eval mode, after {step} training batch{'es' if step != 1 else ''}{where}: "
+            f"non-finite or invalid statistics: {found} (a variance counts when running_var + eps <= 0).{more} "
+            "The output is not trustworthy: reload the running statistics from a good checkpoint or recompute "
+            "them in training mode."
         )
+
+
+def observe_kernel(counters: torch.Tensor, module: int, shape: Sequence[int], event: int) -> None:
+    """The safebn::observe op's kernel: compiled code's way of running
+    SafetyState.observe, at run time, in the step that saw the event."""
+    SafetyState.with_id(module).observe(counters, shape, Event(event))
 
 
 def _ordinal(n: int) -> str:
@@ -335,16 +433,17 @@ def report(model: torch.nn.Module) -> Report:
 def check(model: torch.nn.Module) -> None:
     """Raises NonFiniteError for the first module with on_nonfinite='raise'
     that either counted a non-finite event no forward has raised yet (on CUDA
-    a forward raises one step late), or whose parameters or running
+    a forward raises one step late; the error names the first such event and
+    its step), or whose parameters or running
     statistics hold NaN/Inf now (say, after the optimizer's last step, which
     no forward has seen). Call it after training, or every few steps."""
     pairs = list(_guarded_modules(model))
     for (module, state), (values, nonfinite) in zip(pairs, _snapshots([m for m, _ in pairs])):
         if state.policy.on_nonfinite != "raise":
             continue
-        if values is not None and state.unreported_nonfinite(values):
-            state._reported_nonfinite = values[Counter.NONFINITE_EVENTS]
-            raise NonFiniteError(state.nonfinite_message(values, None, module.training))
+        if values is not None and values[Counter.NONFINITE_EVENTS] > values[Counter.REPORTED_EVENTS]:
+            module.safety_counters[Counter.REPORTED_EVENTS] = values[Counter.NONFINITE_EVENTS]
+            raise NonFiniteError(state.nonfinite_message(values, None))
         if nonfinite:
             raise NonFiniteError(
                 f"{state.describe()}: {', '.join(nonfinite)} hold NaN/Inf now. A non-finite weight or bias "

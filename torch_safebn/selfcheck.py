@@ -204,7 +204,7 @@ def op_samples(device: torch.device, shape=(4, 3, 5, 6), layout: str = "contiguo
     """(label, op name, arguments) for every safebn op, the ops with optional
     arguments or flags twice: with and without them."""
     x, weight, bias, grad_output = sample(shape, layout, dtype, device, torch.Generator().manual_seed(2))
-    _, mean, invstd = OPS.forward_train(x, weight, bias, EPS)
+    _, mean, invstd = OPS.batch_norm_train(x, weight, bias, None, None, None, None, MOMENTUM, EPS)
     sum_dy, sum_dy_xmu = OPS.backward_reduce(grad_output, x, mean)
     count = x.numel() // x.shape[1]
     running_mean, running_var = OPS.batch_stats(x)  # statistics that eval mode may use
@@ -213,12 +213,13 @@ def op_samples(device: torch.device, shape=(4, 3, 5, 6), layout: str = "contiguo
         return (torch.zeros_like(weight), torch.ones_like(weight), torch.zeros((), dtype=torch.int64, device=device),
                 torch.zeros(NUM_COUNTERS, dtype=torch.int64, device=device))
 
-    counters = buffers()[3]
     differentiable = tuple(t.detach().clone().requires_grad_() for t in (x, weight, bias))
     return [
-        ("forward_train", "forward_train", (*differentiable, EPS)),
-        ("forward_train (no affine)", "forward_train", (differentiable[0], None, None, EPS)),
-        ("forward_eval", "forward_eval", (*differentiable, running_mean, running_var, EPS)),
+        ("batch_norm_train", "batch_norm_train", (*differentiable, *buffers(), MOMENTUM, EPS)),
+        ("batch_norm_train (no affine, no buffers)", "batch_norm_train",
+         (differentiable[0], None, None, None, None, None, None, MOMENTUM, EPS)),
+        ("batch_norm_eval", "batch_norm_eval", (*differentiable, running_mean, running_var, buffers()[3], EPS)),
+        ("batch_norm_eval (no checks)", "batch_norm_eval", (*differentiable, running_mean, running_var, None, EPS)),
         ("backward", "backward", (grad_output, x, weight, mean, invstd, True, [True, True, True])),
         ("backward (eval, no grad_weight)", "backward", (grad_output, x, weight, mean, invstd, False, [True, False, True])),
         ("batch_stats", "batch_stats", (x,)),
@@ -226,9 +227,6 @@ def op_samples(device: torch.device, shape=(4, 3, 5, 6), layout: str = "contiguo
         ("backward_reduce", "backward_reduce", (grad_output, x, mean)),
         ("backward_elemt", "backward_elemt", (grad_output, x, weight, mean, invstd, sum_dy, sum_dy_xmu, count)),
         ("update_running_stats", "update_running_stats", (*buffers(), mean, invstd, weight, bias, count, EPS, MOMENTUM)),
-        ("check_eval_stats", "check_eval_stats", (counters, running_mean, running_var, weight, bias, EPS)),
-        ("forward_inference", "forward_inference", (x, weight, bias, running_mean, running_var, EPS, buffers()[3])),
-        ("forward_inference (no checks)", "forward_inference", (x, weight, bias, running_mean, running_var, EPS, None)),
     ]
 
 

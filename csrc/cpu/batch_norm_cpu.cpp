@@ -578,10 +578,7 @@ at::Tensor backward_elemt(const at::Tensor& grad_output, const at::Tensor& input
 }
 
 int64_t* counters_data(const std::optional<at::Tensor>& counters) {
-  if (!counters.has_value()) return nullptr;
-  TORCH_CHECK(counters->scalar_type() == at::kLong && counters->numel() == kNumCounters && counters->is_contiguous(),
-              "counters must be a contiguous int64 tensor of ", int64_t(kNumCounters), " elements");
-  return counters->mutable_data_ptr<int64_t>();
+  return counters.has_value() ? counters->mutable_data_ptr<int64_t>() : nullptr;
 }
 
 template <typename acc_t>
@@ -593,15 +590,24 @@ acc_t largest_finite(at::ScalarType type) {
   return static_cast<acc_t>(std::min<double>(value, std::numeric_limits<acc_t>::max()));
 }
 
-void update_running_stats(const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
-                          const std::optional<at::Tensor>& num_batches_tracked,
-                          const std::optional<at::Tensor>& counters, const at::Tensor& mean_arg,
-                          const at::Tensor& invstd_arg, const std::optional<at::Tensor>& weight,
-                          const std::optional<at::Tensor>& bias, int64_t count, double eps,
-                          std::optional<double> momentum) {
-  check_update_args(running_mean, running_var, num_batches_tracked, momentum);
+// The guarded update after a training batch of `count` values per channel
+// (the group's, for SafeSyncBatchNorm), its statistics `mean` and `invstd`.
+// Without counters it updates as native batch norm does.
+void update_after_batch(const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+                        const std::optional<at::Tensor>& num_batches_tracked,
+                        const std::optional<at::Tensor>& counters, const at::Tensor& mean_arg,
+                        const at::Tensor& invstd_arg, const std::optional<at::Tensor>& weight,
+                        const std::optional<at::Tensor>& bias, int64_t count, double eps,
+                        std::optional<double> momentum, bool single_sample) {
   int64_t* counts = counters_data(counters);
   const bool guarded = counts != nullptr;
+  int64_t* tracked = num_batches_tracked.has_value() ? num_batches_tracked->mutable_data_ptr<int64_t>() : nullptr;
+  if (count == 0) {
+    // An empty batch changes no buffer; native counts it in
+    // num_batches_tracked, which the unguarded update reproduces.
+    if (!guarded && running_mean.has_value() && tracked != nullptr) *tracked += 1;
+    return;
+  }
   const int64_t channels = mean_arg.numel();
   AT_DISPATCH_FLOATING_TYPES(mean_arg.scalar_type(), "safebn_update_running_stats", [&] {
     using acc_t = scalar_t;
@@ -609,7 +615,8 @@ void update_running_stats(const std::optional<at::Tensor>& running_mean, const s
     const std::vector<acc_t> invstd = channel_values<acc_t>(invstd_arg, channels, 0);
     if (guarded) {
       counts[kBatches] += 1;
-      if (count < 2) {  // no variance to learn from zero or one value
+      counts[kSingleSampleBatches] += single_sample;
+      if (count < 2) {  // no variance to learn from one value
         counts[kSkippedUpdates] += 1;
         return;
       }
@@ -619,13 +626,12 @@ void update_running_stats(const std::optional<at::Tensor>& running_mean, const s
       for (int64_t c = 0; c < channels; ++c) faults.add(training_faults(mean[c], invstd[c], w[c], b[c], acc_t(eps)));
       counts[kLowVarianceChannels] += faults.low_var;
       if (faults.any_nonfinite()) {
-        record_nonfinite(counts, faults);
+        record_nonfinite(counts, faults, /*training=*/true);
         counts[kSkippedUpdates] += 1;
         return;
       }
     }
     if (!running_mean.has_value()) return;
-    int64_t* tracked = num_batches_tracked.has_value() ? num_batches_tracked->mutable_data_ptr<int64_t>() : nullptr;
     const acc_t factor = momentum.has_value() ? acc_t(*momentum) : acc_t(1) / acc_t(*tracked + 1);
     const std::vector<acc_t> old_mean = channel_values<acc_t>(running_mean, channels, 0);
     const std::vector<acc_t> old_var = channel_values<acc_t>(running_var, channels, 0);
@@ -639,7 +645,7 @@ void update_running_stats(const std::optional<at::Tensor>& running_mean, const s
       overflow.var += !u.fits(limit);
     }
     if (guarded && overflow.any_nonfinite()) {  // the update would overflow the buffers' dtype
-      record_nonfinite(counts, overflow);
+      record_nonfinite(counts, overflow, /*training=*/true);
       counts[kSkippedUpdates] += 1;
       return;
     }
@@ -649,9 +655,40 @@ void update_running_stats(const std::optional<at::Tensor>& running_mean, const s
   });
 }
 
-void check_eval_stats(const at::Tensor& counters, const at::Tensor& running_mean, const at::Tensor& running_var,
-                      const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train(
+    const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& num_batches_tracked, const std::optional<at::Tensor>& counters,
+    std::optional<double> momentum, double eps) {
+  check_input(input);
+  check_training_buffers(input, running_mean, running_var, num_batches_tracked, counters, momentum);
+  auto [output, mean, invstd] = forward_train(input, weight, bias, eps);
+  const int64_t count = input.size(1) > 0 ? input.numel() / input.size(1) : 0;
+  update_after_batch(running_mean, running_var, num_batches_tracked, counters, mean, invstd, weight, bias, count,
+                     eps, momentum, /*single_sample=*/input.size(0) == 1 && count > 1);
+  return {output, mean, invstd};
+}
+
+void update_running_stats(const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+                          const std::optional<at::Tensor>& num_batches_tracked,
+                          const std::optional<at::Tensor>& counters, const at::Tensor& mean,
+                          const at::Tensor& invstd, const std::optional<at::Tensor>& weight,
+                          const std::optional<at::Tensor>& bias, int64_t count, double eps,
+                          std::optional<double> momentum) {
+  check_update_args(running_mean, running_var, num_batches_tracked, momentum);
+  check_counters(counters, mean.device());
+  update_after_batch(running_mean, running_var, num_batches_tracked, counters, mean, invstd, weight, bias, count,
+                     eps, momentum, /*single_sample=*/false);
+}
+
+at::Tensor batch_norm_eval(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                           const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
+                           const at::Tensor& running_var, const std::optional<at::Tensor>& counters, double eps) {
+  check_eps(eps);
+  check_counters(counters, input.device());
+  at::Tensor output = forward_eval(input, weight, bias, running_mean, running_var, eps);
   int64_t* counts = counters_data(counters);
+  if (counts == nullptr) return output;
   const int64_t channels = running_mean.numel();
   AT_DISPATCH_FLOATING_TYPES(accumulate_type(running_mean.scalar_type()), "safebn_check_eval_stats", [&] {
     using acc_t = scalar_t;
@@ -661,22 +698,22 @@ void check_eval_stats(const at::Tensor& counters, const at::Tensor& running_mean
     const std::vector<acc_t> b = channel_values<acc_t>(bias, channels, 0);
     ChannelFaults faults;
     for (int64_t c = 0; c < channels; ++c) faults.add(eval_faults(mean[c], var[c], w[c], b[c], acc_t(eps)));
-    if (faults.any_nonfinite()) record_nonfinite(counts, faults);
+    if (faults.any_nonfinite()) record_nonfinite(counts, faults, /*training=*/false);
   });
+  return output;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(safebn, CPU, m) {
-  m.impl("forward_train", &forward_train);
-  m.impl("forward_eval", &forward_eval);
+  m.impl("batch_norm_train", &batch_norm_train);
+  m.impl("batch_norm_eval", &batch_norm_eval);
   m.impl("backward", &backward);
   m.impl("batch_stats", &batch_stats);
   m.impl("normalize", &normalize);
   m.impl("backward_reduce", &backward_reduce);
   m.impl("backward_elemt", &backward_elemt);
   m.impl("update_running_stats", &update_running_stats);
-  m.impl("check_eval_stats", &check_eval_stats);
 }
 
 }  // namespace safebn

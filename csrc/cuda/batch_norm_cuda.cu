@@ -374,10 +374,7 @@ void check_guard_tensor(const std::optional<at::Tensor>& t, const at::Tensor& me
 }
 
 int64_t* counters_data(const std::optional<at::Tensor>& counters) {
-  if (!counters.has_value()) return nullptr;
-  TORCH_CHECK(counters->scalar_type() == at::kLong && counters->numel() == kNumCounters && counters->is_contiguous(),
-              "counters must be a contiguous int64 tensor of ", int64_t(kNumCounters), " elements");
-  return counters->mutable_data_ptr<int64_t>();
+  return counters.has_value() ? counters->mutable_data_ptr<int64_t>() : nullptr;
 }
 
 // A running buffer the kernel can update in place: the buffer itself, or a
@@ -390,13 +387,22 @@ void write_back(const std::optional<at::Tensor>& buffer, const at::Tensor& work)
   if (buffer.has_value() && !work.is_same(*buffer)) buffer->copy_(work);
 }
 
-void update_running_stats(const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
-                          const std::optional<at::Tensor>& num_batches_tracked,
-                          const std::optional<at::Tensor>& counters, const at::Tensor& mean_arg,
-                          const at::Tensor& invstd_arg, const std::optional<at::Tensor>& weight,
-                          const std::optional<at::Tensor>& bias, int64_t count, double eps,
-                          std::optional<double> momentum) {
-  check_update_args(running_mean, running_var, num_batches_tracked, momentum);
+// The guarded update after a training batch of `count` values per channel
+// (the group's, for SafeSyncBatchNorm), as cpu/batch_norm_cpu.cpp's
+// update_after_batch.
+void update_after_batch(const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+                        const std::optional<at::Tensor>& num_batches_tracked,
+                        const std::optional<at::Tensor>& counters, const at::Tensor& mean_arg,
+                        const at::Tensor& invstd_arg, const std::optional<at::Tensor>& weight,
+                        const std::optional<at::Tensor>& bias, int64_t count, double eps,
+                        std::optional<double> momentum, bool single_sample) {
+  if (count == 0) {
+    // An empty batch changes no buffer; native counts it in
+    // num_batches_tracked, which the unguarded update reproduces.
+    if (!counters.has_value() && running_mean.has_value() && num_batches_tracked.has_value())
+      num_batches_tracked->add_(1);
+    return;
+  }
   TORCH_CHECK(mean_arg.is_cuda(), "the batch mean is on ", mean_arg.device(),
               " while other arguments are on a CUDA device. Keep the statistics on the module's device.");
   check_guard_tensor(invstd_arg, mean_arg, "invstd", true);
@@ -405,14 +411,10 @@ void update_running_stats(const std::optional<at::Tensor>& running_mean, const s
   check_guard_tensor(running_mean, mean_arg, "running_mean", true);
   check_guard_tensor(running_var, mean_arg, "running_var", true);
   check_guard_tensor(num_batches_tracked, mean_arg, "num_batches_tracked", false);
-  check_guard_tensor(counters, mean_arg, "counters", false);
+  check_counters(counters, mean_arg.device());
   TORCH_CHECK(!running_mean.has_value() || running_mean->scalar_type() == running_var->scalar_type(),
               "running_mean (", running_mean->scalar_type(), ") and running_var (", running_var->scalar_type(),
               ") must have the same dtype, as nn.BatchNorm's buffers do.");
-  TORCH_CHECK(!num_batches_tracked.has_value() ||
-                  (num_batches_tracked->scalar_type() == at::kLong && num_batches_tracked->numel() == 1),
-              "num_batches_tracked must be a one-element int64 tensor, got ", num_batches_tracked->scalar_type(),
-              " of shape ", num_batches_tracked->sizes());
   const c10::cuda::CUDAGuard device_guard(mean_arg.device());
   int64_t* counts = counters_data(counters);
   const at::ScalarType acc = mean_arg.scalar_type();
@@ -436,6 +438,7 @@ void update_running_stats(const std::optional<at::Tensor>& running_mean, const s
           data_or_null<acc_t>(b),
           mean.numel(),
           count,
+          single_sample,
           acc_t(eps),
           momentum.has_value(),
           acc_t(momentum.value_or(0)),
@@ -448,12 +451,36 @@ void update_running_stats(const std::optional<at::Tensor>& running_mean, const s
   write_back(running_var, new_var);
 }
 
-void check_eval_stats(const at::Tensor& counters, const at::Tensor& running_mean_arg,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train(
+    const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& num_batches_tracked, const std::optional<at::Tensor>& counters,
+    std::optional<double> momentum, double eps) {
+  check_input(input);
+  check_training_buffers(input, running_mean, running_var, num_batches_tracked, counters, momentum);
+  auto [output, mean, invstd] = forward_train(input, weight, bias, eps);
+  const int64_t count = input.size(1) > 0 ? input.numel() / input.size(1) : 0;
+  update_after_batch(running_mean, running_var, num_batches_tracked, counters, mean, invstd, weight, bias, count,
+                     eps, momentum, /*single_sample=*/input.size(0) == 1 && count > 1);
+  return {output, mean, invstd};
+}
+
+void update_running_stats(const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+                          const std::optional<at::Tensor>& num_batches_tracked,
+                          const std::optional<at::Tensor>& counters, const at::Tensor& mean,
+                          const at::Tensor& invstd, const std::optional<at::Tensor>& weight,
+                          const std::optional<at::Tensor>& bias, int64_t count, double eps,
+                          std::optional<double> momentum) {
+  check_update_args(running_mean, running_var, num_batches_tracked, momentum);
+  update_after_batch(running_mean, running_var, num_batches_tracked, counters, mean, invstd, weight, bias, count,
+                     eps, momentum, /*single_sample=*/false);
+}
+
+void check_eval_stats(const std::optional<at::Tensor>& counters, const at::Tensor& running_mean_arg,
                       const at::Tensor& running_var_arg, const std::optional<at::Tensor>& weight,
                       const std::optional<at::Tensor>& bias, double eps) {
   TORCH_CHECK(running_mean_arg.is_cuda(), "running_mean is on ", running_mean_arg.device(),
               " while other arguments are on a CUDA device. Move the module to one device.");
-  check_guard_tensor(counters, running_mean_arg, "counters", false);
   check_guard_tensor(running_var_arg, running_mean_arg, "running_var", true);
   check_guard_tensor(weight, running_mean_arg, "weight", true);
   check_guard_tensor(bias, running_mean_arg, "bias", true);
@@ -476,19 +503,28 @@ void check_eval_stats(const at::Tensor& counters, const at::Tensor& running_mean
   });
 }
 
+at::Tensor batch_norm_eval(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                           const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
+                           const at::Tensor& running_var, const std::optional<at::Tensor>& counters, double eps) {
+  check_eps(eps);
+  check_counters(counters, input.device());
+  at::Tensor output = forward_eval(input, weight, bias, running_mean, running_var, eps);
+  if (counters.has_value()) check_eval_stats(counters, running_mean, running_var, weight, bias, eps);
+  return output;
+}
+
 }  // namespace
 }  // namespace cuda
 
 TORCH_LIBRARY_IMPL(safebn, CUDA, m) {
-  m.impl("forward_train", &cuda::forward_train);
-  m.impl("forward_eval", &cuda::forward_eval);
+  m.impl("batch_norm_train", &cuda::batch_norm_train);
+  m.impl("batch_norm_eval", &cuda::batch_norm_eval);
   m.impl("backward", &cuda::backward);
   m.impl("batch_stats", &cuda::batch_stats);
   m.impl("normalize", &cuda::normalize);
   m.impl("backward_reduce", &cuda::backward_reduce);
   m.impl("backward_elemt", &cuda::backward_elemt);
   m.impl("update_running_stats", &cuda::update_running_stats);
-  m.impl("check_eval_stats", &cuda::check_eval_stats);
 }
 
 }  // namespace safebn

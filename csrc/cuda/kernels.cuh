@@ -510,7 +510,8 @@ struct RunningStatsArgs {
   const acc_t* weight;  // nullptr: 1
   const acc_t* bias;    // nullptr: 0
   int64_t channels;
-  int64_t count;  // values per channel in the batch
+  int64_t count;       // values per channel in the batch
+  bool single_sample;  // the batch is one example (N == 1) with count > 1
   acc_t eps;
   bool has_momentum;  // false: cumulative average over num_batches_tracked
   acc_t momentum;
@@ -524,7 +525,10 @@ __global__ void __launch_bounds__(kBlockThreads)
 update_running_stats_kernel(RunningStatsArgs<acc_t, running_t> a) {
   const bool first = threadIdx.x == 0;
   if (a.counters != nullptr) {
-    if (first) a.counters[kBatches] += 1;
+    if (first) {
+      a.counters[kBatches] += 1;
+      a.counters[kSingleSampleBatches] += a.single_sample;
+    }
     if (a.count < 2) {  // no variance to learn from zero or one value
       if (first) a.counters[kSkippedUpdates] += 1;
       return;
@@ -537,7 +541,7 @@ update_running_stats_kernel(RunningStatsArgs<acc_t, running_t> a) {
     if (first) a.counters[kLowVarianceChannels] += faults.low_var;
     if (faults.any_nonfinite()) {
       if (first) {
-        record_nonfinite(a.counters, faults);
+        record_nonfinite(a.counters, faults, /*training=*/true);
         a.counters[kSkippedUpdates] += 1;
       }
       return;
@@ -555,7 +559,7 @@ update_running_stats_kernel(RunningStatsArgs<acc_t, running_t> a) {
     overflow = block_reduce(overflow);
     if (overflow.any_nonfinite()) {
       if (first) {
-        record_nonfinite(a.counters, overflow);
+        record_nonfinite(a.counters, overflow, /*training=*/true);
         a.counters[kSkippedUpdates] += 1;
       }
       return;
@@ -589,7 +593,7 @@ __global__ void __launch_bounds__(kBlockThreads) check_eval_stats_kernel(EvalSta
     faults.add(eval_faults(a.running_mean[c], a.running_var[c], value_or(a.weight, c, acc_t(1)),
                            value_or(a.bias, c, acc_t(0)), a.eps));
   faults = block_reduce(faults);
-  if (threadIdx.x == 0 && faults.any_nonfinite()) record_nonfinite(a.counters, faults);
+  if (threadIdx.x == 0 && faults.any_nonfinite()) record_nonfinite(a.counters, faults, /*training=*/false);
 }
 
 }  // namespace cuda
