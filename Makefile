@@ -36,8 +36,9 @@ build: $(BUILT) $(SOURCES)
 	@mkdir -p build
 	$(PY) setup.py build_ext --inplace > build/build.log 2>&1 || (tail -n 60 build/build.log; exit 1)
 	@if grep -q "ptxas info" build/build.log; then grep -E "ptxas (info|warning)|bytes spill" build/build.log > build/ptxas.log; fi
-	@if [ -f build/ptxas.log ]; then awk '/Used [0-9]+ registers/ { n++; r = $$5 + 0; if (r > max) max = r } \
-	    /spill/ && !/0 bytes spill stores, 0 bytes spill loads/ { spills++ } \
+	@if [ -f build/ptxas.log ]; then awk '/Function properties for/ { kernel = ($$7 ~ /_kernel/) } \
+	    /Used [0-9]+ registers/ && kernel { n++; r = $$5 + 0; if (r > max) max = r } \
+	    /spill/ && !/0 bytes spill stores, 0 bytes spill loads/ && kernel { spills++ } \
 	    END { printf "CUDA kernels: %d, at most %d registers, %d with spills (build/ptxas.log)\n", n, max, spills }' build/ptxas.log; fi
 
 test: build

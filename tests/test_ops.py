@@ -84,6 +84,12 @@ def test_opcheck_observe():
     torch.library.opcheck(OPS.observe.default, (bn.safety_counters, bn.safety_state.id, [4, 3, 2, 2], 0))
 
 
+def test_the_compiled_extension_is_loaded():
+    """The suite runs against the kernels (make test builds them); a build that fails to load
+    (an undefined symbol, say) would otherwise pass on the fallback."""
+    assert _ops.BACKEND in ("cpu", "cuda+cpu"), "torch_safebn._C did not load: see the warning at import"
+
+
 def test_fallback_schemas_equal_the_compiled_ones():
     if _ops.BACKEND == "reference":
         pytest.skip("the compiled extension is not loaded: there is nothing to compare with")

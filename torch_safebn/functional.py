@@ -72,8 +72,11 @@ def guarded_batch_norm(
     compiling = torch.compiler.is_compiling()
     if not use_batch_stats:
         output = OPS.batch_norm_eval.default(input, weight, bias, running_mean, running_var, counters, eps)
-        if counters is not None:
-            _after_op(state, counters, input, Event.EVAL_CALL, compiling)
+        if counters is not None:  # the hot path, spelled out: a Python call costs here
+            if compiling:
+                _observe(state, counters, input, Event.EVAL_CALL, compiling)
+            else:
+                state.after_op(counters, input.shape, training=False)
         return output
     if input.shape[0] == 1:
         values_per_channel = input.numel() // input.shape[1] if input.shape[1] else 0
@@ -90,16 +93,11 @@ def guarded_batch_norm(
     output = OPS.batch_norm_train.default(input, weight, bias, running_mean, running_var, num_batches_tracked,
                                           counters, momentum, eps)[0]
     if counters is not None:
-        _after_op(state, counters, input, Event.TRAINING_BATCH, compiling)
+        if compiling:
+            _observe(state, counters, input, Event.TRAINING_BATCH, compiling)
+        else:
+            state.after_op(counters, input.shape, training=True)
     return output
-
-
-def _after_op(state: SafetyState, counters: torch.Tensor, input: torch.Tensor, event: Event, compiling: bool) -> None:
-    """What every guarded call does after its op: the host acts on what the op counted."""
-    if compiling:
-        _observe(state, counters, input, event, compiling)
-    else:
-        state.after_op(counters, input.shape, training=event == Event.TRAINING_BATCH)
 
 
 def _observe(state: SafetyState, counters: torch.Tensor, input: torch.Tensor, event: Event, compiling: bool) -> None:

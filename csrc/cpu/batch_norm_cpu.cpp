@@ -51,26 +51,50 @@ bool is_plain(const at::Tensor& t) {
   return t.scalar_type() == c10::CppTypeToScalarType<value_t>::value && t.is_contiguous();
 }
 
-// A per-channel tensor as a vector of acc_t; `fill` stands in for a missing
-// one. Read straight from memory in the usual case (acc_t, contiguous), where
-// the operator calls of a conversion would cost more than a small batch's
-// kernels.
+// A per-channel tensor's values as acc_t, `fill` for a missing one. Read in
+// place in the usual case (acc_t, contiguous): on a small batch a conversion's
+// operator calls, or even a copy's allocation, cost more than the kernels.
 template <typename acc_t>
-std::vector<acc_t> channel_values(const std::optional<at::Tensor>& t, int64_t channels, acc_t fill) {
-  if (!t.has_value() || !t->defined()) return std::vector<acc_t>(channels, fill);
-  const at::Tensor v = is_plain<acc_t>(*t) ? *t : t->to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
-  const acc_t* p = v.const_data_ptr<acc_t>();
-  return std::vector<acc_t>(p, p + channels);
-}
+class ChannelValues {
+ public:
+  ChannelValues(const std::optional<at::Tensor>& t, acc_t fill) : fill_(fill) {
+    if (!t.has_value() || !t->defined()) return;
+    if (!is_plain<acc_t>(*t)) converted_ = t->to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    data_ = (converted_.defined() ? converted_ : *t).template const_data_ptr<acc_t>();
+  }
+  acc_t operator[](int64_t c) const { return data_ != nullptr ? data_[c] : fill_; }
+  // The values in memory; nullptr for a missing tensor.
+  const acc_t* data() const { return data_; }
 
-// Writes values into a per-channel tensor of any floating dtype.
-template <typename value_t>
-void write_channel_values(const at::Tensor& t, const std::vector<value_t>& values) {
-  if (is_plain<value_t>(t)) {
-    std::copy(values.begin(), values.end(), t.mutable_data_ptr<value_t>());
+ private:
+  at::Tensor converted_;
+  const acc_t* data_ = nullptr;
+  acc_t fill_;
+};
+
+// Writes update(c).mean and .var (a RunningUpdate<acc_t>) into running
+// buffers of any floating dtype: in place when they are contiguous acc_t.
+template <typename acc_t, typename Update>
+void write_running_stats(const at::Tensor& running_mean, const at::Tensor& running_var, int64_t channels,
+                         Update update) {
+  if (is_plain<acc_t>(running_mean) && is_plain<acc_t>(running_var)) {
+    acc_t* mean = running_mean.mutable_data_ptr<acc_t>();
+    acc_t* var = running_var.mutable_data_ptr<acc_t>();
+    for (int64_t c = 0; c < channels; ++c) {
+      const RunningUpdate<acc_t> u = update(c);
+      mean[c] = u.mean;
+      var[c] = u.var;
+    }
     return;
   }
-  t.copy_(channel_tensor(values, t));
+  std::vector<acc_t> mean(channels), var(channels);
+  for (int64_t c = 0; c < channels; ++c) {
+    const RunningUpdate<acc_t> u = update(c);
+    mean[c] = u.mean;
+    var[c] = u.var;
+  }
+  running_mean.copy_(channel_tensor(mean, running_mean));
+  running_var.copy_(channel_tensor(var, running_var));
 }
 
 // How every pass walks the input. Contiguous inputs with long rows (S of a
@@ -299,7 +323,7 @@ void grad_input_all(const T* dy, const T* x, T* dx, const Geometry& g, const Pla
 // The two sums and, when `dx` is given, the input gradient from the
 // coefficients `coeffs(c, sums)` returns; fused per channel as above.
 template <typename T, typename acc_t, typename Coefficients>
-GradSums reduce_grads(const T* dy, const T* x, T* dx, const Geometry& g, const std::vector<acc_t>& mean,
+GradSums reduce_grads(const T* dy, const T* x, T* dx, const Geometry& g, const ChannelValues<acc_t>& mean,
                       Coefficients coeffs) {
   const auto& k = cpu::kernels<T>();
   const int64_t C = g.channels;
@@ -384,8 +408,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train(
   if (input.numel() == 0) return {output, undefined_channel_stats(input), undefined_channel_stats(input)};
   at::Tensor mean = channel_stat_tensor(input), invstd = channel_stat_tensor(input);
   SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_forward_train", [&] {
-    const std::vector<acc_t> w = channel_values<acc_t>(weight, g.channels, 1);
-    const std::vector<acc_t> b = channel_values<acc_t>(bias, g.channels, 0);
+    const ChannelValues<acc_t> w(weight, 1), b(bias, 0);
     acc_t* mean_out = mean.mutable_data_ptr<acc_t>();
     acc_t* invstd_out = invstd.mutable_data_ptr<acc_t>();
     NormalizeParams<acc_t> params(g.channels);
@@ -416,14 +439,18 @@ std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& input_arg) {
 }
 
 
+// The constants of y = (x - mean) * weight * invstd + bias, with invstd
+// given, or derived from the variance when `spread_is_var`.
 template <typename acc_t>
 NormalizeParams<acc_t> normalize_params(int64_t channels, const std::optional<at::Tensor>& weight,
-                                        const std::optional<at::Tensor>& bias, const std::vector<acc_t>& mean,
-                                        const std::vector<acc_t>& invstd) {
-  const std::vector<acc_t> w = channel_values<acc_t>(weight, channels, 1);
-  const std::vector<acc_t> b = channel_values<acc_t>(bias, channels, 0);
+                                        const std::optional<at::Tensor>& bias, const at::Tensor& mean_arg,
+                                        const at::Tensor& spread_arg, bool spread_is_var, double eps) {
+  const ChannelValues<acc_t> w(weight, 1), b(bias, 0), mean(mean_arg, 0), spread(spread_arg, 0);
   NormalizeParams<acc_t> params(channels);
-  for (int64_t c = 0; c < channels; ++c) params.set(c, mean[c], w[c] * invstd[c], b[c]);
+  for (int64_t c = 0; c < channels; ++c) {
+    const acc_t invstd = spread_is_var ? invstd_from_var(spread[c], acc_t(eps)) : spread[c];
+    params.set(c, mean[c], w[c] * invstd, b[c]);
+  }
   return params;
 }
 
@@ -437,8 +464,7 @@ at::Tensor normalize(const at::Tensor& input_arg, const std::optional<at::Tensor
   if (output.numel() == 0) return output;
   SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_normalize", [&] {
     normalize_all(data_of<T>(input), mutable_data_of<T>(output), g, plan_for(g),
-                  normalize_params<acc_t>(g.channels, weight, bias, channel_values<acc_t>(mean, g.channels, 0),
-                                          channel_values<acc_t>(invstd, g.channels, 0)));
+                  normalize_params<acc_t>(g.channels, weight, bias, mean, invstd, /*spread_is_var=*/false, 0));
   });
   return output;
 }
@@ -452,11 +478,9 @@ at::Tensor forward_eval(const at::Tensor& input_arg, const std::optional<at::Ten
   at::Tensor output = empty_output_like(input);
   if (output.numel() == 0) return output;
   SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_forward_eval", [&] {
-    std::vector<acc_t> invstd = channel_values<acc_t>(running_var, g.channels, 0);
-    for (acc_t& v : invstd) v = invstd_from_var(v, acc_t(eps));
     normalize_all(data_of<T>(input), mutable_data_of<T>(output), g, plan_for(g),
-                  normalize_params<acc_t>(g.channels, weight, bias,
-                                          channel_values<acc_t>(running_mean, g.channels, 0), invstd));
+                  normalize_params<acc_t>(g.channels, weight, bias, running_mean, running_var,
+                                          /*spread_is_var=*/true, eps));
   });
   return output;
 }
@@ -491,7 +515,7 @@ std::tuple<at::Tensor, at::Tensor> parameter_grads(const GradSums& sums, const a
   if (want_weight) {
     std::vector<double> values(channels, 0.0);
     if (!empty) {
-      const std::vector<double> inv = channel_values<double>(invstd, channels, 0.0);
+      const ChannelValues<double> inv(invstd, 0.0);
       for (int64_t c = 0; c < channels; ++c) values[c] = sums.dy_xmu[c] * inv[c];
     }
     grad_weight = per_channel(values);
@@ -512,9 +536,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   GradSums sums(g.channels);
   if (input.numel() > 0) {
     SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_backward", [&] {
-      const std::vector<acc_t> mean = channel_values<acc_t>(mean_arg, g.channels, 0);
-      const std::vector<acc_t> invstd = channel_values<acc_t>(invstd_arg, g.channels, 0);
-      const std::vector<acc_t> w = channel_values<acc_t>(weight, g.channels, 1);
+      const ChannelValues<acc_t> mean(mean_arg, 0), invstd(invstd_arg, 0), w(weight, 1);
       const acc_t count = acc_t(g.per_channel());
       auto coeffs = [&](int64_t c, const GradSums& s) {
         return grad_input_coefficients<acc_t>(mean[c], invstd[c], w[c], acc_t(s.dy[c]), acc_t(s.dy_xmu[c]), count, train);
@@ -542,7 +564,7 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad_output
   GradSums sums(g.channels);
   if (input.numel() > 0) {
     SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_backward_reduce", [&] {
-      const std::vector<acc_t> mean = channel_values<acc_t>(mean_arg, g.channels, 0);
+      const ChannelValues<acc_t> mean(mean_arg, 0);
       sums = reduce_grads<T, acc_t>(data_of<T>(dy), data_of<T>(input), nullptr, g, mean,
                                     [](int64_t, const GradSums&) { return GradInputCoefficients<acc_t>{}; });
     });
@@ -564,11 +586,8 @@ at::Tensor backward_elemt(const at::Tensor& grad_output, const at::Tensor& input
   at::Tensor grad_input = empty_output_like(input);
   if (grad_input.numel() == 0) return grad_input;
   SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_backward_elemt", [&] {
-    const std::vector<acc_t> mean = channel_values<acc_t>(mean_arg, g.channels, 0);
-    const std::vector<acc_t> invstd = channel_values<acc_t>(invstd_arg, g.channels, 0);
-    const std::vector<acc_t> w = channel_values<acc_t>(weight, g.channels, 1);
-    const std::vector<acc_t> sum_dy = channel_values<acc_t>(sum_dy_arg, g.channels, 0);
-    const std::vector<acc_t> sum_dy_xmu = channel_values<acc_t>(sum_dy_xmu_arg, g.channels, 0);
+    const ChannelValues<acc_t> mean(mean_arg, 0), invstd(invstd_arg, 0), w(weight, 1), sum_dy(sum_dy_arg, 0),
+        sum_dy_xmu(sum_dy_xmu_arg, 0);
     std::vector<GradInputCoefficients<acc_t>> k(g.channels);
     for (int64_t c = 0; c < g.channels; ++c)
       k[c] = grad_input_coefficients<acc_t>(mean[c], invstd[c], w[c], sum_dy[c], sum_dy_xmu[c], acc_t(count), true);
@@ -611,8 +630,7 @@ void update_after_batch(const std::optional<at::Tensor>& running_mean, const std
   const int64_t channels = mean_arg.numel();
   AT_DISPATCH_FLOATING_TYPES(mean_arg.scalar_type(), "safebn_update_running_stats", [&] {
     using acc_t = scalar_t;
-    const std::vector<acc_t> mean = channel_values<acc_t>(mean_arg, channels, 0);
-    const std::vector<acc_t> invstd = channel_values<acc_t>(invstd_arg, channels, 0);
+    const ChannelValues<acc_t> mean(mean_arg, 0), invstd(invstd_arg, 0);
     if (guarded) {
       counts[kBatches] += 1;
       counts[kSingleSampleBatches] += single_sample;
@@ -620,8 +638,7 @@ void update_after_batch(const std::optional<at::Tensor>& running_mean, const std
         counts[kSkippedUpdates] += 1;
         return;
       }
-      const std::vector<acc_t> w = channel_values<acc_t>(weight, channels, 1);
-      const std::vector<acc_t> b = channel_values<acc_t>(bias, channels, 0);
+      const ChannelValues<acc_t> w(weight, 1), b(bias, 0);
       ChannelFaults faults;
       for (int64_t c = 0; c < channels; ++c) faults.add(training_faults(mean[c], invstd[c], w[c], b[c], acc_t(eps)));
       counts[kLowVarianceChannels] += faults.low_var;
@@ -633,24 +650,21 @@ void update_after_batch(const std::optional<at::Tensor>& running_mean, const std
     }
     if (!running_mean.has_value()) return;
     const acc_t factor = momentum.has_value() ? acc_t(*momentum) : acc_t(1) / acc_t(*tracked + 1);
-    const std::vector<acc_t> old_mean = channel_values<acc_t>(running_mean, channels, 0);
-    const std::vector<acc_t> old_var = channel_values<acc_t>(running_var, channels, 0);
-    const acc_t limit = largest_finite<acc_t>(running_mean->scalar_type());
-    std::vector<acc_t> new_mean(channels), new_var(channels);
-    ChannelFaults overflow;
-    for (int64_t c = 0; c < channels; ++c) {
-      const RunningUpdate<acc_t> u = running_update(old_mean[c], old_var[c], mean[c], invstd[c], acc_t(eps), count, factor);
-      new_mean[c] = u.mean;
-      new_var[c] = u.var;
-      overflow.var += !u.fits(limit);
+    const ChannelValues<acc_t> old_mean(running_mean, 0), old_var(running_var, 0);
+    const auto update = [&](int64_t c) {
+      return running_update(old_mean[c], old_var[c], mean[c], invstd[c], acc_t(eps), count, factor);
+    };
+    if (guarded) {  // the update must not overflow the buffers' dtype
+      const acc_t limit = largest_finite<acc_t>(running_mean->scalar_type());
+      ChannelFaults overflow;
+      for (int64_t c = 0; c < channels; ++c) overflow.var += !update(c).fits(limit);
+      if (overflow.any_nonfinite()) {
+        record_nonfinite(counts, overflow, /*training=*/true);
+        counts[kSkippedUpdates] += 1;
+        return;
+      }
     }
-    if (guarded && overflow.any_nonfinite()) {  // the update would overflow the buffers' dtype
-      record_nonfinite(counts, overflow, /*training=*/true);
-      counts[kSkippedUpdates] += 1;
-      return;
-    }
-    write_channel_values(*running_mean, new_mean);
-    write_channel_values(*running_var, new_var);
+    write_running_stats<acc_t>(*running_mean, *running_var, channels, update);
     if (tracked != nullptr) *tracked += 1;
   });
 }
@@ -692,10 +706,7 @@ at::Tensor batch_norm_eval(const at::Tensor& input, const std::optional<at::Tens
   const int64_t channels = running_mean.numel();
   AT_DISPATCH_FLOATING_TYPES(accumulate_type(running_mean.scalar_type()), "safebn_check_eval_stats", [&] {
     using acc_t = scalar_t;
-    const std::vector<acc_t> mean = channel_values<acc_t>(running_mean, channels, 0);
-    const std::vector<acc_t> var = channel_values<acc_t>(running_var, channels, 0);
-    const std::vector<acc_t> w = channel_values<acc_t>(weight, channels, 1);
-    const std::vector<acc_t> b = channel_values<acc_t>(bias, channels, 0);
+    const ChannelValues<acc_t> mean(running_mean, 0), var(running_var, 0), w(weight, 1), b(bias, 0);
     ChannelFaults faults;
     for (int64_t c = 0; c < channels; ++c) faults.add(eval_faults(mean[c], var[c], w[c], b[c], acc_t(eps)));
     if (faults.any_nonfinite()) record_nonfinite(counts, faults, /*training=*/false);

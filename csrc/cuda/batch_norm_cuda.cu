@@ -10,12 +10,16 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <initializer_list>
 #include <limits>
+#include <map>
+#include <mutex>
 #include <optional>
 #include <tuple>
+#include <utility>
 
 #include "../checks.h"
 #include "../guard.h"
@@ -77,56 +81,61 @@ bool packable(const Geometry& g, int pack_width, std::initializer_list<const voi
   return true;
 }
 
-// The partial totals of a reduction that split each channel over `splits`
-// blocks, and their merge. The caching allocator keeps the scratch valid for
-// the kernels queued on this stream after it is freed.
-template <typename Op>
-class Partials {
- public:
-  using State = typename Op::State;
+// Where a reduction's blocks leave their partial totals when each channel is
+// split over `splits` blocks; undefined with one split, when every block
+// finishes its channels itself. The caching allocator keeps the memory valid
+// for the kernels queued on this stream after it is freed.
+template <typename State>
+at::Tensor partials_for(int64_t splits, int64_t channels, const at::TensorOptions& options) {
+  return splits > 1 ? at::empty({splits * channels * int64_t(sizeof(State))}, options.dtype(at::kByte)) : at::Tensor();
+}
 
-  Partials(int64_t splits, int64_t channels, const at::TensorOptions& options)
-      : splits_(splits), channels_(channels) {
-    if (splits > 1) scratch_ = at::empty({splits * channels * int64_t(sizeof(State))}, options.dtype(at::kByte));
+template <typename State>
+State* partials_data(const at::Tensor& partials) {
+  return partials.defined() ? static_cast<State*>(partials.mutable_data_ptr()) : nullptr;
+}
+
+// The arrival counters of a reduction over `tiles` tiles (kernels.cuh,
+// GridCounters). A stream runs its kernels in order and each leaves them
+// zero, so one set per device and stream serves every launch on it: they are
+// zeroed when made or grown, not per call.
+GridCounters grid_counters(int64_t tiles, cudaStream_t stream) {
+  struct Counters {
+    at::Tensor memory;
+    int64_t tiles = 0;
+  };
+  static std::mutex mutex;
+  static std::map<std::pair<c10::DeviceIndex, cudaStream_t>, Counters> by_stream;
+  const c10::DeviceIndex device = c10::cuda::current_device();
+  const std::lock_guard<std::mutex> lock(mutex);
+  Counters& counters = by_stream[{device, stream}];
+  if (counters.tiles < tiles) {
+    counters.tiles = std::max<int64_t>({tiles, 2 * counters.tiles, 1024});
+    counters.memory = at::zeros({counters.tiles + 1}, at::TensorOptions(at::kInt).device(at::kCUDA, device));
   }
-
-  // Where the reduction kernel leaves its blocks' totals; nullptr with one
-  // split, when the kernel finishes each channel itself.
-  State* data() const { return scratch_.defined() ? static_cast<State*>(scratch_.mutable_data_ptr()) : nullptr; }
-
-  // `in0` and `first_stride` locate each channel's first value, for op.channel().
-  template <typename scalar_t>
-  void merge(const Op& op, const scalar_t* in0, int64_t first_stride, cudaStream_t stream) const {
-    if (splits_ == 1) return;
-    merge_partials_kernel<<<merge_grid(channels_), kBlockThreads, 0, stream>>>(op, data(), splits_, channels_, in0,
-                                                                                first_stride);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-
- private:
-  int64_t splits_, channels_;
-  at::Tensor scratch_;
-};
+  auto* memory = static_cast<unsigned int*>(counters.memory.mutable_data_ptr());
+  return {memory, memory + counters.tiles};
+}
 
 template <typename Op, typename scalar_t, int V>
 void launch_reduce(const Op& op, const Geometry& g, const scalar_t* in0, const scalar_t* in1,
                    const at::TensorOptions& options) {
+  using State = typename Op::State;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (g.channels_last) {
     const auto kernel = rows_reduce_kernel<Op, scalar_t, V>;
     const RowsLaunch l = rows_launch(g, V, resident_blocks(kernel));
-    const Partials<Op> partials(l.grid.y, g.channels, options);
-    kernel<<<l.grid, l.block, 0, stream>>>(op, in0, in1, l.shape, partials.data());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    partials.merge(op, in0, /*first_stride=*/1, stream);
+    const at::Tensor partials = partials_for<State>(l.grid.y, g.channels, options);
+    kernel<<<l.grid, l.block, 0, stream>>>(op, in0, in1, l.shape, partials_data<State>(partials),
+                                           grid_counters(l.grid.x, stream));
   } else {
     const auto kernel = plane_reduce_kernel<Op, scalar_t, V>;
     const PlaneLaunch l = plane_launch(g, V, resident_blocks(kernel));
-    const Partials<Op> partials(l.grid.y, g.channels, options);
-    kernel<<<l.grid, l.block, 0, stream>>>(op, in0, in1, l.shape, partials.data());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    partials.merge(op, in0, /*first_stride=*/g.spatial, stream);
+    const at::Tensor partials = partials_for<State>(l.grid.y, g.channels, options);
+    kernel<<<l.grid, l.block, 0, stream>>>(op, in0, in1, l.shape, partials_data<State>(partials),
+                                           grid_counters(l.grid.x, stream));
   }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename Op, typename scalar_t, int V>
@@ -136,13 +145,12 @@ void launch_map(const Op& op, const Geometry& g, const scalar_t* in0, const scal
     const auto kernel = rows_map_kernel<Op, scalar_t, V>;
     const RowsLaunch l = rows_launch(g, V, resident_blocks(kernel));
     kernel<<<l.grid, l.block, 0, stream>>>(op, in0, in1, out, l.shape);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
     const auto kernel = plane_map_kernel<Op, scalar_t, V>;
     const PlaneLaunch l = plane_launch(g, V, resident_blocks(kernel));
     kernel<<<l.grid, l.block, 0, stream>>>(op, in0, in1, out, l.shape);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // Per-channel reduction of `in0` (and `in1` for two-input ops) into op.finish.
@@ -167,30 +175,134 @@ void map_channels(const Op& op, const Geometry& g, const scalar_t* in0, const sc
     launch_map<Op, scalar_t, 1>(op, g, in0, in1, out);
 }
 
+// ---- the guard's arguments ---------------------------------------------------
+
+// A per-channel or bookkeeping tensor the guard kernels read or write: on the
+// device of the statistics, and (for per-channel ones) one value per channel.
+void check_guard_tensor(const std::optional<at::Tensor>& t, const at::Tensor& mean, const char* name,
+                        bool per_channel) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->device() == mean.device(), name, " is on ", t->device(), " but the statistics are on ",
+              mean.device(), ". Move the module and the input to the same device.");
+  TORCH_CHECK(!per_channel || t->numel() == mean.numel(), name, " must have one value per channel (",
+              mean.numel(), "), got shape ", t->sizes(), ".");
+}
+
+int64_t* counters_data(const std::optional<at::Tensor>& counters) {
+  return counters.has_value() ? counters->mutable_data_ptr<int64_t>() : nullptr;
+}
+
+BufferType buffer_type(at::ScalarType type) {
+  switch (type) {
+    case at::kDouble: return BufferType::kDouble;
+    case at::kHalf: return BufferType::kHalf;
+    case at::kBFloat16: return BufferType::kBFloat16;
+    case at::kFloat: return BufferType::kFloat;
+    default: TORCH_CHECK(false, "running statistics must be float32, float64, float16 or bfloat16, got ", type);
+  }
+}
+
+template <typename acc_t>
+acc_t largest_finite(at::ScalarType type) {
+  double value = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, type, "largest_finite", [&] {
+    value = static_cast<double>(std::numeric_limits<scalar_t>::max());
+  });
+  return static_cast<acc_t>(std::min<double>(value, std::numeric_limits<acc_t>::max()));
+}
+
+// The running buffers the kernels update in place: each as it is, or a
+// contiguous copy (same dtype) that write_back() returns to it.
+struct RunningBuffers {
+  at::Tensor mean, var;
+
+  RunningBuffers(const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var)
+      : mean(running_mean.has_value() ? running_mean->contiguous() : at::Tensor()),
+        var(running_var.has_value() ? running_var->contiguous() : at::Tensor()) {}
+
+  void write_back(const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var) const {
+    if (running_mean.has_value() && !mean.is_same(*running_mean)) running_mean->copy_(mean);
+    if (running_var.has_value() && !var.is_same(*running_var)) running_var->copy_(var);
+  }
+};
+
+// The guarded update after a training batch of `count` > 0 values per
+// channel with statistics `mean` and `invstd` (written by then, or by the
+// same launch before its epilogue), for kernels.cuh's guarded_update.
+// `weight` and `bias` are contiguous in acc_t (channel_values).
+template <typename acc_t>
+RunningStatsArgs<acc_t> running_stats_args(const RunningBuffers& buffers,
+                                           const std::optional<at::Tensor>& num_batches_tracked,
+                                           const std::optional<at::Tensor>& counters, const at::Tensor& mean,
+                                           const at::Tensor& invstd, const at::Tensor& weight,
+                                           const at::Tensor& bias, int64_t count, bool single_sample, double eps,
+                                           std::optional<double> momentum) {
+  const bool has_buffers = buffers.mean.defined();
+  return {/*enabled=*/has_buffers || counters.has_value(),
+          has_buffers ? buffers.mean.mutable_data_ptr() : nullptr,
+          has_buffers ? buffers.var.mutable_data_ptr() : nullptr,
+          buffer_type(has_buffers ? buffers.mean.scalar_type() : mean.scalar_type()),
+          num_batches_tracked.has_value() ? num_batches_tracked->mutable_data_ptr<int64_t>() : nullptr,
+          counters_data(counters),
+          mean.const_data_ptr<acc_t>(),
+          invstd.const_data_ptr<acc_t>(),
+          data_or_null<acc_t>(weight),
+          data_or_null<acc_t>(bias),
+          mean.numel(),
+          count,
+          single_sample,
+          acc_t(eps),
+          momentum.has_value(),
+          acc_t(momentum.value_or(0)),
+          largest_finite<acc_t>(has_buffers ? buffers.mean.scalar_type() : mean.scalar_type())};
+}
+
+// An empty batch changes no buffer; native counts it in num_batches_tracked,
+// which the unguarded update reproduces.
+void count_empty_batch(const std::optional<at::Tensor>& running_mean,
+                       const std::optional<at::Tensor>& num_batches_tracked, const std::optional<at::Tensor>& counters) {
+  if (!counters.has_value() && running_mean.has_value() && num_batches_tracked.has_value())
+    num_batches_tracked->add_(1);
+}
+
 // ---- forward ops ---------------------------------------------------------------
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train(
-    const at::Tensor& input_arg, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, double eps) {
+// Two launches: the statistics, whose last block applies the guarded update
+// of every buffer; then the normalization.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train(
+    const at::Tensor& input_arg, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& num_batches_tracked, const std::optional<at::Tensor>& counters,
+    std::optional<double> momentum, double eps) {
   check_eps(eps);
   check_forward_args(input_arg, weight, bias);
+  check_training_buffers(input_arg, running_mean, running_var, num_batches_tracked, counters, momentum);
   const c10::cuda::CUDAGuard device_guard(input_arg.device());
   const at::Tensor input = with_kernel_layout(input_arg);
   const Geometry g = geometry_of(input);
   at::Tensor output = at::empty_like(input);
-  if (input.numel() == 0) return {output, undefined_channel_stats(input), undefined_channel_stats(input)};
+  if (input.numel() == 0) {
+    if (g.channels > 0) count_empty_batch(running_mean, num_batches_tracked, counters);
+    return {output, undefined_channel_stats(input), undefined_channel_stats(input)};
+  }
   at::Tensor mean = channel_stat_tensor(input), invstd = channel_stat_tensor(input);
-  SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_forward_train", [&] {
+  const RunningBuffers buffers(running_mean, running_var);
+  SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_batch_norm_train", [&] {
     const at::Tensor w = channel_values(weight, mean.scalar_type()), b = channel_values(bias, mean.scalar_type());
     const scalar_t* x = input.const_data_ptr<scalar_t>();
+    const int64_t count = g.per_channel();
     reduce_channels(MomentsOp<acc_t>{mean.mutable_data_ptr<acc_t>(), invstd.mutable_data_ptr<acc_t>(),
-                                     /*spread_is_invstd=*/true, acc_t(eps)},
+                                     /*spread_is_invstd=*/true, acc_t(eps),
+                                     running_stats_args<acc_t>(buffers, num_batches_tracked, counters, mean, invstd,
+                                                               w, b, count, g.batch == 1 && count > 1, eps,
+                                                               momentum)},
                     input, g, x, static_cast<const scalar_t*>(nullptr));
     map_channels(NormalizeOp<acc_t>{mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
                                     /*spread_is_var=*/false, acc_t(eps), data_or_null<acc_t>(w),
-                                    data_or_null<acc_t>(b)},
+                                    data_or_null<acc_t>(b), /*counters=*/nullptr, g.channels},
                  g, x, static_cast<const scalar_t*>(nullptr), output.mutable_data_ptr<scalar_t>());
   });
+  buffers.write_back(running_mean, running_var);
   return {output, mean, invstd};
 }
 
@@ -203,17 +315,19 @@ std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& input_arg) {
   at::Tensor mean = channel_stat_tensor(input), var = channel_stat_tensor(input);
   SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_batch_stats", [&] {
     reduce_channels(MomentsOp<acc_t>{mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>(),
-                                     /*spread_is_invstd=*/false, acc_t(0)},
+                                     /*spread_is_invstd=*/false, acc_t(0), /*update=*/{}},
                     input, g, input.const_data_ptr<scalar_t>(), static_cast<const scalar_t*>(nullptr));
   });
   return {mean, var};
 }
 
 // y = (x - mean) * weight * invstd + bias, with invstd given (normalize) or
-// derived from a variance (forward_eval).
+// derived from a variance (batch_norm_eval, which checks the statistics with
+// counters). One launch.
 at::Tensor normalize_with(const at::Tensor& input_arg, const std::optional<at::Tensor>& weight,
                           const std::optional<at::Tensor>& bias, const at::Tensor& mean_arg,
-                          const at::Tensor& spread_arg, bool spread_is_var, double eps) {
+                          const at::Tensor& spread_arg, bool spread_is_var, double eps,
+                          const std::optional<at::Tensor>& counters) {
   const c10::cuda::CUDAGuard device_guard(input_arg.device());
   const at::Tensor input = with_kernel_layout(input_arg);
   const Geometry g = geometry_of(input);
@@ -224,7 +338,8 @@ at::Tensor normalize_with(const at::Tensor& input_arg, const std::optional<at::T
   const at::Tensor w = channel_values(weight, acc), b = channel_values(bias, acc);
   SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_normalize", [&] {
     map_channels(NormalizeOp<acc_t>{mean.const_data_ptr<acc_t>(), spread.const_data_ptr<acc_t>(), spread_is_var,
-                                    acc_t(eps), data_or_null<acc_t>(w), data_or_null<acc_t>(b)},
+                                    acc_t(eps), data_or_null<acc_t>(w), data_or_null<acc_t>(b),
+                                    counters_data(counters), g.channels},
                  g, input.const_data_ptr<scalar_t>(), static_cast<const scalar_t*>(nullptr),
                  output.mutable_data_ptr<scalar_t>());
   });
@@ -236,16 +351,18 @@ at::Tensor normalize(const at::Tensor& input, const std::optional<at::Tensor>& w
   check_forward_args(input, weight, bias);
   check_channel_tensor(mean, input, "mean");
   check_channel_tensor(invstd, input, "invstd");
-  return normalize_with(input, weight, bias, mean, invstd, /*spread_is_var=*/false, /*eps=*/0);
+  return normalize_with(input, weight, bias, mean, invstd, /*spread_is_var=*/false, /*eps=*/0, std::nullopt);
 }
 
-at::Tensor forward_eval(const at::Tensor& input, const std::optional<at::Tensor>& weight,
-                        const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
-                        const at::Tensor& running_var, double eps) {
+at::Tensor batch_norm_eval(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                           const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
+                           const at::Tensor& running_var, const std::optional<at::Tensor>& counters, double eps) {
+  check_eps(eps);
   check_forward_args(input, weight, bias);
   check_channel_tensor(running_mean, input, "running_mean");
   check_channel_tensor(running_var, input, "running_var");
-  return normalize_with(input, weight, bias, running_mean, running_var, /*spread_is_var=*/true, eps);
+  check_counters(counters, input.device());
+  return normalize_with(input, weight, bias, running_mean, running_var, /*spread_is_var=*/true, eps, counters);
 }
 
 // ---- backward ops ----------------------------------------------------------------
@@ -360,49 +477,15 @@ at::Tensor backward_elemt(const at::Tensor& grad_output, const at::Tensor& input
   return grad_input;
 }
 
-// ---- the guard -------------------------------------------------------------------
+// ---- the split ops' guard ----------------------------------------------------------
 
-// A per-channel or bookkeeping tensor the guard kernels read or write: on the
-// device of the statistics, and (for per-channel ones) one value per channel.
-void check_guard_tensor(const std::optional<at::Tensor>& t, const at::Tensor& mean, const char* name,
-                        bool per_channel) {
-  if (!t.has_value()) return;
-  TORCH_CHECK(t->device() == mean.device(), name, " is on ", t->device(), " but the statistics are on ",
-              mean.device(), ". Move the module and the input to the same device.");
-  TORCH_CHECK(!per_channel || t->numel() == mean.numel(), name, " must have one value per channel (",
-              mean.numel(), "), got shape ", t->sizes(), ".");
-}
-
-int64_t* counters_data(const std::optional<at::Tensor>& counters) {
-  return counters.has_value() ? counters->mutable_data_ptr<int64_t>() : nullptr;
-}
-
-// A running buffer the kernel can update in place: the buffer itself, or a
-// contiguous copy of it (same dtype) that write_back() returns.
-at::Tensor contiguous_or_null(const std::optional<at::Tensor>& buffer) {
-  return buffer.has_value() ? buffer->contiguous() : at::Tensor();
-}
-
-void write_back(const std::optional<at::Tensor>& buffer, const at::Tensor& work) {
-  if (buffer.has_value() && !work.is_same(*buffer)) buffer->copy_(work);
-}
-
-// The guarded update after a training batch of `count` values per channel
-// (the group's, for SafeSyncBatchNorm), as cpu/batch_norm_cpu.cpp's
-// update_after_batch.
-void update_after_batch(const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
-                        const std::optional<at::Tensor>& num_batches_tracked,
-                        const std::optional<at::Tensor>& counters, const at::Tensor& mean_arg,
-                        const at::Tensor& invstd_arg, const std::optional<at::Tensor>& weight,
-                        const std::optional<at::Tensor>& bias, int64_t count, double eps,
-                        std::optional<double> momentum, bool single_sample) {
-  if (count == 0) {
-    // An empty batch changes no buffer; native counts it in
-    // num_batches_tracked, which the unguarded update reproduces.
-    if (!counters.has_value() && running_mean.has_value() && num_batches_tracked.has_value())
-      num_batches_tracked->add_(1);
-    return;
-  }
+void update_running_stats(const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+                          const std::optional<at::Tensor>& num_batches_tracked,
+                          const std::optional<at::Tensor>& counters, const at::Tensor& mean_arg,
+                          const at::Tensor& invstd_arg, const std::optional<at::Tensor>& weight,
+                          const std::optional<at::Tensor>& bias, int64_t count, double eps,
+                          std::optional<double> momentum) {
+  check_update_args(running_mean, running_var, num_batches_tracked, momentum);
   TORCH_CHECK(mean_arg.is_cuda(), "the batch mean is on ", mean_arg.device(),
               " while other arguments are on a CUDA device. Keep the statistics on the module's device.");
   check_guard_tensor(invstd_arg, mean_arg, "invstd", true);
@@ -413,104 +496,26 @@ void update_after_batch(const std::optional<at::Tensor>& running_mean, const std
   check_guard_tensor(num_batches_tracked, mean_arg, "num_batches_tracked", false);
   check_counters(counters, mean_arg.device());
   TORCH_CHECK(!running_mean.has_value() || running_mean->scalar_type() == running_var->scalar_type(),
-              "running_mean (", running_mean->scalar_type(), ") and running_var (", running_var->scalar_type(),
-              ") must have the same dtype, as nn.BatchNorm's buffers do.");
+              "running_mean and running_var must have the same dtype, as nn.BatchNorm's buffers do.");
   const c10::cuda::CUDAGuard device_guard(mean_arg.device());
-  int64_t* counts = counters_data(counters);
+  if (count == 0) {
+    count_empty_batch(running_mean, num_batches_tracked, counters);
+    return;
+  }
   const at::ScalarType acc = mean_arg.scalar_type();
   const at::Tensor mean = channel_values(mean_arg, acc), invstd = channel_values(invstd_arg, acc);
   const at::Tensor w = channel_values(weight, acc), b = channel_values(bias, acc);
-  const at::Tensor new_mean = contiguous_or_null(running_mean), new_var = contiguous_or_null(running_var);
-  const at::ScalarType buffer_type = running_mean.has_value() ? running_mean->scalar_type() : acc;
+  const RunningBuffers buffers(running_mean, running_var);
   AT_DISPATCH_FLOATING_TYPES(acc, "safebn_update_running_stats", [&] {
     using acc_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, buffer_type, "safebn_update_running_stats", [&] {
-      using running_t = scalar_t;
-      const double limit = std::min<double>(std::numeric_limits<running_t>::max(), std::numeric_limits<acc_t>::max());
-      const RunningStatsArgs<acc_t, running_t> args{
-          mutable_data_or_null<running_t>(new_mean),
-          mutable_data_or_null<running_t>(new_var),
-          num_batches_tracked.has_value() ? num_batches_tracked->mutable_data_ptr<int64_t>() : nullptr,
-          counts,
-          mean.const_data_ptr<acc_t>(),
-          invstd.const_data_ptr<acc_t>(),
-          data_or_null<acc_t>(w),
-          data_or_null<acc_t>(b),
-          mean.numel(),
-          count,
-          single_sample,
-          acc_t(eps),
-          momentum.has_value(),
-          acc_t(momentum.value_or(0)),
-          acc_t(limit)};
-      update_running_stats_kernel<<<1, kBlockThreads, 0, at::cuda::getCurrentCUDAStream()>>>(args);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
-  write_back(running_mean, new_mean);
-  write_back(running_var, new_var);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train(
-    const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
-    const std::optional<at::Tensor>& num_batches_tracked, const std::optional<at::Tensor>& counters,
-    std::optional<double> momentum, double eps) {
-  check_input(input);
-  check_training_buffers(input, running_mean, running_var, num_batches_tracked, counters, momentum);
-  auto [output, mean, invstd] = forward_train(input, weight, bias, eps);
-  const int64_t count = input.size(1) > 0 ? input.numel() / input.size(1) : 0;
-  update_after_batch(running_mean, running_var, num_batches_tracked, counters, mean, invstd, weight, bias, count,
-                     eps, momentum, /*single_sample=*/input.size(0) == 1 && count > 1);
-  return {output, mean, invstd};
-}
-
-void update_running_stats(const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
-                          const std::optional<at::Tensor>& num_batches_tracked,
-                          const std::optional<at::Tensor>& counters, const at::Tensor& mean,
-                          const at::Tensor& invstd, const std::optional<at::Tensor>& weight,
-                          const std::optional<at::Tensor>& bias, int64_t count, double eps,
-                          std::optional<double> momentum) {
-  check_update_args(running_mean, running_var, num_batches_tracked, momentum);
-  update_after_batch(running_mean, running_var, num_batches_tracked, counters, mean, invstd, weight, bias, count,
-                     eps, momentum, /*single_sample=*/false);
-}
-
-void check_eval_stats(const std::optional<at::Tensor>& counters, const at::Tensor& running_mean_arg,
-                      const at::Tensor& running_var_arg, const std::optional<at::Tensor>& weight,
-                      const std::optional<at::Tensor>& bias, double eps) {
-  TORCH_CHECK(running_mean_arg.is_cuda(), "running_mean is on ", running_mean_arg.device(),
-              " while other arguments are on a CUDA device. Move the module to one device.");
-  check_guard_tensor(running_var_arg, running_mean_arg, "running_var", true);
-  check_guard_tensor(weight, running_mean_arg, "weight", true);
-  check_guard_tensor(bias, running_mean_arg, "bias", true);
-  const c10::cuda::CUDAGuard device_guard(running_mean_arg.device());
-  int64_t* counts = counters_data(counters);
-  AT_DISPATCH_FLOATING_TYPES(accumulate_type(running_mean_arg.scalar_type()), "safebn_check_eval_stats", [&] {
-    using acc_t = scalar_t;
-    const at::ScalarType acc = accumulate_type(running_mean_arg.scalar_type());
-    const at::Tensor mean = channel_values(running_mean_arg, acc), var = channel_values(running_var_arg, acc);
-    const at::Tensor w = channel_values(weight, acc), b = channel_values(bias, acc);
-    const EvalStatsArgs<acc_t> args{counts,
-                                    mean.const_data_ptr<acc_t>(),
-                                    var.const_data_ptr<acc_t>(),
-                                    data_or_null<acc_t>(w),
-                                    data_or_null<acc_t>(b),
-                                    mean.numel(),
-                                    acc_t(eps)};
-    check_eval_stats_kernel<acc_t><<<1, kBlockThreads, 0, at::cuda::getCurrentCUDAStream()>>>(args);
+    const RunningStatsArgs<acc_t> args = running_stats_args<acc_t>(buffers, num_batches_tracked, counters, mean,
+                                                                   invstd, w, b, count, /*single_sample=*/false, eps,
+                                                                   momentum);
+    if (!args.enabled) return;
+    update_running_stats_kernel<acc_t><<<1, kBlockThreads, 0, at::cuda::getCurrentCUDAStream()>>>(args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-}
-
-at::Tensor batch_norm_eval(const at::Tensor& input, const std::optional<at::Tensor>& weight,
-                           const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
-                           const at::Tensor& running_var, const std::optional<at::Tensor>& counters, double eps) {
-  check_eps(eps);
-  check_counters(counters, input.device());
-  at::Tensor output = forward_eval(input, weight, bias, running_mean, running_var, eps);
-  if (counters.has_value()) check_eval_stats(counters, running_mean, running_var, weight, bias, eps);
-  return output;
+  buffers.write_back(running_mean, running_var);
 }
 
 }  // namespace

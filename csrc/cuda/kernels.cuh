@@ -1,8 +1,10 @@
 // Device code of the safebn CUDA ops. Four kernel templates -- a per-channel
 // reduction and an elementwise map, for each of the two layouts -- take an op
-// that says what one element contributes and what a channel's total becomes;
-// a fifth merges the partial totals of channels split over several blocks;
-// two single-block kernels apply the running-statistics guard. Every formula
+// that says what one element contributes and what a channel's total becomes.
+// A reduction finishes in one launch: the last block of a channel's blocks to
+// arrive merges their partial totals, and the last of those runs the op's
+// grid epilogue (the running-statistics guard of a training forward). A
+// single-block kernel applies the guard for the split ops. Every formula
 // comes from welford.h and guard.h, the functions the CPU kernels call.
 #pragma once
 
@@ -86,19 +88,20 @@ __device__ __forceinline__ State warp_reduce(State state) {
   return state;
 }
 
-// The combined state of a one-dimensional block, returned to every thread:
+// The combined state of a block of whole warps, returned to every thread:
 // warps reduce by shuffles, then the first warp reduces the warps' totals.
+// Threads count x fastest, as the hardware forms warps.
 template <typename State>
 __device__ State block_reduce(State state) {
   // Raw storage: a __shared__ array may not have constructors to run.
   __shared__ alignas(State) unsigned char storage[32 * sizeof(State)];
   State* warp_totals = reinterpret_cast<State*>(storage);
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int thread = threadIdx.y * blockDim.x + threadIdx.x, lane = thread % 32, warp = thread / 32;
   state = warp_reduce(state);
   if (lane == 0) warp_totals[warp] = state;
   __syncthreads();
   if (warp == 0) {
-    state = warp_reduce(lane < int(blockDim.x / 32) ? warp_totals[lane] : State());
+    state = warp_reduce(lane < int(blockDim.x * blockDim.y / 32) ? warp_totals[lane] : State());
     if (lane == 0) warp_totals[0] = state;
   }
   __syncthreads();
@@ -136,22 +139,177 @@ __device__ __forceinline__ acc_t first_value(const scalar_t* x, int64_t c, int64
   return acc_t(x[c * stride]);
 }
 
-// A block's total for channel c: the channel's result when the block covers
-// the whole channel (one split), else one of merge_partials_kernel's inputs.
-template <typename Op>
-__device__ __forceinline__ void deliver(const Op& op, typename Op::State* partials, int64_t c,
-                                        const typename Op::Channel& k, const typename Op::State& total) {
-  if (gridDim.y == 1)
-    op.finish(c, k, total);
-  else
-    partials[c * gridDim.y + blockIdx.y] = total;
+// ---- grid-wide completion ---------------------------------------------------
+// A reduction splits each tile of channels (blockIdx.x: one channel, or one
+// group of channel columns) over gridDim.y blocks. Each stores its partial
+// totals; the last of a tile's blocks to arrive merges and finishes the
+// tile's channels, and the last tile to finish runs the op's grid epilogue.
+// No second launch, no host round trip. The arrival counters are zero
+// between launches (the last arrival resets each), so they are cleared once
+// per device and stream, not per call (launch.cuh).
+
+struct GridCounters {
+  unsigned int* tile_arrivals;  // gridDim.x counters
+  unsigned int* tiles_done;     // one counter
+};
+
+// True, in every thread of the block, for the block that arrives last of
+// `expected` at `counter`; every global write the other blocks made before
+// they arrived is then visible to it. Every thread of the block must call it.
+__device__ bool arrive_last(unsigned int* counter, unsigned int expected) {
+  __shared__ bool last;
+  __threadfence();  // release: this thread's writes, before its block's arrival
+  __syncthreads();
+  if (threadIdx.x == 0 && threadIdx.y == 0) {
+    last = atomicAdd(counter, 1u) == expected - 1;
+    if (last) atomicExch(counter, 0u);  // ready for the next launch on this stream
+  }
+  __syncthreads();
+  if (last) __threadfence();  // acquire: the other blocks' writes
+  return last;
+}
+
+// ---- the guard: one block over the channels --------------------------------
+// C is small next to any activation, and a single block decides for every
+// channel at once (all-or-nothing) without another launch or a host round
+// trip. Thread 0 alone writes counters; every branch on a block-reduced value
+// is taken by the whole block. It runs as the statistics reduction's grid
+// epilogue in a training forward, and as its own one-block kernel for the
+// split ops.
+
+// A running buffer's element type. The guard touches C values of it, so a
+// switch at run time costs nothing, where a template would double the
+// statistics kernels.
+enum class BufferType : int32_t { kFloat, kDouble, kHalf, kBFloat16 };
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t load_buffer(const void* data, BufferType type, int64_t i) {
+  switch (type) {
+    case BufferType::kDouble: return acc_t(static_cast<const double*>(data)[i]);
+    case BufferType::kHalf: return acc_t(float(static_cast<const c10::Half*>(data)[i]));
+    case BufferType::kBFloat16: return acc_t(float(static_cast<const c10::BFloat16*>(data)[i]));
+    default: return acc_t(static_cast<const float*>(data)[i]);
+  }
+}
+
+template <typename acc_t>
+__device__ __forceinline__ void store_buffer(void* data, BufferType type, int64_t i, acc_t value) {
+  switch (type) {
+    case BufferType::kDouble: static_cast<double*>(data)[i] = double(value); break;
+    case BufferType::kHalf: static_cast<c10::Half*>(data)[i] = c10::Half(float(value)); break;
+    case BufferType::kBFloat16: static_cast<c10::BFloat16*>(data)[i] = c10::BFloat16(float(value)); break;
+    default: static_cast<float*>(data)[i] = float(value);
+  }
+}
+
+template <typename acc_t>
+struct RunningStatsArgs {
+  bool enabled;                  // false: nothing to update or count
+  void* running_mean;            // nullptr: no running statistics
+  void* running_var;
+  BufferType buffer_type;
+  int64_t* num_batches_tracked;  // nullptr: not tracked
+  int64_t* counters;             // nullptr: unguarded (checks=False), as native
+  const acc_t* mean;
+  const acc_t* invstd;
+  const acc_t* weight;  // nullptr: 1
+  const acc_t* bias;    // nullptr: 0
+  int64_t channels;
+  int64_t count;       // values per channel in the batch, > 0
+  bool single_sample;  // the batch is one example (N == 1) with count > 1
+  acc_t eps;
+  bool has_momentum;  // false: cumulative average over num_batches_tracked
+  acc_t momentum;
+  acc_t limit;  // the largest finite value of the buffers' dtype (as acc_t)
+};
+
+// The rules of update_after_batch in cpu/batch_norm_cpu.cpp, step by step,
+// by every thread of one block. Not inlined: its registers would weigh on
+// the statistics kernels, which run it once.
+template <typename acc_t>
+__device__ __noinline__ void guarded_update(const RunningStatsArgs<acc_t>& a) {
+  const bool first = threadIdx.x == 0 && threadIdx.y == 0;
+  const int thread = threadIdx.y * blockDim.x + threadIdx.x, threads = blockDim.x * blockDim.y;
+  if (a.counters != nullptr) {
+    if (first) {
+      a.counters[kBatches] += 1;
+      a.counters[kSingleSampleBatches] += a.single_sample;
+    }
+    if (a.count < 2) {  // no variance to learn from one value
+      if (first) a.counters[kSkippedUpdates] += 1;
+      return;
+    }
+    ChannelFaults faults;
+    for (int64_t c = thread; c < a.channels; c += threads)
+      faults.add(training_faults(a.mean[c], a.invstd[c], value_or(a.weight, c, acc_t(1)),
+                                 value_or(a.bias, c, acc_t(0)), a.eps));
+    faults = block_reduce(faults);
+    if (first) a.counters[kLowVarianceChannels] += faults.low_var;
+    if (faults.any_nonfinite()) {
+      if (first) {
+        record_nonfinite(a.counters, faults, /*training=*/true);
+        a.counters[kSkippedUpdates] += 1;
+      }
+      return;
+    }
+  }
+  if (a.running_mean == nullptr) return;
+  const acc_t factor = a.has_momentum ? a.momentum : acc_t(1) / acc_t(*a.num_batches_tracked + 1);
+  auto update = [&](int64_t c) {
+    return running_update(load_buffer<acc_t>(a.running_mean, a.buffer_type, c),
+                          load_buffer<acc_t>(a.running_var, a.buffer_type, c), a.mean[c], a.invstd[c], a.eps,
+                          a.count, factor);
+  };
+  if (a.counters != nullptr) {  // the update must not overflow the buffers' dtype
+    ChannelFaults overflow;
+    for (int64_t c = thread; c < a.channels; c += threads) overflow.var += !update(c).fits(a.limit);
+    overflow = block_reduce(overflow);
+    if (overflow.any_nonfinite()) {
+      if (first) {
+        record_nonfinite(a.counters, overflow, /*training=*/true);
+        a.counters[kSkippedUpdates] += 1;
+      }
+      return;
+    }
+  }
+  // Each channel is read and written by the same thread in every loop.
+  for (int64_t c = thread; c < a.channels; c += threads) {
+    const RunningUpdate<acc_t> u = update(c);
+    store_buffer(a.running_mean, a.buffer_type, c, u.mean);
+    store_buffer(a.running_var, a.buffer_type, c, u.var);
+  }
+  __syncthreads();  // every thread has read num_batches_tracked (factor) before it changes
+  if (first && a.num_batches_tracked != nullptr) *a.num_batches_tracked += 1;
+}
+
+template <typename acc_t>
+__global__ void __launch_bounds__(kBlockThreads) update_running_stats_kernel(RunningStatsArgs<acc_t> a) {
+  guarded_update(a);
+}
+
+// eval mode's check of the running statistics (and weight, bias) it
+// normalizes with, by every thread of one block; nothing without counters.
+template <typename acc_t>
+__device__ void check_eval_stats(int64_t* counters, const acc_t* running_mean, const acc_t* running_var,
+                                 const acc_t* weight, const acc_t* bias, int64_t channels, acc_t eps) {
+  if (counters == nullptr) return;
+  ChannelFaults faults;
+  for (int64_t c = threadIdx.y * blockDim.x + threadIdx.x; c < channels; c += blockDim.x * blockDim.y)
+    faults.add(eval_faults(running_mean[c], running_var[c], value_or(weight, c, acc_t(1)),
+                           value_or(bias, c, acc_t(0)), eps));
+  faults = block_reduce(faults);
+  if (threadIdx.x == 0 && threadIdx.y == 0 && faults.any_nonfinite())
+    record_nonfinite(counters, faults, /*training=*/false);
 }
 
 // ---- the ops ---------------------------------------------------------------
 // A reduction op gives: State (per thread, then merged), Channel (per-channel
 // constants), kInputs (1: x; 2: dy and x), channel(c, first value of in0 in
-// channel c), add(state, channel, in0, in1) and finish(c, channel, total). A
-// map op gives Channel, kInputs, channel(c) and apply(channel, in0, in1).
+// channel c), add(state, channel, in0, in1), finish(c, channel, total), and
+// has_epilogue() / epilogue(), which one block runs with its every thread
+// after every channel is finished. A map op gives Channel, kInputs,
+// channel(c), apply(channel, in0, in1), and once(), which block (0, 0) runs
+// with its every thread before it maps.
 
 // Mean and biased variance of x (forward_train, batch_stats); the second
 // output is invstd or the variance. Welford runs on x - shift, with the
@@ -173,6 +331,9 @@ struct MomentsOp {
   acc_t* spread;
   bool spread_is_invstd;
   acc_t eps;
+  // A training forward's guarded update, once every channel is final
+  // (update.enabled false for batch_stats).
+  RunningStatsArgs<acc_t> update;
 
   __device__ Channel channel(int64_t, acc_t first) const { return {first}; }
   __device__ void add(State& s, const Channel& k, acc_t x, acc_t) const { s.add(x - k.shift); }
@@ -180,6 +341,8 @@ struct MomentsOp {
     mean[c] = k.shift + s.mean;
     spread[c] = spread_is_invstd ? invstd_from_var(s.variance(), eps) : s.variance();
   }
+  __device__ bool has_epilogue() const { return update.enabled; }
+  __device__ void epilogue() const { guarded_update(update); }
 };
 
 // sum(dy) and sum(dy * (x - mean)) (backward, backward_reduce); with
@@ -207,6 +370,8 @@ struct GradSumsOp {
     sum_dy_xmu[c] = s.dy_xmu;
     if (grad_weight != nullptr) grad_weight[c] = s.dy_xmu * invstd[c];
   }
+  __device__ bool has_epilogue() const { return false; }
+  __device__ void epilogue() const {}
 };
 
 // y = (x - mean) * weight * invstd + bias (forward_train, forward_eval,
@@ -226,6 +391,9 @@ struct NormalizeOp {
   acc_t eps;
   const acc_t* weight;  // nullptr: 1
   const acc_t* bias;    // nullptr: 0
+  // eval mode: the running statistics' check, in the same launch
+  int64_t* counters;  // nullptr: none
+  int64_t channels;
 
   __device__ Channel channel(int64_t c) const {
     const acc_t invstd = spread_is_var ? invstd_from_var(spread[c], eps) : spread[c];
@@ -234,6 +402,7 @@ struct NormalizeOp {
   __device__ acc_t apply(const Channel& k, acc_t x, acc_t) const {
     return normalize_value(x, k.mean, k.scale, k.shift);
   }
+  __device__ void once() const { check_eval_stats(counters, mean, spread, weight, bias, channels, eps); }
 };
 
 // The input gradient (backward, backward_elemt). Without the sums (eval-mode
@@ -258,6 +427,7 @@ struct GradInputOp {
                                           count, train);
   }
   __device__ acc_t apply(const Channel& k, acc_t dy, acc_t x) const { return grad_input_value(dy, x, k); }
+  __device__ void once() const {}
 };
 
 // ---- contiguous layouts: blocks over rectangles of one channel's runs -----
@@ -314,11 +484,12 @@ struct PlaneWalker {
 };
 
 // Grid (C, rectangles per channel), 1-D blocks. Each thread folds its packs
-// into one State, the block merges them, and deliver() hands the total on.
+// into one State, the block merges them, and the channel's last block to
+// arrive merges the blocks' totals.
 template <typename Op, typename scalar_t, int V>
 __global__ void __launch_bounds__(kBlockThreads)
 plane_reduce_kernel(Op op, const scalar_t* __restrict__ in0, const scalar_t* __restrict__ in1, PlaneShape shape,
-                    typename Op::State* __restrict__ partials) {
+                    typename Op::State* __restrict__ partials, GridCounters counters) {
   using acc_t = typename Op::accumulate_t;
   const int64_t c = blockIdx.x;
   const typename Op::Channel channel = op.channel(c, first_value<acc_t>(in0, c, shape.run * V));
@@ -343,7 +514,17 @@ plane_reduce_kernel(Op op, const scalar_t* __restrict__ in0, const scalar_t* __r
     }
   }
   state = block_reduce(state);
-  if (threadIdx.x == 0) deliver(op, partials, c, channel, state);
+  if (gridDim.y > 1) {
+    const int64_t splits = gridDim.y;
+    if (threadIdx.x == 0) partials[c * splits + blockIdx.y] = state;
+    if (!arrive_last(&counters.tile_arrivals[blockIdx.x], gridDim.y)) return;
+    // In a fixed order, whichever block arrives last: deterministic results.
+    state = typename Op::State();
+    for (int64_t split = threadIdx.x; split < splits; split += blockDim.x) combine(state, partials[c * splits + split]);
+    state = block_reduce(state);
+  }
+  if (threadIdx.x == 0) op.finish(c, channel, state);
+  if (op.has_epilogue() && arrive_last(counters.tiles_done, gridDim.x)) op.epilogue();
 }
 
 // Grid (C, rectangles per channel), 1-D blocks, the walk of plane_reduce_kernel.
@@ -352,6 +533,7 @@ __global__ void __launch_bounds__(kBlockThreads)
 plane_map_kernel(Op op, const scalar_t* __restrict__ in0, const scalar_t* __restrict__ in1,
                  scalar_t* __restrict__ out, PlaneShape shape) {
   using acc_t = typename Op::accumulate_t;
+  if (blockIdx.x == 0 && blockIdx.y == 0) op.once();
   const int64_t c = blockIdx.x;
   const typename Op::Channel channel = op.channel(c);
   for (PlaneWalker walk(shape, c); !walk.done();) {
@@ -401,11 +583,12 @@ __device__ __forceinline__ void load_row_packs(const scalar_t* __restrict__ in0,
 
 // Grid (column tiles, row splits), blocks (x: packs of a row, y: rows). Each
 // thread keeps one State per channel of its pack while it walks rows, the
-// block's rows merge in shared memory, and deliver() hands the totals on.
+// block's rows merge in shared memory, and the tile's last block to arrive
+// merges the blocks' totals.
 template <typename Op, typename scalar_t, int V>
 __global__ void __launch_bounds__(kBlockThreads)
 rows_reduce_kernel(Op op, const scalar_t* __restrict__ in0, const scalar_t* __restrict__ in1, RowsShape shape,
-                   typename Op::State* __restrict__ partials) {
+                   typename Op::State* __restrict__ partials, GridCounters counters) {
   using acc_t = typename Op::accumulate_t;
   using State = typename Op::State;
   __shared__ alignas(State) unsigned char storage[kBlockThreads * V * sizeof(State)];
@@ -433,10 +616,29 @@ rows_reduce_kernel(Op op, const scalar_t* __restrict__ in0, const scalar_t* __re
     }
   }
   reduce_block_rows(state, shared);
+  if (gridDim.y > 1) {
+    const int64_t splits = gridDim.y;
+    if (active && threadIdx.y == 0) {
+#pragma unroll
+      for (int v = 0; v < V; ++v) partials[(first_channel + v) * splits + blockIdx.y] = state[v];
+    }
+    if (!arrive_last(&counters.tile_arrivals[blockIdx.x], gridDim.y)) return;
+    // Rows of threads over the splits, in a fixed order: deterministic results.
+#pragma unroll
+    for (int v = 0; v < V; ++v) state[v] = State();
+    if (active) {
+      for (int64_t split = threadIdx.y; split < splits; split += blockDim.y) {
+#pragma unroll
+        for (int v = 0; v < V; ++v) combine(state[v], partials[(first_channel + v) * splits + split]);
+      }
+    }
+    reduce_block_rows(state, shared);
+  }
   if (active && threadIdx.y == 0) {
 #pragma unroll
-    for (int v = 0; v < V; ++v) deliver(op, partials, first_channel + v, channel[v], state[v]);
+    for (int v = 0; v < V; ++v) op.finish(first_channel + v, channel[v], state[v]);
   }
+  if (op.has_epilogue() && arrive_last(counters.tiles_done, gridDim.x)) op.epilogue();
 }
 
 // Grid (column tiles, row splits), the same shape as rows_reduce_kernel: each
@@ -446,6 +648,7 @@ __global__ void __launch_bounds__(kBlockThreads)
 rows_map_kernel(Op op, const scalar_t* __restrict__ in0, const scalar_t* __restrict__ in1,
                 scalar_t* __restrict__ out, RowsShape shape) {
   using acc_t = typename Op::accumulate_t;
+  if (blockIdx.x == 0 && blockIdx.y == 0) op.once();
   const int64_t column = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (column >= shape.columns) return;
   typename Op::Channel channel[V];
@@ -466,134 +669,6 @@ rows_map_kernel(Op op, const scalar_t* __restrict__ in0, const scalar_t* __restr
       store_pack<V>(out, r * shape.columns + column, result);
     }
   }
-}
-
-// ---- the grid-level merge -------------------------------------------------
-
-// When a reduction split each channel over several blocks (grid.y > 1), this
-// kernel merges the channel's `splits` partial totals, stored contiguously
-// per channel, and finishes it: one warp per channel, lanes over the splits,
-// in a fixed order (the result does not depend on block scheduling). A
-// separate launch rather than a last-block-done counter: it spreads the merge
-// over the whole GPU (a channels-last reduction has splits x C partials) and
-// the kernel boundary orders the partials' writes and reads. `in0` and
-// `first_stride` are the reduction's, for op.channel().
-template <typename Op, typename scalar_t>
-__global__ void __launch_bounds__(kBlockThreads)
-merge_partials_kernel(Op op, const typename Op::State* __restrict__ partials, int64_t splits, int64_t channels,
-                      const scalar_t* __restrict__ in0, int64_t first_stride) {
-  using acc_t = typename Op::accumulate_t;
-  using State = typename Op::State;
-  const int64_t c = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
-  if (c >= channels) return;  // whole warps: c is the same across a warp
-  const int lane = threadIdx.x % 32;
-  State total;
-  for (int64_t split = lane; split < splits; split += 32) combine(total, partials[c * splits + split]);
-  total = warp_reduce(total);
-  if (lane == 0) op.finish(c, op.channel(c, first_value<acc_t>(in0, c, first_stride)), total);
-}
-
-// ---- the guard: one block over the channels --------------------------------
-// C is small next to any activation, and a single block decides for every
-// channel at once (all-or-nothing) without another launch or a host round
-// trip. Thread 0 alone writes counters; every branch on a block-reduced value
-// is taken by the whole block.
-
-template <typename acc_t, typename running_t>
-struct RunningStatsArgs {
-  running_t* running_mean;       // nullptr: no running statistics
-  running_t* running_var;
-  int64_t* num_batches_tracked;  // nullptr: not tracked
-  int64_t* counters;             // nullptr: unguarded (checks=False), as native
-  const acc_t* mean;
-  const acc_t* invstd;
-  const acc_t* weight;  // nullptr: 1
-  const acc_t* bias;    // nullptr: 0
-  int64_t channels;
-  int64_t count;       // values per channel in the batch
-  bool single_sample;  // the batch is one example (N == 1) with count > 1
-  acc_t eps;
-  bool has_momentum;  // false: cumulative average over num_batches_tracked
-  acc_t momentum;
-  acc_t limit;  // largest finite running_t (as acc_t)
-};
-
-// The rules of update_running_stats in cpu/batch_norm_cpu.cpp, step by step.
-// The running buffers are read and written in their own dtype (running_t).
-template <typename acc_t, typename running_t>
-__global__ void __launch_bounds__(kBlockThreads)
-update_running_stats_kernel(RunningStatsArgs<acc_t, running_t> a) {
-  const bool first = threadIdx.x == 0;
-  if (a.counters != nullptr) {
-    if (first) {
-      a.counters[kBatches] += 1;
-      a.counters[kSingleSampleBatches] += a.single_sample;
-    }
-    if (a.count < 2) {  // no variance to learn from zero or one value
-      if (first) a.counters[kSkippedUpdates] += 1;
-      return;
-    }
-    ChannelFaults faults;
-    for (int64_t c = threadIdx.x; c < a.channels; c += blockDim.x)
-      faults.add(training_faults(a.mean[c], a.invstd[c], value_or(a.weight, c, acc_t(1)),
-                                 value_or(a.bias, c, acc_t(0)), a.eps));
-    faults = block_reduce(faults);
-    if (first) a.counters[kLowVarianceChannels] += faults.low_var;
-    if (faults.any_nonfinite()) {
-      if (first) {
-        record_nonfinite(a.counters, faults, /*training=*/true);
-        a.counters[kSkippedUpdates] += 1;
-      }
-      return;
-    }
-  }
-  if (a.running_mean == nullptr) return;
-  const acc_t factor = a.has_momentum ? a.momentum : acc_t(1) / acc_t(*a.num_batches_tracked + 1);
-  auto update = [&](int64_t c) {
-    return running_update(acc_t(a.running_mean[c]), acc_t(a.running_var[c]), a.mean[c], a.invstd[c], a.eps,
-                          a.count, factor);
-  };
-  if (a.counters != nullptr) {  // the update must not overflow the buffers' dtype
-    ChannelFaults overflow;
-    for (int64_t c = threadIdx.x; c < a.channels; c += blockDim.x) overflow.var += !update(c).fits(a.limit);
-    overflow = block_reduce(overflow);
-    if (overflow.any_nonfinite()) {
-      if (first) {
-        record_nonfinite(a.counters, overflow, /*training=*/true);
-        a.counters[kSkippedUpdates] += 1;
-      }
-      return;
-    }
-  }
-  // Each channel is read and written by the same thread in every loop.
-  for (int64_t c = threadIdx.x; c < a.channels; c += blockDim.x) {
-    const RunningUpdate<acc_t> u = update(c);
-    a.running_mean[c] = running_t(u.mean);
-    a.running_var[c] = running_t(u.var);
-  }
-  __syncthreads();  // every thread has read num_batches_tracked (factor) before it changes
-  if (first && a.num_batches_tracked != nullptr) *a.num_batches_tracked += 1;
-}
-
-template <typename acc_t>
-struct EvalStatsArgs {
-  int64_t* counters;
-  const acc_t* running_mean;
-  const acc_t* running_var;
-  const acc_t* weight;  // nullptr: 1
-  const acc_t* bias;    // nullptr: 0
-  int64_t channels;
-  acc_t eps;
-};
-
-template <typename acc_t>
-__global__ void __launch_bounds__(kBlockThreads) check_eval_stats_kernel(EvalStatsArgs<acc_t> a) {
-  ChannelFaults faults;
-  for (int64_t c = threadIdx.x; c < a.channels; c += blockDim.x)
-    faults.add(eval_faults(a.running_mean[c], a.running_var[c], value_or(a.weight, c, acc_t(1)),
-                           value_or(a.bias, c, acc_t(0)), a.eps));
-  faults = block_reduce(faults);
-  if (threadIdx.x == 0 && faults.any_nonfinite()) record_nonfinite(a.counters, faults, /*training=*/false);
 }
 
 }  // namespace cuda

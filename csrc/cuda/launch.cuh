@@ -5,9 +5,13 @@
 
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <utility>
 
 #include "../geometry.h"
 
@@ -63,11 +67,22 @@ struct RowsLaunch {
 };
 
 // Blocks of `kernel` resident on the whole GPU at once: the size of one wave.
+// Asked of the driver once per device and kernel, since the query costs
+// microseconds of host time, as much as a small batch's kernels.
 template <typename Kernel>
 int64_t resident_blocks(Kernel kernel) {
+  static std::mutex mutex;
+  static std::map<std::pair<c10::DeviceIndex, const void*>, int64_t> known;
+  const std::pair<c10::DeviceIndex, const void*> key{c10::cuda::current_device(), reinterpret_cast<const void*>(kernel)};
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto found = known.find(key);
+  if (found != known.end()) return found->second;
   int per_multiprocessor = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_multiprocessor, kernel, kBlockThreads, 0));
-  return int64_t(std::max(per_multiprocessor, 1)) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t blocks =
+      int64_t(std::max(per_multiprocessor, 1)) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  known.emplace(key, blocks);
+  return blocks;
 }
 
 // Contiguous layouts: grid (C, splits), one block per rectangle of a
@@ -110,10 +125,6 @@ inline RowsLaunch rows_launch(const Geometry& g, int pack_width, int64_t residen
   return {dim3(unsigned(tiles), unsigned(splits)), dim3(block_x, block_y), {rows, columns, g.channels}};
 }
 
-// merge_partials_kernel: one warp per channel.
-inline dim3 merge_grid(int64_t channels) {
-  return dim3(unsigned(ceil_div(channels, kBlockThreads / 32)));
-}
 
 }  // namespace cuda
 }  // namespace safebn
