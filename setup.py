@@ -46,7 +46,7 @@ def _extension():
                   # register and spill counts per kernel, kept in the build log
                   "-Xptxas", "-v"]
     return cpp_extension.CUDAExtension(
-        "torch_safebn._C", sources + sorted(glob.glob("csrc/cuda/*.cu")),
+        "torch_safebn._C", sources + sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp")),
         include_dirs=include_dirs + _cuda_include_dirs(),
         define_macros=[("SAFEBN_WITH_CUDA", None)],
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, extra_link_args=link_flags)

@@ -1,9 +1,13 @@
-// The operator schemas of namespace safebn, declared once. Device kernels
-// register in cpu/ and cuda/, the autograd of the two forwards in
-// autograd.cpp; fake kernels, the fallback and the host's observe kernel in
-// torch_safebn/_ops.py.
+// The operator schemas of namespace safebn, declared once, and the Python
+// module _C. Device kernels register in cpu/ and cuda/, the autograd of the
+// two forwards in autograd.cpp; fake kernels, the fallback and the host's
+// observe kernel in torch_safebn/_ops.py.
 #include <Python.h>
 #include <torch/library.h>
+
+#ifdef SAFEBN_WITH_CUDA
+#include "cuda/snapshot.h"
+#endif
 
 TORCH_LIBRARY(safebn, m) {
   // A training forward in one call: the batch's statistics, the normalized
@@ -43,9 +47,17 @@ TORCH_LIBRARY(safebn, m) {
   m.def("observe(Tensor(a!) counters, int module, SymInt[] shape, int event) -> ()");
 }
 
-// `import torch_safebn._C` loads this library, which runs the registrations;
-// the module itself defines no Python functions.
+// `import torch_safebn._C` loads this library, which runs the registrations.
+// Its one Python function is CUDA's counters snapshot.
 extern "C" PyObject* PyInit__C(void) {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+#ifdef SAFEBN_WITH_CUDA
+  static PyMethodDef methods[] = {
+      {"snapshot_counters", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(&safebn::cuda::snapshot_counters)),
+       METH_FASTCALL, "Copies a module's CUDA counters into its pinned host buffer, asynchronously."},
+      {nullptr, nullptr, 0, nullptr}};
+#else
+  static PyMethodDef* methods = nullptr;
+#endif
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module);
 }

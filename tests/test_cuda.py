@@ -304,3 +304,34 @@ def test_opcheck_every_op(shape, dtype, layout):
     ]
     for op, args in calls:
         torch.library.opcheck(op, args)
+
+
+def _device_work(call) -> tuple[int, int]:
+    """(kernels, copies and fills) that `call` puts on the GPU, from torch.profiler."""
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        call()
+        torch.cuda.synchronize()
+    names = [e.name for e in profile.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    copies = sum(1 for n in names if n.startswith(("Memcpy", "Memset")))
+    return len(names) - copies, copies
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="kernel launches are a CUDA matter")
+@pytest.mark.parametrize("shape,layout", [((8, 16, 12, 12), "contiguous"), ((8, 16, 12, 12), "channels_last"),
+                                          ((2, 4, 256, 256), "contiguous"), ((512, 64), "contiguous")])
+def test_launches_per_call(shape, layout):
+    """With float32 parameters: a training forward is two kernels (the statistics with the
+    guarded update, then the normalization), the backward two, eval one; the one copy is the
+    counters' snapshot for the lagged raise, and nothing is filled per call."""
+    module = torch_safebn.SafeBatchNorm2d if len(shape) == 4 else torch_safebn.SafeBatchNorm1d
+    bn = module(shape[1], device=DEVICE)
+    x = make(shape, torch.float32, layout, seed=10).to(DEVICE).requires_grad_()
+    bn(x).sum().backward()  # caches: occupancy, arrival counters, snapshot buffer
+    outputs = []
+    assert _device_work(lambda: outputs.append(bn(x))) == (2, 1)
+    grad = torch.ones_like(outputs[0])
+    assert _device_work(lambda: outputs[0].backward(grad)) == (2, 0)
+    bn.eval()
+    with torch.no_grad():
+        assert _device_work(lambda: bn(x)) == (1, 1)

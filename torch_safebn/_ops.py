@@ -65,6 +65,10 @@ def _register_reference() -> None:
 
 BACKEND = _load_backend()
 OPS = torch.ops.safebn
+if BACKEND == "cuda+cpu":
+    from ._C import snapshot_counters
+
+    safety.SafetyState.copy_to_host = snapshot_counters
 
 _PYTHON_KERNEL_LIBRARY = torch.library.Library("safebn", "IMPL")
 for _name, _kernel in _PYTHON_KERNELS.items():

@@ -181,6 +181,10 @@ class SafetyState:
     model and which warnings it gave. The counters themselves are a buffer of
     the module, on its device; this class turns them into errors and warnings."""
 
+    # How a CUDA snapshot reaches its pinned buffer: the extension's raw copy
+    # where it is built with CUDA (_ops.py installs it), else Tensor.copy_.
+    copy_to_host = staticmethod(lambda counters, host: host.copy_(counters, non_blocking=True))
+
     def __init__(self, policy: Policy, owner: str):
         self.policy = policy
         self.owner = owner  # e.g. "SafeBatchNorm2d(16)", for messages until a name is known
@@ -300,7 +304,7 @@ class SafetyState:
             self._snapshot = (counters.device, torch.empty(NUM_COUNTERS, dtype=torch.int64, pin_memory=True),
                               torch.cuda.Event())
         _, host, landed = self._snapshot
-        host.copy_(counters, non_blocking=True)
+        self.copy_to_host(counters, host)
         landed.record(torch.cuda.current_stream(counters.device))
         self._pending = (tuple(shape), training)
 
