@@ -33,8 +33,8 @@ def _extension():
     # kernels run on one thread. libgomp resolves to the one torch loaded.
     cxx_flags = ["-O3", "-Wall", "-Wno-unused-function", "-fopenmp"]
     link_flags = ["-fopenmp"]
-    sources = ["csrc/ops.cpp", "csrc/checks.cpp", "csrc/autograd.cpp", "csrc/cpu/kernels.cpp",
-               "csrc/cpu/batch_norm_cpu.cpp"]
+    sources = ["csrc/ops.cpp", "csrc/python_module.cpp", "csrc/checks.cpp", "csrc/autograd.cpp",
+               "csrc/cpu/kernels.cpp", "csrc/cpu/batch_norm_cpu.cpp"]
     include_dirs = [os.path.join(HERE, "csrc")]
     if not _cuda_build_possible():
         return cpp_extension.CppExtension(
@@ -46,7 +46,7 @@ def _extension():
                   # register and spill counts per kernel, kept in the build log
                   "-Xptxas", "-v"]
     return cpp_extension.CUDAExtension(
-        "torch_safebn._C", sources + sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp")),
+        "torch_safebn._C", sources + sorted(glob.glob("csrc/cuda/*.cu")),
         include_dirs=include_dirs + _cuda_include_dirs(),
         define_macros=[("SAFEBN_WITH_CUDA", None)],
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, extra_link_args=link_flags)

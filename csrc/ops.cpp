@@ -1,13 +1,8 @@
-// The operator schemas of namespace safebn, declared once, and the Python
-// module _C. Device kernels register in cpu/ and cuda/, the autograd of the
-// two forwards in autograd.cpp; fake kernels, the fallback and the host's
-// observe kernel in torch_safebn/_ops.py.
-#include <Python.h>
+// The operator schemas of namespace safebn, declared once. Device kernels
+// register in cpu/ and cuda/, the autograd of the two forwards in
+// autograd.cpp; fake kernels, the fallback and the host's observe kernel in
+// torch_safebn/_ops.py.
 #include <torch/library.h>
-
-#ifdef SAFEBN_WITH_CUDA
-#include "cuda/snapshot.h"
-#endif
 
 TORCH_LIBRARY(safebn, m) {
   // A training forward in one call: the batch's statistics, the normalized
@@ -45,19 +40,4 @@ TORCH_LIBRARY(safebn, m) {
   // kernel is Python; it marks what it reported in the counters, which is
   // what makes it an op the compiler keeps and orders.
   m.def("observe(Tensor(a!) counters, int module, SymInt[] shape, int event) -> ()");
-}
-
-// `import torch_safebn._C` loads this library, which runs the registrations.
-// Its one Python function is CUDA's counters snapshot.
-extern "C" PyObject* PyInit__C(void) {
-#ifdef SAFEBN_WITH_CUDA
-  static PyMethodDef methods[] = {
-      {"snapshot_counters", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(&safebn::cuda::snapshot_counters)),
-       METH_FASTCALL, "Copies a module's CUDA counters into its pinned host buffer, asynchronously."},
-      {nullptr, nullptr, 0, nullptr}};
-#else
-  static PyMethodDef* methods = nullptr;
-#endif
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
-  return PyModule_Create(&module);
 }

@@ -65,10 +65,12 @@ def _register_reference() -> None:
 
 BACKEND = _load_backend()
 OPS = torch.ops.safebn
-if BACKEND == "cuda+cpu":
-    from ._C import snapshot_counters
+if BACKEND != "reference":
+    from . import _C
 
-    safety.SafetyState.copy_to_host = snapshot_counters
+    safety.SafetyState.events_pending = _C.events_pending
+    if BACKEND == "cuda+cpu":
+        safety.SafetyState.copy_to_host = _C.snapshot_counters
 
 _PYTHON_KERNEL_LIBRARY = torch.library.Library("safebn", "IMPL")
 for _name, _kernel in _PYTHON_KERNELS.items():

@@ -76,7 +76,7 @@ def guarded_batch_norm(
             if compiling:
                 _observe(state, counters, input, Event.EVAL_CALL, compiling)
             else:
-                state.after_op(counters, input.shape, training=False)
+                state.after_op(counters, input, training=False)
         return output
     if input.shape[0] == 1:
         values_per_channel = input.numel() // input.shape[1] if input.shape[1] else 0
@@ -96,7 +96,7 @@ def guarded_batch_norm(
         if compiling:
             _observe(state, counters, input, Event.TRAINING_BATCH, compiling)
         else:
-            state.after_op(counters, input.shape, training=True)
+            state.after_op(counters, input, training=True)
     return output
 
 

@@ -181,8 +181,11 @@ class SafetyState:
     model and which warnings it gave. The counters themselves are a buffer of
     the module, on its device; this class turns them into errors and warnings."""
 
-    # How a CUDA snapshot reaches its pinned buffer: the extension's raw copy
-    # where it is built with CUDA (_ops.py installs it), else Tensor.copy_.
+    # How every guarded call reads its counters: CPU counters for an event not
+    # reported yet, CUDA ones by a snapshot into a pinned buffer. The
+    # extension's functions where it is built (_ops.py installs them), which
+    # cost a fraction of these Tensor methods.
+    events_pending = staticmethod(lambda counters: _unreported(counters.tolist()) > 0)
     copy_to_host = staticmethod(lambda counters, host: host.copy_(counters, non_blocking=True))
 
     def __init__(self, policy: Policy, owner: str):
@@ -277,16 +280,16 @@ class SafetyState:
             f"{list(shape)}: the batch variance is 0/0. {hint}"
         )
 
-    def after_op(self, counters: torch.Tensor, shape: Sequence[int], training: bool) -> None:
-        """Acts on what the op counted for a call on an input of `shape`.
-        Reads the counters at once on the CPU (or with sync=True); on CUDA it
-        acts on the snapshot an earlier call took, if that copy has landed,
-        so that no call waits on the device."""
+    def after_op(self, counters: torch.Tensor, call: torch.Tensor | Sequence[int], training: bool) -> None:
+        """Acts on what the op counted for a call on `call` (its input, or the
+        input's shape). Reads the counters at once on the CPU (or with
+        sync=True); on CUDA it acts on the snapshot an earlier call took, if
+        that copy has landed, so that no call waits on the device."""
         if not counters.is_cuda:
-            values = counters.tolist()
-            if values[Counter.NONFINITE_EVENTS] != values[Counter.REPORTED_EVENTS]:
-                self._act(counters, values, shape, training)
+            if self.events_pending(counters):
+                self._act(counters, counters.tolist(), _shape(call), training)
             return
+        shape = _shape(call)
         if torch.cuda.is_current_stream_capturing():
             return  # inside a CUDA graph the device-side guard acts alone; check() reports
         if self.policy.sync:
@@ -309,7 +312,7 @@ class SafetyState:
         self._pending = (tuple(shape), training)
 
     def _act(self, counters: torch.Tensor, values: list[int], shape: Sequence[int], training: bool) -> None:
-        unreported = values[Counter.NONFINITE_EVENTS] - values[Counter.REPORTED_EVENTS]
+        unreported = _unreported(values)
         if unreported <= 0 or self.policy.on_nonfinite == "skip":
             return
         counters[Counter.REPORTED_EVENTS] = values[Counter.NONFINITE_EVENTS]
@@ -335,7 +338,7 @@ class SafetyState:
         )
         where = f" (input shape {list(shape)})" if shape is not None else ""
         step = values[Counter.EVENT_STEP]
-        later = values[Counter.NONFINITE_EVENTS] - values[Counter.REPORTED_EVENTS] - 1
+        later = _unreported(values) - 1
         more = f" {later} later event{'s' if later != 1 else ''} followed it unreported." if later > 0 else ""
         if values[Counter.EVENT_IN_TRAINING]:
             return (
@@ -351,6 +354,14 @@ class SafetyState:
             "The output is not trustworthy: reload the running statistics from a good checkpoint or recompute "
             "them in training mode."
         )
+
+
+def _unreported(values: list[int]) -> int:
+    return values[Counter.NONFINITE_EVENTS] - values[Counter.REPORTED_EVENTS]
+
+
+def _shape(call: torch.Tensor | Sequence[int]) -> Sequence[int]:
+    return call.shape if isinstance(call, torch.Tensor) else call
 
 
 def observe_kernel(counters: torch.Tensor, module: int, shape: Sequence[int], event: int) -> None:
@@ -445,7 +456,7 @@ def check(model: torch.nn.Module) -> None:
     for (module, state), (values, nonfinite) in zip(pairs, _snapshots([m for m, _ in pairs])):
         if state.policy.on_nonfinite != "raise":
             continue
-        if values is not None and values[Counter.NONFINITE_EVENTS] > values[Counter.REPORTED_EVENTS]:
+        if values is not None and _unreported(values) > 0:
             module.safety_counters[Counter.REPORTED_EVENTS] = values[Counter.NONFINITE_EVENTS]
             raise NonFiniteError(state.nonfinite_message(values, None))
         if nonfinite:

@@ -1,0 +1,76 @@
+// The Python module torch_safebn._C: importing it loads this library, which
+// registers the ops. Its functions are the two reads of a module's counters
+// that every guarded call makes, written here because a Tensor method or a
+// dispatcher call would cost more than a small batch's kernels.
+#include <Python.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+#ifdef SAFEBN_WITH_CUDA
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+#include "guard.h"
+
+namespace safebn {
+namespace {
+
+const at::Tensor& counters_argument(PyObject* const* args, Py_ssize_t nargs, Py_ssize_t expected, const char* usage) {
+  TORCH_CHECK(nargs == expected && THPVariable_Check(args[0]), usage);
+  const at::Tensor& counters = THPVariable_Unpack(args[0]);
+  TORCH_CHECK(counters.scalar_type() == at::kLong && counters.numel() == kNumCounters && counters.is_contiguous(),
+              usage, ": counters must be a module's safety_counters");
+  return counters;
+}
+
+// events_pending(counters) -> bool, for CPU counters: whether they count a
+// non-finite event the host has not reported.
+PyObject* events_pending(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  const at::Tensor& counters = counters_argument(args, nargs, 1, "events_pending(counters) takes CPU counters");
+  TORCH_CHECK(counters.device().is_cpu(), "events_pending(counters) takes CPU counters");
+  const int64_t* values = counters.const_data_ptr<int64_t>();
+  return PyBool_FromLong(values[kNonFiniteEvents] != values[kReportedEvents]);
+  END_HANDLE_TH_ERRORS
+}
+
+#ifdef SAFEBN_WITH_CUDA
+// snapshot_counters(counters, host): an asynchronous copy of CUDA counters
+// into their module's pinned host buffer on the current stream, the snapshot
+// behind CUDA's lagged raise (torch_safebn/safety.py).
+PyObject* snapshot_counters(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  const char* usage = "snapshot_counters(counters, host) takes CUDA counters and a pinned CPU tensor";
+  const at::Tensor& counters = counters_argument(args, nargs, 2, usage);
+  TORCH_CHECK(counters.is_cuda() && THPVariable_Check(args[1]), usage);
+  const at::Tensor& host = THPVariable_Unpack(args[1]);
+  TORCH_CHECK(host.device().is_cpu() && host.is_contiguous() && host.nbytes() == counters.nbytes(), usage);
+  C10_CUDA_CHECK(cudaMemcpyAsync(host.mutable_data_ptr(), counters.const_data_ptr(), counters.nbytes(),
+                                 cudaMemcpyDeviceToHost, c10::cuda::getCurrentCUDAStream(counters.device().index())));
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+#endif
+
+template <auto function>
+PyCFunction fastcall() {
+  return reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(function));
+}
+
+PyMethodDef methods[] = {
+    {"events_pending", fastcall<&events_pending>(), METH_FASTCALL,
+     "Whether CPU counters count a non-finite event the host has not reported."},
+#ifdef SAFEBN_WITH_CUDA
+    {"snapshot_counters", fastcall<&snapshot_counters>(), METH_FASTCALL,
+     "Copies CUDA counters into their module's pinned host buffer, asynchronously."},
+#endif
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+}  // namespace safebn
+
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, safebn::methods};
+  return PyModule_Create(&module);
+}
