@@ -15,9 +15,10 @@ import pytest
 import torch
 
 import torch_safebn
-from torch_safebn import benchmark, functional, selfcheck
-from torch_safebn.benchmark_table import format_compact_table
-from torch_safebn.cli import main
+from torch_safebn import functional
+from torch_safebn.tools import layer_bench, selfcheck
+from torch_safebn.tools.cli import main
+from torch_safebn.tools.layer_table import format_compact_table
 
 TINY_SHAPES = ((4, 3, 5, 6), (8, 4))
 
@@ -87,8 +88,8 @@ def bench_result(tmp_path_factory):
         "--json", str(json_path), "--plot", str(png_path),
     ]
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(io.StringIO()) as out:
-        patch.setitem(benchmark.PRESETS, "quick", TINY_SHAPES)
-        patch.setattr(benchmark, "COPY_BYTES", 2**22)  # the real 256 MiB costs seconds of page faults
+        patch.setitem(layer_bench.PRESETS, "quick", TINY_SHAPES)
+        patch.setattr(layer_bench, "COPY_BYTES", 2**22)  # the real 256 MiB costs seconds of page faults
         assert main(argv) == 0
     return json.loads(json_path.read_text()), png_path, out.getvalue()
 
@@ -101,24 +102,24 @@ def test_bench_prints_a_table(bench_result):
 
 def test_bench_json_follows_its_documented_fields(bench_result):
     result, _, _ = bench_result
-    assert result["format"] == benchmark.FORMAT
+    assert result["format"] == layer_bench.FORMAT
     assert result["machine"]["copy_gb_per_s"] > 0
     assert result["machine"]["threads"] == 1
     # channels_last exists for the 4-D shape only: 3 layouts x shapes, 2 dtypes, 4 passes, 3 impls
     assert len(result["rows"]) == 3 * 2 * 4 * 3
     for row in result["rows"]:
-        assert set(row) == set(benchmark.ROW_FIELDS)
-        for field, (kind, _) in benchmark.ROW_FIELDS.items():
+        assert set(row) == set(layer_bench.ROW_FIELDS)
+        for field, (kind, _) in layer_bench.ROW_FIELDS.items():
             assert isinstance(row[field], kind), (field, row[field])
         numel = math.prod(row["shape"])
         itemsize = getattr(torch, row["dtype"]).itemsize
-        assert row["bytes"] == benchmark.ACTIVATION_PASSES[row["pass"]] * numel * itemsize
+        assert row["bytes"] == layer_bench.ACTIVATION_PASSES[row["pass"]] * numel * itemsize
         assert row["pct_copy_bandwidth"] == pytest.approx(100 * row["gb_per_s"] / row["copy_gb_per_s"])
         assert row["gb_per_s"] == pytest.approx(row["bytes"] / row["median_us"] / 1e3)
         if row["impl"] == "native":
             assert row["speedup_vs_native"] == row["speedup_vs_best_peer"] == 1.0
     # One copy, timed in turns with a workload's implementations, for all of its rows.
-    for rows in benchmark.workload_groups(result["rows"]).values():
+    for rows in layer_bench.workload_groups(result["rows"]).values():
         assert len({row["copy_gb_per_s"] for row in rows.values()}) == 1
     assert {row["impl"] for row in result["rows"]} == {"safebn", "safebn-nochecks", "native"}
     assert {(row["dtype"], row["param_dtype"]) for row in result["rows"]} == {
@@ -139,7 +140,7 @@ def test_compact_table_names_the_best_peer(bench_result):
     assert lines[2].split() == ["case", "pass", "safebn", "us", "best", "peer", "peer", "us", "speed-up", "safebn",
                                 "GB/s", "%", "of", "copy", "checks", "cost"]
     rows = [line for line in lines if line.startswith(("4x3x5x6", "8x4"))]
-    assert len(rows) == len(benchmark.workload_groups(result["rows"]))
+    assert len(rows) == len(layer_bench.workload_groups(result["rows"]))
     assert all(" native " in row for row in rows)  # the only peer
 
 
@@ -147,7 +148,7 @@ def test_bench_times_the_backward_alone_under_torch_compile(tmp_path, monkeypatc
     """The bwd pass calls backward again and again on one graph, which
     torch.compile's donated buffers would refuse; the implementations take
     turns, and none may update buffers another's graph saved."""
-    monkeypatch.setattr(benchmark, "COPY_BYTES", 2**22)
+    monkeypatch.setattr(layer_bench, "COPY_BYTES", 2**22)
     json_path = tmp_path / "bwd.json"
     argv = ["bench", "--device", "cpu", "--shapes", "4x3x5x6", "--layouts", "contiguous", "--passes", "bwd",
             "--dtypes", "float32", "--peers", "native,compile", "--min-run-time", "0.001", "--json", str(json_path)]
@@ -157,7 +158,7 @@ def test_bench_times_the_backward_alone_under_torch_compile(tmp_path, monkeypatc
 
 
 def test_bench_measures_only_what_it_is_asked_for(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(benchmark, "COPY_BYTES", 2**22)
+    monkeypatch.setattr(layer_bench, "COPY_BYTES", 2**22)
     json_path = tmp_path / "one.json"
     argv = ["bench", "--device", "cpu", "--shapes", "4x3x5x6,6x2", "--layouts", "channels_last", "--passes", "eval",
             "--dtypes", "float32", "--peers", "none", "--min-run-time", "0.001", "--json", str(json_path)]
@@ -191,7 +192,7 @@ def test_bench_rejects_bad_options_clearly(option, complaint, capsys):
 
 
 def test_demo_hands_its_arguments_to_the_demo_module(monkeypatch):
-    from torch_safebn import demo
+    from torch_safebn.tools import demo
 
     seen = []
     monkeypatch.setattr(demo, "main", lambda argv: seen.append(argv) or 0)
@@ -201,14 +202,14 @@ def test_demo_hands_its_arguments_to_the_demo_module(monkeypatch):
 
 def test_benchmarks_readme_documents_every_json_field():
     readme = (pathlib.Path(__file__).parents[1] / "benchmarks" / "README.md").read_text()
-    for field in benchmark.ROW_FIELDS:
+    for field in layer_bench.ROW_FIELDS:
         assert f"| `{field}` |" in readme
 
 
 def test_cpu_suite_runs_issue_5s_workloads():
     """benchmarks/cpu_suite.py: issue 5's shapes, dtypes, layouts and passes against both peers, on 2
     threads set explicitly (the Timer's default is 1)."""
-    assert set(benchmark.PRESETS["full"]) == {
+    assert set(layer_bench.PRESETS["full"]) == {
         (32, 64, 56, 56), (64, 64, 112, 112), (64, 512, 7, 7), (8, 3, 224, 224),
         (128, 256, 14, 14), (8192, 512), (4, 32, 16, 32, 32),
     }

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from torch_safebn import demo
+from torch_safebn.tools import demo
 
 SEEDS = range(10)
 

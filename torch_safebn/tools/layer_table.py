@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from .benchmark import ACTIVATION_PASSES, dtype_label, workload_groups
+from .layer_bench import ACTIVATION_PASSES, dtype_label, workload_groups
 
 __all__ = ["format_compact_table", "format_table"]
 

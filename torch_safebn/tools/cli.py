@@ -3,7 +3,7 @@
   info   what is installed: versions, backend, kernels, CPU, threads, GPU
   check  self-test on every available device; exits non-zero on any failure
   bench  time torch_safebn against native batch norm (table, --json, --plot)
-  demo   the motivating example (torch_safebn.demo)
+  demo   the motivating example (torch_safebn.tools.demo)
 """
 from __future__ import annotations
 
@@ -51,8 +51,9 @@ def _parser() -> argparse.ArgumentParser:
 
 # -- info ----------------------------------------------------------------------------------
 def _info(args) -> int:
-    from . import __version__, backend
-    from .benchmark import device_name
+    from torch_safebn import __version__, backend
+
+    from .layer_bench import device_name
 
     # backend() is "cuda+cpu" exactly when the extension registered CUDA kernels for the ops.
     has_cuda_kernels = backend() == "cuda+cpu"
@@ -94,26 +95,26 @@ def _list(convert=str):
 
 
 def _add_bench_options(bench: argparse.ArgumentParser) -> None:
-    from . import benchmark
+    from . import layer_bench
 
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     shapes = bench.add_mutually_exclusive_group()
-    shapes.add_argument("--preset", choices=sorted(benchmark.PRESETS), default="quick",
+    shapes.add_argument("--preset", choices=sorted(layer_bench.PRESETS), default="quick",
                         help="named list of shapes (default: quick)")
-    shapes.add_argument("--shapes", type=_list(benchmark.parse_shape), metavar="NxCx...[,...]",
+    shapes.add_argument("--shapes", type=_list(layer_bench.parse_shape), metavar="NxCx...[,...]",
                         help="explicit shapes instead of a preset, e.g. 32x64x56x56,8192x512")
     bench.add_argument("--device", default=default_device, help=f"cpu or cuda (default: {default_device})")
-    bench.add_argument("--dtypes", type=_list(benchmark.parse_dtype), default="float32,bfloat16",
+    bench.add_argument("--dtypes", type=_list(layer_bench.parse_dtype), default="float32,bfloat16",
                        metavar="INPUT[/PARAM],...",
                        help="input dtypes, optionally with the parameters' dtype; half and bfloat16 input gets "
                             "float32 parameters unless told (default: float32,bfloat16)")
-    bench.add_argument("--layouts", type=_list(), default=",".join(benchmark.LAYOUTS),
+    bench.add_argument("--layouts", type=_list(), default=",".join(layer_bench.LAYOUTS),
                        help="contiguous and/or channels_last; channels_last applies to 4-D and 5-D shapes "
                             "(default: both)")
-    bench.add_argument("--passes", type=_list(), default=",".join(benchmark.ACTIVATION_PASSES),
+    bench.add_argument("--passes", type=_list(), default=",".join(layer_bench.ACTIVATION_PASSES),
                        help="fwd, bwd, fwdbwd, eval (default: all)")
     bench.add_argument("--peers", type=_list(), default=None, metavar="PEER,...",
-                       help=f"what to compare with: {', '.join(benchmark.PEERS)}, or none "
+                       help=f"what to compare with: {', '.join(layer_bench.PEERS)}, or none "
                             "(default: every peer the device has)")
     bench.add_argument("--threads", type=int, default=torch.get_num_threads(),
                        help=f"torch threads while timing (default: {torch.get_num_threads()})")
@@ -124,7 +125,7 @@ def _add_bench_options(bench: argparse.ArgumentParser) -> None:
 
 
 def _peers(names: list[str] | None, device_type: str):
-    from .benchmark import PEERS
+    from .layer_bench import PEERS
 
     if names is None:
         return [peer for peer in PEERS.values() if device_type in peer.device_types]
@@ -153,14 +154,14 @@ def _bench(args) -> int:
         raise SystemExit("torch-safebn bench needs tqdm (and matplotlib for --plot): pip install 'torch_safebn[bench]'")
     from tqdm import tqdm
 
-    from . import benchmark
-    from .benchmark_table import format_table
+    from . import layer_bench
+    from .layer_table import format_table
 
     device = _bench_device(args.device)
-    shapes = args.shapes or benchmark.PRESETS[args.preset]
+    shapes = args.shapes or layer_bench.PRESETS[args.preset]
     try:
-        plan = benchmark.workloads(shapes, args.layouts, args.dtypes, args.passes)
-        implementations = [benchmark.SAFEBN, benchmark.SAFEBN_NOCHECKS, *_peers(args.peers, device.type)]
+        plan = layer_bench.workloads(shapes, args.layouts, args.dtypes, args.passes)
+        implementations = [layer_bench.SAFEBN, layer_bench.SAFEBN_NOCHECKS, *_peers(args.peers, device.type)]
     except ValueError as error:
         raise SystemExit(f"torch-safebn bench: {error}") from None
     with tqdm(total=len(plan) * len(implementations), unit="row", file=sys.stderr, dynamic_ncols=True) as bar:
@@ -169,14 +170,14 @@ def _bench(args) -> int:
             bar.set_postfix_str(f"{workload.label()} {impl.name}", refresh=False)
             bar.update()
 
-        result = benchmark.run(plan, implementations, device, args.threads, args.min_run_time, on_measured)
+        result = layer_bench.run(plan, implementations, device, args.threads, args.min_run_time, on_measured)
     print(format_table(result))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        benchmark.write_json(result, args.json)
+        layer_bench.write_json(result, args.json)
         print(f"wrote {args.json}")
     if args.plot:
-        from .benchmark_plot import plot_speedups
+        from .layer_plot import plot_speedups
 
         os.makedirs(os.path.dirname(os.path.abspath(args.plot)), exist_ok=True)
         plot_speedups(result, args.plot)

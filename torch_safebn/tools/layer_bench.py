@@ -45,8 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.benchmark import Measurement, Timer
 
-from . import __version__, backend
-from .convert import convert_model
+from torch_safebn import __version__, backend, convert_model
 
 __all__ = [
     "ACTIVATION_PASSES",
