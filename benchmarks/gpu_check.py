@@ -59,9 +59,10 @@ from torch import nn
 
 import torch_safebn
 from torch_safebn import reference
+from torch_safebn.safety import Counter
 from torch_safebn.tools import layer_bench, selfcheck
 from torch_safebn.tools.layer_table import format_compact_table
-from torch_safebn.safety import Counter
+from torch_safebn.tools.machine import device_name, torch_threads
 
 OPS = torch.ops.safebn
 FORMAT = "torch_safebn.gpu_check/1"
@@ -137,7 +138,7 @@ REFERENCE_POINTS = (
 )
 QUICK_TIMING_SHAPES = ((8, 16, 14, 14), (512, 64))
 # Each implementation of a step gets min_run_time of timed calls, in blocks taken
-# in turns with the others' (layer_bench._time_in_turns). 0.02 s is 10 calls or
+# in turns with the others' (timing.time_in_turns). 0.02 s is 10 calls or
 # more of every case here on a GPU, and leaves time for torch.compile.
 MIN_RUN_TIME_S = {"cuda": 0.02, "cpu": 0.01}
 # Seconds a step is assumed to take until one of its kind has been timed: the
@@ -632,7 +633,7 @@ def run_timings(device: torch.device, plan: list[Step], min_run_time: float, clo
     copies: dict[layer_bench.Workload, list] = {}  # the copies timed with each workload's steps
     skipped, errors = [], []
     failures_in_a_row: dict[str, int] = {}
-    with layer_bench.torch_threads(threads):
+    with torch_threads(threads):
         machine = layer_bench.describe_machine(device, threads, min_run_time)
         log(f"copy bandwidth {machine['copy_gb_per_s']:.4g} GB/s; {len(plan)} steps, "
             f"{clock.left():.0f} s left")
@@ -680,8 +681,8 @@ def machine_block(device: torch.device) -> dict:
         "torch_cuda": torch.version.cuda,
         "torch_safebn": torch_safebn.__version__,
         "backend": torch_safebn.backend(),
-        "device": layer_bench.device_name(device),
-        "cpu": layer_bench.device_name(torch.device("cpu")),
+        "device": device_name(device),
+        "cpu": device_name(torch.device("cpu")),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
     }
