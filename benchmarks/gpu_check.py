@@ -598,7 +598,8 @@ def timing_plan(device: torch.device, quick: bool) -> list[Step]:
                                    SUBSET_DTYPES, OTHER_PASSES)
     compile_peer = layer_bench.PEERS["compile"]
     core = (layer_bench.SAFEBN, layer_bench.SAFEBN_NOCHECKS, *(
-        peer for peer in layer_bench.PEERS.values() if peer is not compile_peer and device.type in peer.device_types))
+        layer_bench.PEERS[name] for name in layer_bench.DEFAULT_PEERS
+        if name != "compile" and device.type in layer_bench.PEERS[name].device_types))
     return ([Step(w, core, "core") for w in training]
             + [Step(w, (compile_peer,), "compile") for w in reference_points]
             + [Step(w, core, "core") for w in others]

@@ -2,7 +2,8 @@
 --version, help and output width.
 
 Performance is measured, never asserted: the bench tests time tiny shapes for a
-few milliseconds and check only the shape of what comes out."""
+few milliseconds and check only the shape of what comes out. (The host
+benchmark has its own test file.)"""
 import argparse
 import contextlib
 import io
@@ -20,7 +21,7 @@ import torch
 
 import torch_safebn
 from torch_safebn import functional
-from torch_safebn.tools import layer_bench, selfcheck
+from torch_safebn.tools import host_bench, layer_bench, selfcheck
 from torch_safebn.tools.cli import build_parser, main
 from torch_safebn.tools.layer_table import format_compact_table
 from torch_safebn.tools.text import WIDTH
@@ -78,8 +79,8 @@ def test_info_check_and_bench_print_no_cuda_home_notice():
     assert notice in _run_quietly_where_torch_would_warn("-c", "import torch.utils.cpp_extension").stderr
     # ...but not from the commands, which import it (for torch.utils.benchmark, opcheck) with it silenced.
     info = _run_quietly_where_torch_would_warn("-m", "torch_safebn", "info")
-    bench = _run_quietly_where_torch_would_warn("-m", "torch_safebn", "bench", "--shapes", "4x3", "--device", "cpu",
-                                                "--passes", "eval", "--peers", "none", "--min-run-time", "0.001")
+    bench = _run_quietly_where_torch_would_warn("-m", "torch_safebn", "bench", "--preset", "host", "--device", "cpu",
+                                                "--passes", "eval", "--min-run-time", "0.001")
     for run in (info, bench):
         assert run.returncode == 0, run.stderr
         assert notice not in run.stderr and "cpp_extension" not in run.stderr, run.stderr
@@ -262,9 +263,10 @@ def test_demo_hands_its_options_to_the_demo_module(monkeypatch):
     assert seen == [(10, 0.1, 3)]
 
 
-def test_benchmarks_readme_documents_every_json_field():
+@pytest.mark.parametrize("fields", [layer_bench.ROW_FIELDS, host_bench.ROW_FIELDS])
+def test_benchmarks_readme_documents_every_json_field(fields):
     readme = (REPOSITORY / "benchmarks" / "README.md").read_text()
-    for field in layer_bench.ROW_FIELDS:
+    for field in fields:
         assert f"| `{field}` |" in readme
 
 

@@ -1,7 +1,10 @@
-"""`torch-safebn bench`: its options, and the layer benchmark they run (DESCRIPTION)."""
+"""`torch-safebn bench`: its options, and the benchmark they choose (DESCRIPTION).
+Options left out take the chosen benchmark's defaults; an option that does not
+apply to it is an error rather than ignored."""
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import os
 import shutil
@@ -9,17 +12,28 @@ import sys
 
 import torch
 
-from . import layer_bench
+from . import host_bench, layer_bench
 from .text import WIDTH
 
 __all__ = ["DESCRIPTION", "add_options", "run"]
 
 DESCRIPTION = """\
-Time torch_safebn against native batch norm, layer by layer: each pass of each shape of a preset or
-of --shapes (table, JSON, PNG).
+Time torch_safebn against native batch norm, one of two ways:
+
+  --preset quick|resnet50|full, --shapes   layers: each pass of each shape (table, JSON, PNG)
+  --preset host                            the host's cost per call, on tiny tensors (table, JSON)
 
 Every implementation is timed in turns with its peers in the same run, and results state their
-speed-up over the fastest peer. benchmarks/README.md says what is measured."""
+speed-up over the fastest peer. benchmarks/README.md says what each one measures."""
+
+HOST_PRESET = "host"
+# Per benchmark, the defaults of the options it takes (as typed on the command line).
+DEFAULTS = {
+    "layer": {"dtypes": "float32,bfloat16", "layouts": ",".join(layer_bench.LAYOUTS),
+              "passes": ",".join(layer_bench.ACTIVATION_PASSES), "min_run_time": 0.2},
+    "host": {"dtypes": "float32", "layouts": "contiguous", "passes": ",".join(host_bench.PASSES),
+             "threads": host_bench.DEFAULT_THREADS, "min_run_time": host_bench.DEFAULT_MIN_RUN_TIME},
+}
 
 
 def _list(convert=str):
@@ -34,32 +48,51 @@ def _list(convert=str):
     return parse
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
 def add_options(bench: argparse.ArgumentParser) -> None:
+    threads = torch.get_num_threads()
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
-    shapes = bench.add_mutually_exclusive_group()
-    shapes.add_argument("--preset", choices=sorted(layer_bench.PRESETS), default="quick",
-                        help="named list of shapes (default: quick)")
-    shapes.add_argument("--shapes", type=_list(layer_bench.parse_shape), metavar="NxCx...[,...]",
-                        help="explicit shapes instead of a preset, e.g. 32x64x56x56,8192x512")
-    bench.add_argument("--device", default=default_device, help=f"cpu or cuda (default: {default_device})")
-    bench.add_argument("--dtypes", type=_list(layer_bench.parse_dtype), default="float32,bfloat16",
-                       metavar="INPUT[/PARAM],...",
-                       help="input dtypes, optionally with the parameters' dtype; half and bfloat16 input gets "
-                            "float32 parameters unless told (default: float32,bfloat16)")
-    bench.add_argument("--layouts", type=_list(), default=",".join(layer_bench.LAYOUTS),
-                       help="contiguous and/or channels_last; channels_last applies to 4-D and 5-D shapes "
-                            "(default: both)")
-    bench.add_argument("--passes", type=_list(), default=",".join(layer_bench.ACTIVATION_PASSES),
-                       help="fwd, bwd, fwdbwd, eval (default: all)")
-    bench.add_argument("--peers", type=_list(), default=None, metavar="PEER,...",
-                       help=f"what to compare with: {', '.join(layer_bench.PEERS)}, or none "
-                            "(default: every peer the device has)")
-    bench.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                       help=f"torch threads while timing (default: {torch.get_num_threads()})")
-    bench.add_argument("--min-run-time", type=float, default=0.2, metavar="SECONDS",
-                       help="timed seconds per row at the least (default: 0.2)")
-    bench.add_argument("--json", metavar="PATH", help="write the result as JSON")
-    bench.add_argument("--plot", metavar="PATH", help="write a PNG of the speed-ups")
+    what = bench.add_argument_group("what to time (one of; default: --preset quick)")
+    choice = what.add_mutually_exclusive_group()
+    choice.add_argument("--preset", choices=[*layer_bench.PRESETS, HOST_PRESET],
+                        help="quick, resnet50, full: named lists of layer shapes; host: the per-call host cost on "
+                             f"tiny tensors ({', '.join('x'.join(map(str, s)) for s in host_bench.SHAPES)}) "
+                             "against nn.BatchNorm, 1 thread")
+    choice.add_argument("--shapes", type=_list(layer_bench.parse_shape), metavar="NxCx...[,...]",
+                        help="layer shapes instead of a preset, e.g. 32x64x56x56,8192x512")
+
+    common = bench.add_argument_group("options of every benchmark")
+    common.add_argument("--device", default=default_device, help=f"cpu or cuda (default: {default_device})")
+    common.add_argument("--threads", type=_positive_int,
+                        help=f"torch threads while timing (default: {host_bench.DEFAULT_THREADS} for --preset host, "
+                             f"else {threads})")
+    common.add_argument("--dtypes", type=_list(layer_bench.parse_dtype), metavar="INPUT[/PARAM],...",
+                        help="input dtypes, optionally with the parameters' dtype; bfloat16 and float16 get float32 "
+                             "parameters unless told, as under autocast (default: float32,bfloat16; float32 for "
+                             "--preset host)")
+    common.add_argument("--layouts", type=_list(),
+                        help="contiguous and/or channels_last; channels_last applies to 4-D and 5-D shapes "
+                             "(default: both; contiguous for --preset host)")
+    common.add_argument("--min-run-time", type=float, metavar="SECONDS",
+                        help="timed seconds per implementation and workload at the least (default: 0.2; "
+                             f"{host_bench.DEFAULT_MIN_RUN_TIME:g} for --preset host)")
+    common.add_argument("--json", metavar="PATH", help="write the result as JSON")
+    common.add_argument("--plot", metavar="PATH", help="write a PNG of the result (not for --preset host)")
+
+    layer = bench.add_argument_group("layer and host options")
+    layer.add_argument("--passes", type=_list(),
+                       help="fwd, bwd, fwdbwd, eval (default: all; fwd,fwdbwd,eval for --preset host)")
+    layer.add_argument("--peers", type=_list(), metavar="PEER,...",
+                       help=f"what to compare with: {', '.join(layer_bench.PEERS)}, or none (default: "
+                            f"{', '.join(layer_bench.DEFAULT_PEERS)} where the device has them; "
+                            f"{', '.join(host_bench.DEFAULT_PEERS)} for --preset host)")
+
     bench.set_defaults(run=run)
 
 
@@ -67,10 +100,23 @@ def _fail(message: str) -> SystemExit:
     return SystemExit(f"torch-safebn bench: {message}")
 
 
-def _peers(names: list[str] | None, device_type: str) -> list[layer_bench.Implementation]:
+def _benchmark(args: argparse.Namespace) -> str:
+    """"layer" or "host", with the options left out given that benchmark's defaults."""
+    kind = "host" if args.preset == HOST_PRESET else "layer"
+    if kind == "host" and args.plot:
+        raise _fail("the host benchmark draws no plot (its table and --json hold its results)")
+    parsers = {"dtypes": _list(layer_bench.parse_dtype), "layouts": _list(), "passes": _list()}
+    for name, default in DEFAULTS[kind].items():
+        if getattr(args, name) is None:
+            setattr(args, name, parsers[name](default) if name in parsers else default)
+    if args.threads is None:
+        args.threads = torch.get_num_threads()
+    return kind
+
+
+def _peers(names: list[str] | None, device_type: str, defaults: tuple[str, ...]) -> list[layer_bench.Implementation]:
     if names is None:
-        return [layer_bench.PEERS[name] for name in layer_bench.DEFAULT_PEERS
-                if device_type in layer_bench.PEERS[name].device_types]
+        return [layer_bench.PEERS[name] for name in defaults if device_type in layer_bench.PEERS[name].device_types]
     if names == ["none"]:
         return []
     for name in names:
@@ -91,38 +137,57 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def run(args: argparse.Namespace) -> int:
-    if importlib.util.find_spec("tqdm") is None or (args.plot and importlib.util.find_spec("matplotlib") is None):
-        raise _fail("needs tqdm (and matplotlib for --plot): pip install 'torch_safebn[bench]'")
+def _progress_bar(total: float, unit: str, **options):
     from tqdm import tqdm
 
-    from .layer_table import format_table
-
-    device = _device(args.device)
-    shapes = args.shapes or layer_bench.PRESETS[args.preset]
-    try:
-        plan = layer_bench.workloads(shapes, args.layouts, args.dtypes, args.passes)
-    except ValueError as error:
-        raise _fail(str(error)) from None
-    implementations = [layer_bench.SAFEBN, layer_bench.SAFEBN_NOCHECKS, *_peers(args.peers, device.type)]
     # A fixed width: the bar's postfix names the workload, and a line must not wrap.
-    columns = min(WIDTH, shutil.get_terminal_size().columns)
-    with tqdm(total=len(plan) * len(implementations), unit="row", file=sys.stderr, ncols=columns) as bar:
+    return tqdm(total=total, unit=unit, file=sys.stderr, ncols=min(WIDTH, shutil.get_terminal_size().columns),
+                **options)
 
-        def on_measured(workload, impl):
-            bar.set_postfix_str(f"{workload.label()} {impl.name}", refresh=False)
-            bar.update()
 
-        result = layer_bench.run(plan, implementations, device, args.threads, args.min_run_time, on_measured)
-    print(format_table(result))
+def run(args: argparse.Namespace) -> int:
+    kind = _benchmark(args)
+    if importlib.util.find_spec("tqdm") is None or (args.plot and importlib.util.find_spec("matplotlib") is None):
+        raise _fail("needs tqdm (and matplotlib for --plot): pip install 'torch_safebn[bench]'")
+    device = _device(args.device)
+    result, table, plot = _run_workloads(args, device, kind)
+    print(table(result))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         layer_bench.write_json(result, args.json)
         print(f"wrote {args.json}")
     if args.plot:
-        from .layer_plot import plot_speedups
-
         os.makedirs(os.path.dirname(os.path.abspath(args.plot)), exist_ok=True)
-        plot_speedups(result, args.plot)
+        plot(result, args.plot)
         print(f"wrote {args.plot}")
     return 0
+
+
+def _run_workloads(args: argparse.Namespace, device: torch.device, kind: str):
+    """The layer or the host benchmark: (result, table function, plot function)."""
+    from .layer_table import format_table
+
+    host = kind == "host"
+    shapes = host_bench.SHAPES if host else args.shapes or layer_bench.PRESETS[args.preset or "quick"]
+    try:
+        plan = layer_bench.workloads(shapes, args.layouts, args.dtypes, args.passes)
+    except ValueError as error:
+        raise _fail(str(error)) from None
+    module = host_bench if host else layer_bench
+    implementations = [layer_bench.SAFEBN, layer_bench.SAFEBN_NOCHECKS,
+                       *_peers(args.peers, device.type, module.DEFAULT_PEERS)]
+    with _progress_bar(len(plan) * len(implementations), "row") as bar:
+
+        def on_measured(workload, impl):
+            bar.set_postfix_str(f"{workload.label()} {impl.name}", refresh=False)
+            bar.update()
+
+        result = module.run(plan, implementations, device, args.threads, args.min_run_time, on_measured)
+    return result, functools.partial(format_table, title="Host time per call" if host else "Layer benchmark"), _layer_plot
+
+
+def _layer_plot(result: dict, path: str) -> None:
+    from .layer_plot import plot_speedups
+
+    plot_speedups(result, path)
+

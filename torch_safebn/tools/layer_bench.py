@@ -3,14 +3,16 @@ layer at a time, and returns plain rows (a dict that json.dump takes).
 
 The CLI (`torch-safebn bench`) and the suites under benchmarks/ call run();
 benchmarks/gpu_check.py schedules workloads itself under a time budget and
-calls run()'s steps (describe_machine, measure, workload_rows, make_result).
-Both time with timing.time_in_turns.
+calls run()'s steps (describe_machine, measure, workload_rows, make_result);
+host_bench times the same workloads' statements for their host cost. All of
+them time with timing.time_in_turns.
 
 What a row measures
   workload  shape x layout x (input dtype, parameter dtype) x pass
   impl      "safebn" (SafeBatchNorm*, checks on), "safebn-nochecks" (checks=False),
             and the peers: "native" (F.batch_norm, eager), "native-nocudnn" (the same
-            with cuDNN off; GPU only) and "compile" (torch.compile of F.batch_norm).
+            with cuDNN off; GPU only), "compile" (torch.compile of F.batch_norm) and
+            "native-module" (nn.BatchNorm1d/2d/3d itself, the module's Python included).
   passes    fwd = training forward with autograd recording; bwd = the backward
             alone (one forward, then autograd.grad with retain_graph); fwdbwd = both;
             eval = inference forward under no_grad with the running statistics.
@@ -106,7 +108,7 @@ ROW_FIELDS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "torch_version": (str, "torch.__version__"),
     "device": (str, "CPU model (from /proc/cpuinfo) or GPU name"),
     "threads": (int, "torch threads the timer ran with"),
-    "impl": (str, "safebn, safebn-nochecks, native, native-nocudnn or compile"),
+    "impl": (str, "safebn, safebn-nochecks, native, native-nocudnn, compile or native-module"),
     "pass": (str, "fwd, bwd, fwdbwd or eval"),
     "shape": (list, "input shape, N first"),
     "layout": (str, "contiguous, or channels_last (channels_last_3d for 5-D input)"),
@@ -258,8 +260,12 @@ PEERS = {
         "native-nocudnn", True, lambda template: _Functional(template, _native_without_cudnn), device_types=("cuda",)
     ),
     "compile": Implementation("compile", True, _compiled),
+    # The module as users run it: its Python forward (input check, num_batches_tracked += 1),
+    # then F.batch_norm. The peer that does the same work as SafeBatchNorm, for host costs.
+    "native-module": Implementation("native-module", True, lambda template: template),
 }
-# The peers when none are named (those the device has).
+# The layer benchmark's peers when none are named (those the device has): the kernels'
+# competitors. native-module adds only its Python to native's time.
 DEFAULT_PEERS = ("native", "native-nocudnn", "compile")
 
 
@@ -368,10 +374,10 @@ def measure(
     return group, copy_measurement
 
 
-def make_result(machine: dict, rows: list[dict], settings: dict) -> dict:
+def make_result(machine: dict, rows: list[dict], settings: dict, format_name: str = FORMAT) -> dict:
     """The result run() returns, from a machine block and rows."""
     return {
-        "format": FORMAT,
+        "format": format_name,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine,
         "settings": settings,

@@ -1,4 +1,4 @@
-"""The console tables of a layer benchmark result: format_table gives,
+"""The console tables of a layer or host benchmark result: format_table gives,
 per case, the median time of every implementation on each pass, then safebn's
 bandwidth and speed-up, within text.WIDTH columns; format_compact_table (for
 logs, wider) gives safebn against its best peer only, one line per workload."""
@@ -10,7 +10,7 @@ from .text import format_time, render_table, wrap
 __all__ = ["format_compact_table", "format_table"]
 
 # Short column headings for the implementations whose names are long (the notes spell them out).
-IMPL_LABELS = {"safebn-nochecks": "no checks", "native-nocudnn": "no cuDNN"}
+IMPL_LABELS = {"safebn-nochecks": "no checks", "native-nocudnn": "no cuDNN", "native-module": "nn.BatchNorm"}
 
 
 def _microseconds(value: float) -> str:
@@ -50,11 +50,12 @@ def _passes_note() -> str:
         f"{name} {count}" for name, count in ACTIVATION_PASSES.items()) + ")"
 
 
-def format_table(result: dict) -> str:
-    """A heading per case (shape, layout, dtypes), and under it a line per pass."""
+def format_table(result: dict, title: str = "Layer benchmark") -> str:
+    """A heading per case (shape, layout, dtypes), and under it a line per pass.
+    title names the result at the start of the first line ("Host time per call")."""
     rows = result["rows"]
     impls = list(dict.fromkeys(row["impl"] for row in rows))
-    with_bandwidth = bool(rows) and "gb_per_s" in rows[0]  # gpu_check's rows of a run cut short may be none
+    with_bandwidth = bool(rows) and "gb_per_s" in rows[0]  # host results time no bandwidth
     header = ["pass", *(IMPL_LABELS.get(impl, impl) for impl in impls),
               *(["GB/s", "% copy"] if with_bandwidth else []), "vs peer", "checks"]
     cases: dict[tuple, list[list[str]]] = {}
@@ -73,7 +74,7 @@ def format_table(result: dict) -> str:
         "checks: safebn's time over safebn-nochecks', minus 1.",
         *([f"{labels}."] if labels else []),
     ]
-    return "\n".join([wrap(f"Layer benchmark: {_title(result['machine'])}"), "", *render_table(header, lines), "",
+    return "\n".join([wrap(f"{title}: {_title(result['machine'])}"), "", *render_table(header, lines), "",
                       wrap(" ".join(notes))])
 
 
