@@ -2,8 +2,8 @@
 --version, help and output width.
 
 Performance is measured, never asserted: the bench tests time tiny shapes for a
-few milliseconds and check only the shape of what comes out. (The host
-benchmark has its own test file.)"""
+few milliseconds and check only the shape of what comes out. (The host and model
+benchmarks have their own test files.)"""
 import argparse
 import contextlib
 import io
@@ -21,7 +21,7 @@ import torch
 
 import torch_safebn
 from torch_safebn import functional
-from torch_safebn.tools import host_bench, layer_bench, selfcheck
+from torch_safebn.tools import host_bench, layer_bench, model_bench, selfcheck
 from torch_safebn.tools.cli import build_parser, main
 from torch_safebn.tools.layer_table import format_compact_table
 from torch_safebn.tools.text import WIDTH
@@ -263,7 +263,7 @@ def test_demo_hands_its_options_to_the_demo_module(monkeypatch):
     assert seen == [(10, 0.1, 3)]
 
 
-@pytest.mark.parametrize("fields", [layer_bench.ROW_FIELDS, host_bench.ROW_FIELDS])
+@pytest.mark.parametrize("fields", [layer_bench.ROW_FIELDS, host_bench.ROW_FIELDS, model_bench.ROW_FIELDS])
 def test_benchmarks_readme_documents_every_json_field(fields):
     readme = (REPOSITORY / "benchmarks" / "README.md").read_text()
     for field in fields:
