@@ -5,6 +5,8 @@ out: the rows, the batch-norm counts, the table, the PNG, and the errors."""
 import contextlib
 import io
 import json
+import pathlib
+import runpy
 import sys
 
 import pytest
@@ -140,3 +142,15 @@ def test_a_missing_optional_package_says_how_to_install_it(monkeypatch):
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", "--model", "timm:efficientnet_b0"])
     assert "needs timm, which is not installed: pip install 'torch_safebn[models]'" in str(exit_info.value.code)
+
+
+def test_model_suite_runs_issue_14s_cpu_models():
+    """benchmarks/model_suite.py: the committed model results' settings, on 2 threads set explicitly."""
+    suite = runpy.run_path(str(pathlib.Path(__file__).parents[1] / "benchmarks" / "model_suite.py"))
+    for model in ("resnet18", "timm:efficientnet_b0"):
+        argv = suite["options"](model)
+        options = dict(zip(argv[1::2], argv[2::2]))
+        assert options["--model"] == model and options["--threads"] == "2" and options["--device"] == "cpu"
+        assert (options["--batch-size"], options["--image-size"]) == ("8", "96")
+        assert options["--variants"] == "eager,compile"
+        assert options["--json"].endswith(f"model-{model.removeprefix('timm:')}-cpu.json")
