@@ -1,6 +1,7 @@
 # make setup  - .venv with the pinned requirements, and the extension built
 # make test   - the test suite (what CI runs)
 # make bench  - self-check, then the quick benchmark (table, JSON and PNG)
+# make bench-host - the host's time per call on tiny tensors (table and JSON)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -15,7 +16,7 @@ endif
 
 SOURCES := setup.py $(shell find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.cuh')
 
-.PHONY: setup build test bench clean
+.PHONY: setup build test bench bench-host clean
 
 setup: build
 
@@ -48,6 +49,9 @@ bench: build
 	$(PY) -m torch_safebn check
 	$(PY) -m torch_safebn bench --device $(DEVICE) --preset quick \
 	    --json benchmarks/results/quick-$(DEVICE).json --plot benchmarks/results/quick-$(DEVICE).png
+
+bench-host: build
+	$(PY) -m torch_safebn bench --device $(DEVICE) --preset host --json benchmarks/results/host-$(DEVICE).json
 
 clean:
 	rm -rf build torch_safebn/_C*.so

@@ -9,7 +9,7 @@ writes benchmarks/results/full-cpu.json and full-cpu.png, and prints the table.
 import os
 import sys
 
-from torch_safebn.cli import main
+from torch_safebn.tools.cli import main
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

@@ -14,14 +14,14 @@ this, then tests/test_cuda.py) and rebuilds nothing. In order:
                    op on its own against reference.py in float64, its outputs
                    allocated from memory just filled with NaN, so that an element no
                    kernel writes shows up.
-  (b) selfcheck    torch_safebn.selfcheck on the device: parity, gradcheck and
+  (b) selfcheck    torch_safebn.tools.selfcheck on the device: parity, gradcheck and
                    gradgradcheck in float64, torch.library.opcheck on every op.
   (c) host sync    a conv-bn-relu training step captured in a CUDA graph and replayed
                    matches eager; a NaN injected into the captured input leaves the
                    running buffers alone and is counted; and an eager step under
                    torch.cuda.set_sync_debug_mode makes no synchronizing call.
                    CUDA only: skipped on the CPU, with a line that says so.
-  (d) timings      torch_safebn.benchmark's measure() against native (cuDNN),
+  (d) timings      torch_safebn.tools.layer_bench's measure() against native (cuDNN),
                    native-nocudnn and torch.compile, in priority order, as far as
                    --budget-s allows (see TIMING below).
   (e) the table    printed last; JSON under --out (default $OUT, else ./gpu_check_out):
@@ -58,9 +58,11 @@ import torch
 from torch import nn
 
 import torch_safebn
-from torch_safebn import benchmark, reference, selfcheck
-from torch_safebn.benchmark_table import format_compact_table
+from torch_safebn import reference
 from torch_safebn.safety import Counter
+from torch_safebn.tools import layer_bench, selfcheck
+from torch_safebn.tools.layer_table import format_compact_table
+from torch_safebn.tools.machine import device_name, torch_threads
 
 OPS = torch.ops.safebn
 FORMAT = "torch_safebn.gpu_check/1"
@@ -136,7 +138,7 @@ REFERENCE_POINTS = (
 )
 QUICK_TIMING_SHAPES = ((8, 16, 14, 14), (512, 64))
 # Each implementation of a step gets min_run_time of timed calls, in blocks taken
-# in turns with the others' (benchmark._time_in_turns). 0.02 s is 10 calls or
+# in turns with the others' (timing.time_in_turns). 0.02 s is 10 calls or
 # more of every case here on a GPU, and leaves time for torch.compile.
 MIN_RUN_TIME_S = {"cuda": 0.02, "cpu": 0.01}
 # Seconds a step is assumed to take until one of its kind has been timed: the
@@ -175,7 +177,7 @@ def section(title: str) -> None:
 
 def dtype_label(dtype: torch.dtype, param_dtype: torch.dtype) -> str:
     name = lambda d: str(d).removeprefix("torch.")  # noqa: E731
-    return benchmark.dtype_label(name(dtype), name(param_dtype))
+    return layer_bench.dtype_label(name(dtype), name(param_dtype))
 
 
 def synchronize(device: torch.device) -> None:
@@ -569,8 +571,8 @@ def sync_check(device: torch.device) -> dict:
 class Step:
     """Some implementations timed on one workload; kind "core" or "compile"."""
 
-    workload: benchmark.Workload
-    implementations: tuple[benchmark.Implementation, ...]
+    workload: layer_bench.Workload
+    implementations: tuple[layer_bench.Implementation, ...]
     kind: str
 
     def label(self) -> str:
@@ -585,17 +587,18 @@ def timing_plan(device: torch.device, quick: bool) -> list[Step]:
     points = {(QUICK_TIMING_SHAPES[0], "contiguous", F32, F32)} if quick else {
         (shape, layout, dtype, F32) for shape, layout, dtype in REFERENCE_POINTS}
 
-    def is_reference_point(w: benchmark.Workload) -> bool:
+    def is_reference_point(w: layer_bench.Workload) -> bool:
         return (w.shape, w.layout, w.dtype, w.param_dtype) in points
 
-    training = benchmark.workloads(shapes, benchmark.LAYOUTS, dtypes, ["fwdbwd"])
+    training = layer_bench.workloads(shapes, layer_bench.LAYOUTS, dtypes, ["fwdbwd"])
     training.sort(key=lambda w: (not is_reference_point(w), dtypes.index((w.dtype, w.param_dtype))))
     reference_points = [w for w in training if is_reference_point(w)]
-    others = benchmark.workloads(QUICK_TIMING_SHAPES[:1] if quick else SUBSET_SHAPES, benchmark.LAYOUTS,
-                                 SUBSET_DTYPES, OTHER_PASSES)
-    compile_peer = benchmark.PEERS["compile"]
-    core = (benchmark.SAFEBN, benchmark.SAFEBN_NOCHECKS, *(
-        peer for peer in benchmark.PEERS.values() if peer is not compile_peer and device.type in peer.device_types))
+    others = layer_bench.workloads(QUICK_TIMING_SHAPES[:1] if quick else SUBSET_SHAPES, layer_bench.LAYOUTS,
+                                   SUBSET_DTYPES, OTHER_PASSES)
+    compile_peer = layer_bench.PEERS["compile"]
+    core = (layer_bench.SAFEBN, layer_bench.SAFEBN_NOCHECKS, *(
+        layer_bench.PEERS[name] for name in layer_bench.DEFAULT_PEERS
+        if name != "compile" and device.type in layer_bench.PEERS[name].device_types))
     return ([Step(w, core, "core") for w in training]
             + [Step(w, (compile_peer,), "compile") for w in reference_points]
             + [Step(w, core, "core") for w in others]
@@ -626,12 +629,12 @@ def run_timings(device: torch.device, plan: list[Step], min_run_time: float, clo
     result with "skipped" and "errors" added to its settings."""
     threads = torch.get_num_threads()
     budget = Budget(clock, FINISH_RESERVE_S)
-    measured: dict[benchmark.Workload, list] = {}
-    copies: dict[benchmark.Workload, list] = {}  # the copies timed with each workload's steps
+    measured: dict[layer_bench.Workload, list] = {}
+    copies: dict[layer_bench.Workload, list] = {}  # the copies timed with each workload's steps
     skipped, errors = [], []
     failures_in_a_row: dict[str, int] = {}
-    with benchmark.torch_threads(threads):
-        machine = benchmark.describe_machine(device, threads, min_run_time)
+    with torch_threads(threads):
+        machine = layer_bench.describe_machine(device, threads, min_run_time)
         log(f"copy bandwidth {machine['copy_gb_per_s']:.4g} GB/s; {len(plan)} steps, "
             f"{clock.left():.0f} s left")
         for step in plan:
@@ -645,8 +648,8 @@ def run_timings(device: torch.device, plan: list[Step], min_run_time: float, clo
                 continue
             started = time.perf_counter()
             try:
-                group, copy_measurement = benchmark.measure(step.workload, step.implementations, device, threads,
-                                                            min_run_time)
+                group, copy_measurement = layer_bench.measure(step.workload, step.implementations, device, threads,
+                                                              min_run_time)
             except Exception as error:  # one workload failing to time must not end the run
                 errors.append({"step": step.label(), "error": f"{type(error).__name__}: {error}".strip()[:2000],
                                "implementations": [impl.name for impl in step.implementations]})
@@ -665,9 +668,9 @@ def run_timings(device: torch.device, plan: list[Step], min_run_time: float, clo
     rows = []
     for workload in dict.fromkeys(step.workload for step in plan):  # the plan's order
         if workload in measured:
-            rows += benchmark.workload_rows(workload, measured[workload], machine, copies[workload])
+            rows += layer_bench.workload_rows(workload, measured[workload], machine, copies[workload])
     settings = {"min_run_time_s": min_run_time, "budget_s": clock.budget_s, "skipped": skipped, "errors": errors}
-    return benchmark.make_result(machine, rows, settings)
+    return layer_bench.make_result(machine, rows, settings)
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -678,8 +681,8 @@ def machine_block(device: torch.device) -> dict:
         "torch_cuda": torch.version.cuda,
         "torch_safebn": torch_safebn.__version__,
         "backend": torch_safebn.backend(),
-        "device": benchmark.device_name(device),
-        "cpu": benchmark.device_name(torch.device("cpu")),
+        "device": device_name(device),
+        "cpu": device_name(torch.device("cpu")),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
     }
@@ -801,7 +804,7 @@ def main(argv: list[str] | None = None) -> int:
         run_section(report, device, args.quick)
         report.write()
 
-    section("(d) timings: torch_safebn.benchmark, in priority order within the budget")
+    section("(d) timings: torch_safebn.tools.layer_bench, in priority order within the budget")
     plan = timing_plan(device, args.quick)
     min_run_time = args.min_run_time or MIN_RUN_TIME_S[device.type]
     timings = run_timings(device, plan, min_run_time, CLOCK)
@@ -811,7 +814,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"skipped: {len(skipped)} of {len(plan)} steps (all listed in {os.path.basename(report.path)}), "
             f"the first: {skipped[0]['step']}: {skipped[0]['reason']}")
     timings_path = os.path.join(args.out, f"timings-{device.type}.json")
-    benchmark.write_json(timings, timings_path)
+    layer_bench.write_json(timings, timings_path)
     report.write()
 
     section("(e) summary")

@@ -9,7 +9,7 @@ writes benchmarks/results/reference-cuda.json and reference-cuda.png, and prints
 import os
 import sys
 
-from torch_safebn.cli import main
+from torch_safebn.tools.cli import main
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import math
 
-from torch_safebn import demo
+from torch_safebn.tools import demo
+from torch_safebn.tools.text import WIDTH
 
 SEEDS = range(10)
 
@@ -43,3 +44,10 @@ def test_demo_command_prints_the_side_by_side(capsys):
     assert demo.main(["--seeds", "3"]) == 0
     out = capsys.readouterr().out
     assert "no message" in out and "NonFiniteError at step" in out and "single example" in out
+
+
+def test_demo_output_fits_100_columns(capsys):
+    assert demo.main(["--seeds", "6"]) == 0  # seed 5 raises via check(): the widest row
+    lines = capsys.readouterr().out.splitlines()
+    assert any("via check()" in line for line in lines)
+    assert max(map(len, lines)) <= WIDTH

@@ -9,7 +9,7 @@ import types
 import pytest
 import torch
 
-from torch_safebn import benchmark
+from torch_safebn.tools import layer_bench
 
 _PATH = pathlib.Path(__file__).parents[1] / "benchmarks" / "gpu_check.py"
 _SPEC = importlib.util.spec_from_file_location("gpu_check", _PATH)
@@ -54,7 +54,7 @@ def test_budget_skips_steps_that_do_not_fit():
 
 
 def test_timings_record_what_they_skip(monkeypatch):
-    monkeypatch.setattr(benchmark, "COPY_BYTES", 2**20)
+    monkeypatch.setattr(layer_bench, "COPY_BYTES", 2**20)
     plan = gpu_check.timing_plan(CPU, quick=True)[:2]
     result = gpu_check.run_timings(CPU, plan, 0.001, _Clock(left=0.0))
     assert result["rows"] == [] and [entry["step"] for entry in result["settings"]["skipped"]] == [

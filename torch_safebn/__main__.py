@@ -1,4 +1,4 @@
 """`python -m torch_safebn info | check | bench | demo`: the torch-safebn command."""
-from .cli import main
+from .tools.cli import main
 
 raise SystemExit(main())

@@ -20,7 +20,9 @@ from torch import nn
 
 import torch_safebn
 
-__all__ = ["Run", "train", "main"]
+from .text import render_table, wrap
+
+__all__ = ["DESCRIPTION", "Run", "add_options", "main", "run", "train"]
 
 
 @dataclasses.dataclass
@@ -81,41 +83,55 @@ def train(seed: int, safe: bool, lr: float = 0.1, steps: int = 10, **options) ->
 def _summary(run: Run, steps: int) -> str:
     if run.error is not None:
         name = run.error.split(":")[0]
-        return f"{name} at step {run.error_step}" if run.error_step < steps else f"{name} via check() after step {steps - 1}"
+        return f"{name} at step {run.error_step}" if run.error_step < steps else f"{name} via check()"
     if run.diverged:
         text = f"inf/nan from step {run.first_nonfinite_step}"
-        return text + (", no message" if run.skipped_updates is None else f", {run.skipped_updates} skips counted")
+        return text + (", no message" if run.skipped_updates is None else f", {run.skipped_updates} skipped")
     return f"converged, loss {run.losses[-1]:.2g}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="torch-safebn demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=10)
-    parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--steps", type=int, default=10)
-    args = parser.parse_args(argv)
+DESCRIPTION = __doc__.split("\n\n")[0].replace("\n", " ")
 
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seeds", type=int, default=10, help="runs with seeds 0 to SEEDS - 1 (default: 10)")
+    parser.add_argument("--lr", type=float, default=0.1,
+                        help="SGD's learning rate (default: 0.1; every seed converges below 2/32 = 0.0625)")
+    parser.add_argument("--steps", type=int, default=10, help="training steps per run (default: 10)")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Trains every seed natively, with SafeBatchNorm2d, and with on_nonfinite='skip'; prints them side by side."""
     print(__doc__)
     print(f"lr={args.lr}, {args.steps} steps, seeds 0..{args.seeds - 1}\n")
-    columns = ("seed", "nn.BatchNorm2d", "SafeBatchNorm2d", "SafeBatchNorm2d, on_nonfinite='skip'")
-    header = f"{columns[0]:>4}  {columns[1]:<32}  {columns[2]:<38}  {columns[3]:<36}  running_var native / safe"
-    print(header)
-    print("-" * len(header))
-    first_error = first_warning = None
+    header = ["seed", "nn.BatchNorm2d", "SafeBatchNorm2d", "on_nonfinite='skip'"]
+    lines, safe_runs = [], []
     for seed in range(args.seeds):
         native = train(seed, safe=False, lr=args.lr, steps=args.steps)
         safe = train(seed, safe=True, lr=args.lr, steps=args.steps)
         skip = train(seed, safe=True, lr=args.lr, steps=args.steps, on_nonfinite="skip")
-        print(f"{seed:>4}  {_summary(native, args.steps):<32}  {_summary(safe, args.steps):<38}  "
-              f"{_summary(skip, args.steps):<36}  {native.running_var:.4g} / {safe.running_var:.4g}")
-        if safe.error_step is not None and safe.error_step < args.steps:
-            first_error = first_error or safe.error
-        first_warning = first_warning or next(iter(safe.warnings), None)
-    print("\nNative said nothing. SafeBatchNorm2d warned at step 0:\n  " + str(first_warning))
+        lines.append([str(seed), *(_summary(r, args.steps) for r in (native, safe, skip))])
+        safe_runs += [safe, skip]
+    print("\n".join(render_table(header, lines, text_columns=(1, 2, 3))))
+    if any("via check()" in cell for line in lines for cell in line):
+        print("\nvia check(): torch_safebn.check(model) raised it after the last step, whose update no forward saw.")
+    first_warning = next((w for r in safe_runs for w in r.warnings), None)
+    first_error = next((r.error for r in safe_runs if r.error_step is not None and r.error_step < args.steps), None)
+    print("\nNative said nothing. SafeBatchNorm2d warned at step 0:\n" + wrap(str(first_warning), indent="  "))
     if first_error:
-        print("\nand stopped the diverging runs with:\n  " + first_error)
-    print("\nIts running statistics stayed finite in every run. Try --lr 0.05: every seed converges.")
+        print("\nand stopped the diverging runs with:\n" + wrap(first_error, indent="  "))
+    finite = sum(math.isfinite(r.running_mean) and math.isfinite(r.running_var) for r in safe_runs)
+    print("\n" + wrap(f"SafeBatchNorm2d's running statistics stayed finite in {finite} of {len(safe_runs)} runs. "
+                      "Try --lr 0.05: every seed converges."))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m torch_safebn.tools.demo [options]: the same as torch-safebn demo."""
+    parser = argparse.ArgumentParser(prog="torch-safebn demo", description=DESCRIPTION)
+    add_options(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -25,9 +25,9 @@ from typing import TextIO
 import torch
 import torch.nn.functional as F
 
-from . import functional
-from ._ops import OPS
-from .safety import NUM_COUNTERS
+from torch_safebn import functional
+from torch_safebn._ops import OPS
+from torch_safebn.safety import NUM_COUNTERS
 
 __all__ = ["Result", "attempt", "available_devices", "main", "memory_format", "op_samples", "run_checks", "sample"]
 

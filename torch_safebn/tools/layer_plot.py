@@ -6,7 +6,7 @@ fast as a plain tensor copy. Horizontal bars keep a long list of workloads
 readable, and a workload reads across the passes on one line."""
 from __future__ import annotations
 
-from .benchmark import ACTIVATION_PASSES, dtype_label, workload_groups
+from .layer_bench import ACTIVATION_PASSES, dtype_label, workload_groups
 
 __all__ = ["plot_speedups"]
 

@@ -1,16 +1,18 @@
-"""The benchmark engine: times torch_safebn against native batch norm with
-torch.utils.benchmark and returns plain rows (a dict that json.dump takes).
+"""The layer benchmark: times torch_safebn against native batch norm, one
+layer at a time, and returns plain rows (a dict that json.dump takes).
 
 The CLI (`torch-safebn bench`) and the suites under benchmarks/ call run();
 benchmarks/gpu_check.py schedules workloads itself under a time budget and
-calls run()'s steps (describe_machine, measure, workload_rows, make_result).
-Nothing else times batch norm.
+calls run()'s steps (describe_machine, measure, workload_rows, make_result);
+host_bench times the same workloads' statements for their host cost. All of
+them time with timing.time_in_turns.
 
 What a row measures
   workload  shape x layout x (input dtype, parameter dtype) x pass
   impl      "safebn" (SafeBatchNorm*, checks on), "safebn-nochecks" (checks=False),
             and the peers: "native" (F.batch_norm, eager), "native-nocudnn" (the same
-            with cuDNN off; GPU only) and "compile" (torch.compile of F.batch_norm).
+            with cuDNN off; GPU only), "compile" (torch.compile of F.batch_norm) and
+            "native-module" (nn.BatchNorm1d/2d/3d itself, the module's Python included).
   passes    fwd = training forward with autograd recording; bwd = the backward
             alone (one forward, then autograd.grad with retain_graph); fwdbwd = both;
             eval = inference forward under no_grad with the running statistics.
@@ -26,7 +28,6 @@ the same threads.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import datetime
@@ -34,22 +35,22 @@ import functools
 import itertools
 import json
 import math
-import os
-import platform
 import statistics
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch._functorch.config  # the bwd pass patches it: not imported until torch.compile runs
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.benchmark import Measurement, Timer
 
-from . import __version__, backend
-from .convert import convert_model
+from torch_safebn import convert_model
+
+from .machine import machine_block, torch_threads
+from .timing import Measurement, time_in_turns
 
 __all__ = [
     "ACTIVATION_PASSES",
+    "DEFAULT_PEERS",
     "FORMAT",
     "LAYOUTS",
     "PEERS",
@@ -61,7 +62,6 @@ __all__ = [
     "Workload",
     "check_devices",
     "describe_machine",
-    "device_name",
     "dtype_label",
     "make_result",
     "measure",
@@ -69,7 +69,8 @@ __all__ = [
     "parse_dtype",
     "parse_shape",
     "run",
-    "torch_threads",
+    "statements",
+    "timing_fields",
     "workload_groups",
     "workload_rows",
     "workloads",
@@ -107,7 +108,7 @@ ROW_FIELDS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "torch_version": (str, "torch.__version__"),
     "device": (str, "CPU model (from /proc/cpuinfo) or GPU name"),
     "threads": (int, "torch threads the timer ran with"),
-    "impl": (str, "safebn, safebn-nochecks, native, native-nocudnn or compile"),
+    "impl": (str, "safebn, safebn-nochecks, native, native-nocudnn, compile or native-module"),
     "pass": (str, "fwd, bwd, fwdbwd or eval"),
     "shape": (list, "input shape, N first"),
     "layout": (str, "contiguous, or channels_last (channels_last_3d for 5-D input)"),
@@ -259,49 +260,16 @@ PEERS = {
         "native-nocudnn", True, lambda template: _Functional(template, _native_without_cudnn), device_types=("cuda",)
     ),
     "compile": Implementation("compile", True, _compiled),
+    # The module as users run it: its Python forward (input check, num_batches_tracked += 1),
+    # then F.batch_norm. The peer that does the same work as SafeBatchNorm, for host costs.
+    "native-module": Implementation("native-module", True, lambda template: template),
 }
+# The layer benchmark's peers when none are named (those the device has): the kernels'
+# competitors. native-module adds only its Python to native's time.
+DEFAULT_PEERS = ("native", "native-nocudnn", "compile")
 
 
 # -- timing --------------------------------------------------------------------------------
-BLOCKS_PER_RUN_TIME = 25  # timed blocks of calls per min_run_time
-WARM_UP_FROM_CALLS = 4  # a block of this many calls or more starts with an untimed one
-
-
-def _time_in_turns(statements: Sequence[Callable[[], object]], threads: int, min_run_time: float) -> list[Measurement]:
-    """Times the statements in turns, a block of calls each, until each has had
-    min_run_time: a machine that slows down or speeds up meanwhile (other
-    processes, clocks) then shifts every statement alike, and the ratios between
-    them hold. A block lasts about min_run_time / BLOCKS_PER_RUN_TIME. Each
-    round starts one statement later than the last, so that none always
-    follows the same one (the copy sweeps the caches), and a block of short
-    calls starts with an untimed call, so that it does not pay for the cache
-    state the previous statement left. The Timer's default clock synchronizes
-    the accelerator when one is present, so GPU times are whole."""
-    def calls_per_block(seconds_per_call: float) -> int:
-        return max(1, round(min_run_time / BLOCKS_PER_RUN_TIME / max(seconds_per_call, 1e-9)))
-
-    timers, calls = [], []
-    for statement in statements:
-        statement()  # warm-up: compilation, allocator, first touch of fresh memory
-        timer = Timer("statement()", globals={"statement": statement}, num_threads=threads)
-        timers.append(timer)
-        calls.append(calls_per_block(timer.timeit(1).median))
-    blocks: list[list[Measurement]] = [[] for _ in timers]
-    spent = [0.0] * len(timers)
-    rounds = 0
-    while timers and (not blocks[0] or min(spent) < min_run_time):
-        for step in range(len(timers)):
-            i = (rounds + step) % len(timers)
-            if calls[i] >= WARM_UP_FROM_CALLS:
-                statements[i]()
-            block = timers[i].timeit(calls[i])
-            blocks[i].append(block)
-            spent[i] += block.raw_times[0]
-            calls[i] = calls_per_block(block.median)  # one call, just after the warm-up, may have been slow
-        rounds += 1
-    return [Measurement.merge(measurements)[0] for measurements in blocks]
-
-
 COPY_BYTES = 256 * 2**20  # well past any last-level cache, CPU or GPU
 
 
@@ -322,7 +290,7 @@ def measure_copy_bandwidth(device: torch.device, threads: int, min_run_time: flo
     """The machine's copy bandwidth at the start of a run, for the table's
     header and the plot's roofline. The fastest timed block counts: a
     ceiling. The rows compare with a copy timed in turns with them instead."""
-    return copy_gb_per_s(min(_time_in_turns([_copy_statement(device, COPY_BYTES)], threads, min_run_time)[0].times))
+    return copy_gb_per_s(min(time_in_turns([_copy_statement(device, COPY_BYTES)], threads, min_run_time)[0].times))
 
 
 def _statement(workload: Workload, module: nn.Module, x: torch.Tensor, grad_output: torch.Tensor) -> Callable:
@@ -360,32 +328,6 @@ def _inputs(workload: Workload, device: torch.device) -> tuple[torch.Tensor, tor
 
 
 # -- the run -------------------------------------------------------------------------------
-def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU model as /proc/cpuinfo gives it."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    """torch's thread count set to threads inside, restored after. Set globally,
-    not only in the Timer: torch.compile fixes its kernels' thread count when it compiles."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def check_devices(implementations: Sequence[Implementation], device: torch.device) -> None:
     """Raises ValueError for an implementation that does not run on the device."""
     for impl in implementations:
@@ -396,18 +338,19 @@ def check_devices(implementations: Sequence[Implementation], device: torch.devic
 def describe_machine(device: torch.device, threads: int, min_run_time: float) -> dict:
     """The result's "machine" block, the copy bandwidth measured on the device included."""
     return {
-        "device": device_name(device),
-        "device_type": device.type,
-        "torch_version": torch.__version__,
-        "torch_safebn_version": __version__,
-        "backend": backend(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "threads": threads,
+        **machine_block(device, threads),
         "copy_bytes": COPY_BYTES,
         "copy_gb_per_s": measure_copy_bandwidth(device, threads, min_run_time),
-        # Other processes on the same cores slow every row alike and widen the IQRs.
-        "load_average_1min": os.getloadavg()[0],
     }
+
+
+def statements(workload: Workload, implementations: Sequence[Implementation], device: torch.device) -> list[Callable]:
+    """One timed call of each implementation on the workload, over the same input.
+    Each implementation gets its own copy of the module's state: they run in
+    turns, and one's running-statistics update would bump the version of
+    buffers that another's retained graph (the bwd pass) saved."""
+    x, grad_output, template = _inputs(workload, device)
+    return [_statement(workload, impl.build(copy.deepcopy(template)), x, grad_output) for impl in implementations]
 
 
 def measure(
@@ -422,12 +365,8 @@ def measure(
     and a copy of COPY_BYTES in the same turns: the bandwidth the rows are a
     percentage of then holds under the same conditions (a VM's speed can drift
     twofold in minutes). Returns ([(implementation, measurement)], the copy's)."""
-    x, grad_output, template = _inputs(workload, device)
-    # Each implementation gets its own copy of the module's state: they run in
-    # turns, and one's running-statistics update would bump the version of
-    # buffers that another's retained graph (the bwd pass) saved.
-    statements = [_statement(workload, impl.build(copy.deepcopy(template)), x, grad_output) for impl in implementations]
-    *timed, copy_measurement = _time_in_turns([*statements, _copy_statement(device, COPY_BYTES)], threads, min_run_time)
+    timed_statements = [*statements(workload, implementations, device), _copy_statement(device, COPY_BYTES)]
+    *timed, copy_measurement = time_in_turns(timed_statements, threads, min_run_time)
     group = list(zip(implementations, timed))
     if on_measured:
         for impl in implementations:
@@ -435,10 +374,10 @@ def measure(
     return group, copy_measurement
 
 
-def make_result(machine: dict, rows: list[dict], settings: dict) -> dict:
+def make_result(machine: dict, rows: list[dict], settings: dict, format_name: str = FORMAT) -> dict:
     """The result run() returns, from a machine block and rows."""
     return {
-        "format": FORMAT,
+        "format": format_name,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine,
         "settings": settings,
@@ -470,18 +409,15 @@ def run(
     return make_result(machine, rows, {"min_run_time_s": min_run_time})
 
 
-def workload_rows(workload: Workload, group: list[tuple[Implementation, Measurement]], machine: dict,
-                  copies: list[Measurement]) -> list[dict]:
-    """One row per implementation of a workload, with the speed-ups among them:
-    group is measure()'s list, or several of them joined, and copies the copies
-    timed with them (their median copy time is the rows' copy bandwidth)."""
-    copy_bandwidth = copy_gb_per_s(statistics.median(m.median for m in copies))
+def timing_fields(workload: Workload, group: list[tuple[Implementation, Measurement]], machine: dict) -> list[dict]:
+    """Per implementation of a workload, the fields of its row that every
+    benchmark of workloads shares: what was timed, its median and IQR, and the
+    speed-ups over the peers timed with it (group is measure()'s list)."""
     peer_medians = [measurement.median for impl, measurement in group if impl.is_peer]
     native_medians = [measurement.median for impl, measurement in group if impl.name == "native"]
     rows = []
     for impl, measurement in group:
         median, runs = measurement.median, len(measurement.times)
-        gb_per_s = workload.bytes / median / 1e9
         rows.append({
             "torch_version": machine["torch_version"],
             "device": machine["device"],
@@ -495,13 +431,24 @@ def workload_rows(workload: Workload, group: list[tuple[Implementation, Measurem
             "median_us": median * 1e6,
             "iqr_us": measurement.iqr * 1e6 if runs >= MIN_RUNS_FOR_IQR else None,
             "runs": runs,
-            "bytes": workload.bytes,
-            "gb_per_s": gb_per_s,
-            "copy_gb_per_s": copy_bandwidth,
-            "pct_copy_bandwidth": 100 * gb_per_s / copy_bandwidth,
             "speedup_vs_best_peer": min(peer_medians) / median if peer_medians else None,
             "speedup_vs_native": native_medians[0] / median if native_medians else None,
         })
+    return rows
+
+
+def workload_rows(workload: Workload, group: list[tuple[Implementation, Measurement]], machine: dict,
+                  copies: list[Measurement]) -> list[dict]:
+    """One row per implementation of a workload (ROW_FIELDS, in that order):
+    group is measure()'s list, or several of them joined, and copies the copies
+    timed with them (their median copy time is the rows' copy bandwidth)."""
+    copy_bandwidth = copy_gb_per_s(statistics.median(m.median for m in copies))
+    rows = []
+    for fields in timing_fields(workload, group, machine):
+        gb_per_s = workload.bytes / (fields["median_us"] * 1e-6) / 1e9
+        fields.update(bytes=workload.bytes, gb_per_s=gb_per_s, copy_gb_per_s=copy_bandwidth,
+                      pct_copy_bandwidth=100 * gb_per_s / copy_bandwidth)
+        rows.append({field: fields[field] for field in ROW_FIELDS})
     return rows
 
 
