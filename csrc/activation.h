@@ -13,7 +13,7 @@
 namespace safebn {
 
 // The codes of the ops' `activation` argument; torch_safebn/activations.py
-// names them in the same order, and tests/test_activation.py checks that.
+// names them in the same order, and tests/test_activations.py checks that.
 enum class Activation : int64_t {
   kIdentity = 0,
   kRelu,
@@ -24,6 +24,12 @@ enum class Activation : int64_t {
   kGeluTanh,  // tanh approximation
   kHardswish,
   kCount
+};
+
+// An op's activation: its `activation` and `activation_param` arguments.
+struct ActivationArg {
+  Activation kind = Activation::kIdentity;
+  double param = 0;
 };
 
 template <typename acc_t>
@@ -121,5 +127,65 @@ struct Hardswish {
     return (acc_t(2) * z + acc_t(3)) / acc_t(6);
   }
 };
+
+// y = act(bn(x)) from the normalization's constants.
+template <typename Act, typename acc_t>
+SAFEBN_HOST_DEVICE acc_t normalize_activate(acc_t x, acc_t mean, acc_t scale, acc_t shift, acc_t param) {
+  return Act::forward(normalize_value(x, mean, scale, shift), param);
+}
+
+// The gradient with respect to the batch norm's output z = (x - mean) *
+// scale + shift, from the gradient dy with respect to act(z), z recomputed.
+// For Identity it is dy, and z is never computed.
+template <typename Act, typename acc_t>
+SAFEBN_HOST_DEVICE acc_t grad_before_activation(acc_t dy, acc_t x, acc_t mean, acc_t scale, acc_t shift,
+                                                acc_t param) {
+  return dy * Act::derivative(normalize_value(x, mean, scale, shift), param);
+}
+
+// act(z) and act'(z) for an activation chosen at run time, as the CUDA
+// kernels take it; the CPU kernels are templates, which vectorize.
+template <typename acc_t>
+SAFEBN_HOST_DEVICE acc_t activate(Activation kind, acc_t z, acc_t param) {
+  switch (kind) {
+    case Activation::kRelu: return Relu::forward(z, param);
+    case Activation::kRelu6: return Relu6::forward(z, param);
+    case Activation::kLeakyRelu: return LeakyRelu::forward(z, param);
+    case Activation::kSilu: return Silu::forward(z, param);
+    case Activation::kGelu: return Gelu::forward(z, param);
+    case Activation::kGeluTanh: return GeluTanh::forward(z, param);
+    case Activation::kHardswish: return Hardswish::forward(z, param);
+    default: return z;
+  }
+}
+
+template <typename acc_t>
+SAFEBN_HOST_DEVICE acc_t activation_derivative(Activation kind, acc_t z, acc_t param) {
+  switch (kind) {
+    case Activation::kRelu: return Relu::derivative(z, param);
+    case Activation::kRelu6: return Relu6::derivative(z, param);
+    case Activation::kLeakyRelu: return LeakyRelu::derivative(z, param);
+    case Activation::kSilu: return Silu::derivative(z, param);
+    case Activation::kGelu: return Gelu::derivative(z, param);
+    case Activation::kGeluTanh: return GeluTanh::derivative(z, param);
+    case Activation::kHardswish: return Hardswish::derivative(z, param);
+    default: return acc_t(1);
+  }
+}
+
+// Calls fn(Act{}) with the activation type for `code`.
+template <typename Fn>
+decltype(auto) with_activation(Activation code, Fn fn) {
+  switch (code) {
+    case Activation::kRelu: return fn(Relu{});
+    case Activation::kRelu6: return fn(Relu6{});
+    case Activation::kLeakyRelu: return fn(LeakyRelu{});
+    case Activation::kSilu: return fn(Silu{});
+    case Activation::kGelu: return fn(Gelu{});
+    case Activation::kGeluTanh: return fn(GeluTanh{});
+    case Activation::kHardswish: return fn(Hardswish{});
+    default: return fn(Identity{});
+  }
+}
 
 }  // namespace safebn

@@ -53,6 +53,13 @@ void check_eps(double eps) {
               ": it keeps 1 / sqrt(var + eps) finite for a constant channel. The usual value is 1e-5.");
 }
 
+ActivationArg activation_arg(int64_t code, double param) {
+  TORCH_CHECK_VALUE(code >= 0 && code < int64_t(Activation::kCount), "activation must be a code of ",
+                    "torch_safebn.activations.Activation (0 to ", int64_t(Activation::kCount) - 1, "), got ", code);
+  TORCH_CHECK_VALUE(std::isfinite(param), "activation_param must be finite, got ", param);
+  return {Activation(code), param};
+}
+
 void check_update_args(const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
                        const std::optional<at::Tensor>& num_batches_tracked, std::optional<double> momentum) {
   TORCH_CHECK_VALUE(running_mean.has_value() == running_var.has_value(),

@@ -6,6 +6,7 @@
 
 #include <optional>
 
+#include "activation.h"
 #include "geometry.h"
 
 namespace safebn {
@@ -20,6 +21,9 @@ void check_channel_tensor(const at::Tensor& t, const at::Tensor& input, const ch
 void check_channel_tensor(const std::optional<at::Tensor>& t, const at::Tensor& input, const char* name);
 
 void check_eps(double eps);
+
+// An op's `activation` and `activation_param` arguments, checked.
+ActivationArg activation_arg(int64_t code, double param);
 
 // What every device's update_running_stats requires of its buffers.
 void check_update_args(const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,

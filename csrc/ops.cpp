@@ -9,18 +9,22 @@ TORCH_LIBRARY(safebn, m) {
   // output, and the guarded update of the running buffers and the counters
   // (all or nothing: a batch with a non-finite statistic or parameter, or one
   // whose update would overflow the buffers' dtype, leaves every buffer as it
-  // was), as aten::_batch_norm_with_update updates its buffers.
+  // was), as aten::_batch_norm_with_update updates its buffers. Every
+  // forward and backward takes an activation fused after the batch norm
+  // (torch_safebn/activations.py: 0 is none).
   m.def("batch_norm_train(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
         "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, Tensor(d!)? counters, float? momentum, "
-        "float eps) -> (Tensor output, Tensor mean, Tensor invstd)");
+        "float eps, int activation=0, float activation_param=0.) -> (Tensor output, Tensor mean, Tensor invstd)");
   // An eval forward with the running statistics, which it checks (and counts
   // what it finds) when counters are given.
   m.def("batch_norm_eval(Tensor input, Tensor? weight, Tensor? bias, Tensor running_mean, Tensor running_var, "
-        "Tensor(a!)? counters, float eps) -> Tensor");
+        "Tensor(a!)? counters, float eps, int activation=0, float activation_param=0.) -> Tensor");
   // Both forwards' backward: train uses the batch's statistics (mean, invstd),
-  // eval the running ones as constants.
-  m.def("backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor invstd, "
-        "bool train, bool[3] output_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // eval the running ones as constants; with an activation, the batch norm's
+  // output is recomputed from input, weight, bias, mean and invstd.
+  m.def("backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd, "
+        "bool train, bool[3] output_mask, int activation=0, float activation_param=0.) "
+        "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
 
   // The pieces of a batch norm whose statistics span several processes
   // (SafeSyncBatchNorm): per-process statistics, normalization with given

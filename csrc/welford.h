@@ -73,22 +73,26 @@ SAFEBN_HOST_DEVICE acc_t normalize_value(acc_t x, acc_t mean, acc_t scale, acc_t
 //   dx = (dy - mean_dy - (x - mean) * proj) * scale
 // with scale = weight * invstd, and in training mean_dy = sum(dy) / M and
 // proj = sum(dy * (x - mean)) * invstd^2 / M (zero for both in eval mode,
-// where the statistics are constants).
+// where the statistics are constants). `shift` is the bias: with an
+// activation after the batch norm, its output (x - mean) * scale + shift is
+// recomputed for the activation's derivative, which dy is multiplied by.
 template <typename acc_t>
 struct GradInputCoefficients {
   acc_t mean;
   acc_t scale;
+  acc_t shift;
   acc_t mean_dy;
   acc_t proj;
 };
 
 template <typename acc_t>
 SAFEBN_HOST_DEVICE GradInputCoefficients<acc_t> grad_input_coefficients(
-    acc_t mean, acc_t invstd, acc_t weight, acc_t sum_dy, acc_t sum_dy_xmu,
+    acc_t mean, acc_t invstd, acc_t weight, acc_t bias, acc_t sum_dy, acc_t sum_dy_xmu,
     acc_t count, bool train) {
   GradInputCoefficients<acc_t> k;
   k.mean = mean;
   k.scale = weight * invstd;
+  k.shift = bias;
   k.mean_dy = train ? sum_dy / count : acc_t(0);
   k.proj = train ? sum_dy_xmu * invstd * invstd / count : acc_t(0);
   return k;

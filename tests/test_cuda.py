@@ -109,8 +109,8 @@ def test_every_op_matches_cpu(shape, layout, dtype):
 
     for train in (True, False):
         for mask in ([True, True, True], [True, False, False], [False, True, True]):
-            expected = OPS.backward(dy, x, w, mean, invstd, train, mask)
-            actual = OPS.backward(ddy, dx, dw, on_device(mean), on_device(invstd), train, mask)
+            expected = OPS.backward(dy, x, w, None, mean, invstd, train, mask)
+            actual = OPS.backward(ddy, dx, dw, None, on_device(mean), on_device(invstd), train, mask)
             for name, a, e in zip(("grad_input", "grad_weight", "grad_bias"), actual, expected):
                 assert (a is None) == (e is None), name
                 if e is not None:
@@ -118,7 +118,7 @@ def test_every_op_matches_cpu(shape, layout, dtype):
                     scale = 1.0 if name == "grad_input" else max(1.0, e.abs().max().item())
                     assert_close(a / scale, e / scale, dtype if name == "grad_input" else acc_dtype(dtype),
                                  f"backward {name} train={train} mask={mask}")
-    assert OPS.backward(ddy, dx, None, on_device(mean), on_device(invstd), True, [True, True, True])[1] is None
+    assert OPS.backward(ddy, dx, None, None, on_device(mean), on_device(invstd), True, [True, True, True])[1] is None
 
     sums = OPS.backward_reduce(dy, x, mean)
     sums_d = OPS.backward_reduce(ddy, dx, on_device(mean))
@@ -157,8 +157,8 @@ def test_empty_inputs_match_cpu():
     y_d, mean_d, invstd_d = forward_train(on_device(x))
     assert y_d.shape == x.shape and mean_d.isnan().all() and invstd_d.isnan().all()
     w, invstd = torch.ones(3), torch.full((3,), float("nan"))
-    expected = OPS.backward(x, x, w, torch.zeros(3), invstd, True, [True, True, True])
-    actual = OPS.backward(on_device(x), on_device(x), on_device(w), on_device(torch.zeros(3)), on_device(invstd),
+    expected = OPS.backward(x, x, w, None, torch.zeros(3), invstd, True, [True, True, True])
+    actual = OPS.backward(on_device(x), on_device(x), on_device(w), None, on_device(torch.zeros(3)), on_device(invstd),
                           True, [True, True, True])
     for a, e in zip(actual, expected):
         torch.testing.assert_close(a.cpu(), e, equal_nan=True)
@@ -249,10 +249,10 @@ def test_results_are_deterministic(shape, layout):
     x = on_device(make(shape, torch.float32, layout, seed=5))
     dy = on_device(make(shape, torch.float32, layout, seed=6))
     first = forward_train(x)
-    grads = OPS.backward(dy, x, None, first[1], first[2], True, [True, False, False])
+    grads = OPS.backward(dy, x, None, None, first[1], first[2], True, [True, False, False])
     again = forward_train(x)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
-    assert torch.equal(grads[0], OPS.backward(dy, x, None, first[1], first[2], True, [True, False, False])[0])
+    assert torch.equal(grads[0], OPS.backward(dy, x, None, None, first[1], first[2], True, [True, False, False])[0])
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="host synchronization is a CUDA matter")
@@ -266,7 +266,7 @@ def test_no_op_synchronizes_with_the_host():
     try:
         y, mean, invstd = OPS.batch_norm_train(x, w, b, rm, rv, nbt, counters, None, 1e-5)
         OPS.update_running_stats(rm, rv, nbt, counters, mean, invstd, w, b, 8 * 144, 1e-5, None)
-        OPS.backward(y, x, w, mean, invstd, True, [True, True, True])
+        OPS.backward(y, x, w, b, mean, invstd, True, [True, True, True])
         OPS.batch_norm_eval(x, w, b, rm, rv, counters, 1e-5)
         bn = torch_safebn.SafeBatchNorm2d(16, device=DEVICE)
         bn(x).sum().backward()
@@ -294,7 +294,7 @@ def test_opcheck_every_op(shape, dtype, layout):
         (OPS.batch_norm_train.default, (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(),
                                         *[t.clone() for t in buffers], 0.1, eps)),
         (OPS.batch_norm_eval.default, (x, w, b, mean, var, counters.clone(), eps)),
-        (OPS.backward.default, (grad, x.detach(), w.detach(), mean, invstd, True, [True, True, True])),
+        (OPS.backward.default, (grad, x.detach(), w.detach(), b.detach(), mean, invstd, True, [True, True, True])),
         (OPS.batch_stats.default, (x.detach(),)),
         (OPS.normalize.default, (x.detach(), w.detach(), b.detach(), mean, invstd)),
         (OPS.backward_reduce.default, (grad, x.detach(), mean)),

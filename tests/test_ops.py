@@ -52,8 +52,8 @@ def test_opcheck_every_op(shape, dtype, layout):
         (OPS.batch_norm_train.default, (x, None, None, None, None, None, None, 0.1, eps)),
         (OPS.batch_norm_eval.default, (x, w, b, mean, var, torch.zeros(NUM_COUNTERS, dtype=torch.int64), eps)),
         (OPS.batch_norm_eval.default, (x, None, None, mean, var, None, eps)),
-        (OPS.backward.default, (grad, x.detach(), w.detach(), mean, invstd, True, [True, True, True])),
-        (OPS.backward.default, (grad, x.detach(), w.detach(), mean, invstd, False, [True, False, True])),
+        (OPS.backward.default, (grad, x.detach(), w.detach(), b.detach(), mean, invstd, True, [True, True, True])),
+        (OPS.backward.default, (grad, x.detach(), w.detach(), None, mean, invstd, False, [True, False, True])),
         (OPS.batch_stats.default, (x.detach(),)),
         (OPS.normalize.default, (x.detach(), w.detach(), b.detach(), mean, invstd)),
         (OPS.backward_reduce.default, (grad, x.detach(), mean)),
@@ -167,7 +167,7 @@ def test_an_input_without_channels_gives_empty_results(layout):
     assert y.shape == x.shape and mean.numel() == invstd.numel() == 0
     assert forward_eval(x, None, None, empty, empty).shape == x.shape
     for train in (True, False):
-        dx, dw, db = torch.ops.safebn.backward(x, x, empty, empty, empty, train, [True, True, True])
+        dx, dw, db = torch.ops.safebn.backward(x, x, empty, None, empty, empty, train, [True, True, True])
         assert dx.shape == x.shape and dw.numel() == db.numel() == 0
     assert [t.numel() for t in torch.ops.safebn.batch_stats(x)] == [0, 0]
 
@@ -196,7 +196,7 @@ def test_large_outputs_reuse_freed_blocks_and_write_every_element(shape, layout)
         "batch_norm_train": lambda: forward_train(x, w, b)[0],
         "batch_norm_eval": lambda: forward_eval(x, w, b, mean, var),
         "normalize": lambda: OPS.normalize(x, w, b, mean, invstd),
-        "backward": lambda: OPS.backward(dy, x, w, mean, invstd, True, [True, False, False])[0],
+        "backward": lambda: OPS.backward(dy, x, w, b, mean, invstd, True, [True, False, False])[0],
         "backward_elemt": lambda: OPS.backward_elemt(dy, x, w, mean, invstd, sum_dy, sum_dy_xmu, x.numel() // 8),
     }
     # A fresh block faults at least once per 2 MB (a huge page, where the system gives them).

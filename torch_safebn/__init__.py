@@ -3,8 +3,9 @@ that cannot be silently poisoned. See README.md."""
 from ._ops import BACKEND as _BACKEND
 from .convert import convert_model, revert_model
 from .distributed import SafeSyncBatchNorm
-from .functional import batch_norm
+from .functional import batch_norm, batch_norm_act
 from .modules import SafeBatchNorm1d, SafeBatchNorm2d, SafeBatchNorm3d
+from .norm_act import SafeBatchNormAct2d, SafeSyncBatchNormAct
 from .safety import (
     DegenerateBatchError,
     NonFiniteError,
@@ -22,7 +23,10 @@ __all__ = [
     "SafeBatchNorm2d",
     "SafeBatchNorm3d",
     "SafeSyncBatchNorm",
+    "SafeBatchNormAct2d",
+    "SafeSyncBatchNormAct",
     "batch_norm",
+    "batch_norm_act",
     "convert_model",
     "revert_model",
     "backend",

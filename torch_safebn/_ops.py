@@ -14,11 +14,12 @@ from . import reference, safety
 SCHEMAS = {
     "batch_norm_train": "(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
     "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, Tensor(d!)? counters, float? momentum, "
-    "float eps) -> (Tensor output, Tensor mean, Tensor invstd)",
+    "float eps, int activation=0, float activation_param=0.) -> (Tensor output, Tensor mean, Tensor invstd)",
     "batch_norm_eval": "(Tensor input, Tensor? weight, Tensor? bias, Tensor running_mean, Tensor running_var, "
-    "Tensor(a!)? counters, float eps) -> Tensor",
-    "backward": "(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor invstd, "
-    "bool train, bool[3] output_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)",
+    "Tensor(a!)? counters, float eps, int activation=0, float activation_param=0.) -> Tensor",
+    "backward": "(Tensor grad_output, Tensor input, Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd, "
+    "bool train, bool[3] output_mask, int activation=0, float activation_param=0.) "
+    "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)",
     "batch_stats": "(Tensor input) -> (Tensor mean, Tensor var)",
     "normalize": "(Tensor input, Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd) -> Tensor",
     "backward_reduce": "(Tensor grad_output, Tensor input, Tensor mean) -> (Tensor sum_dy, Tensor sum_dy_xmu)",
@@ -110,21 +111,22 @@ def _register_fake(name: str):
 
 
 @_register_fake("batch_norm_train")
-def _(input, weight, bias, running_mean, running_var, num_batches_tracked, counters, momentum, eps):
+def _(input, weight, bias, running_mean, running_var, num_batches_tracked, counters, momentum, eps, activation=0,
+      activation_param=0.0):
     _check_devices(input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var,
                    num_batches_tracked=num_batches_tracked, counters=counters)
     return _output_like(input), _channel_stats_like(input), _channel_stats_like(input)
 
 
 @_register_fake("batch_norm_eval")
-def _(input, weight, bias, running_mean, running_var, counters, eps):
+def _(input, weight, bias, running_mean, running_var, counters, eps, activation=0, activation_param=0.0):
     _check_devices(input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var,
                    counters=counters)
     return _output_like(input)
 
 
 @_register_fake("backward")
-def _(grad_output, input, weight, mean, invstd, train, output_mask):
+def _(grad_output, input, weight, bias, mean, invstd, train, output_mask, activation=0, activation_param=0.0):
     grad_input = _output_like(input) if output_mask[0] else None
     grad_weight = torch.empty_like(weight) if weight is not None and output_mask[1] else None
     # without a weight the bias gradient comes in the statistics' dtype

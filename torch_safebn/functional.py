@@ -14,9 +14,10 @@ from collections.abc import Sequence
 import torch
 
 from ._ops import OPS
+from .activations import activation_module, fused_activation
 from .safety import NUM_COUNTERS, Event, Policy, SafetyState, validate_eps, validate_momentum
 
-__all__ = ["batch_norm"]
+__all__ = ["batch_norm", "batch_norm_act"]
 
 
 def batch_norm(
@@ -40,16 +41,47 @@ def batch_norm(
     the call that saw the problem, on every device. momentum=None averages
     cumulatively over `num_batches_tracked`, which a training call then
     advances as the modules' buffer."""
+    return batch_norm_act(input, running_mean, running_var, weight, bias, training, momentum, eps, act=None,
+                          num_batches_tracked=num_batches_tracked, on_degenerate=on_degenerate,
+                          on_nonfinite=on_nonfinite, on_single_sample=on_single_sample, checks=checks)
+
+
+def batch_norm_act(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    *,
+    act: str | None = "relu",
+    negative_slope: float = 0.01,
+    num_batches_tracked: torch.Tensor | None = None,
+    on_degenerate: str = "raise",
+    on_nonfinite: str = "raise",
+    on_single_sample: str = "warn",
+    checks: bool = True,
+) -> torch.Tensor:
+    """act(batch_norm(...)), the activation fused into the batch norm's
+    kernels: its name (relu, relu6, leaky_relu with `negative_slope`, silu,
+    gelu, gelu_tanh, hardswish) or None. The rest as batch_norm()."""
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"batch_norm expects a tensor input, got {type(input).__name__}")
     eps, momentum = validate_eps(eps), validate_momentum(momentum)
     if not training and running_mean is None:
         raise ValueError("running_mean and running_var must be given when training=False")
+    fused = fused_activation(activation_module(act, negative_slope))
+    if fused is None:
+        raise ValueError(f"batch_norm_act fuses the activations named in torch_safebn.activations, not {act!r}: "
+                         "apply it to batch_norm()'s output instead")
+    kind, param = fused
     state = SafetyState(Policy(on_degenerate, on_nonfinite, on_single_sample, checks=checks, sync=True),
                         owner="batch_norm")
     counters = torch.zeros(NUM_COUNTERS, dtype=torch.int64, device=input.device) if checks else None
     return guarded_batch_norm(input, weight, bias, running_mean, running_var, num_batches_tracked, counters,
-                              training, momentum, eps, state)
+                              training, momentum, eps, state, int(kind), param)
 
 
 def guarded_batch_norm(
@@ -64,14 +96,18 @@ def guarded_batch_norm(
     momentum: float | None,
     eps: float,
     state: SafetyState,
+    activation: int = 0,
+    activation_param: float = 0.0,
 ) -> torch.Tensor:
     """The modules' forward below the module: arguments validated already,
     `counters` None when checks are off. Normalizes with the batch's
     statistics and updates the running ones (when given) if
-    `use_batch_stats`, else normalizes with the running statistics."""
+    `use_batch_stats`, else normalizes with the running statistics; then
+    applies the fused activation (activations.Activation, 0: none)."""
     compiling = torch.compiler.is_compiling()
     if not use_batch_stats:
-        output = OPS.batch_norm_eval.default(input, weight, bias, running_mean, running_var, counters, eps)
+        output = OPS.batch_norm_eval.default(input, weight, bias, running_mean, running_var, counters, eps,
+                                             activation, activation_param)
         if counters is not None:  # the hot path, spelled out: a Python call costs here
             if compiling:
                 _observe(state, counters, input, Event.EVAL_CALL, compiling)
@@ -86,12 +122,13 @@ def guarded_batch_norm(
                     f"Expected more than 1 value per channel when training, got input size {input.size()}")
             if state.policy.on_degenerate == "running_stats" and running_mean is not None:
                 _observe(state, counters, input, Event.DEGENERATE_HANDLED, compiling)
-                return OPS.batch_norm_eval.default(input, weight, bias, running_mean, running_var, counters, eps)
+                return OPS.batch_norm_eval.default(input, weight, bias, running_mean, running_var, counters, eps,
+                                                   activation, activation_param)
             _observe(state, counters, input, Event.DEGENERATE_REFUSED, compiling)
         elif counters is not None and state.policy.on_single_sample != "ignore":
             _observe(state, counters, input, Event.SINGLE_SAMPLE, compiling)
     output = OPS.batch_norm_train.default(input, weight, bias, running_mean, running_var, num_batches_tracked,
-                                          counters, momentum, eps)[0]
+                                          counters, momentum, eps, activation, activation_param)[0]
     if counters is not None:
         if compiling:
             _observe(state, counters, input, Event.TRAINING_BATCH, compiling)

@@ -96,7 +96,9 @@ class _SafeBatchNormMixin:
             self.safety_counters = None
         self.safety_state.policy = policy
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, *, activation: int = 0, activation_param: float = 0.0) -> torch.Tensor:
+        """`activation`: fused after the batch norm (activations.Activation;
+        SafeBatchNormAct2d passes it), 0 for none."""
         if isinstance(input, torch.fx.Proxy) and input.tracer.path_of_module(self):
             return _call_as_fx_leaf(self, input)
         self._check_input_dim(input)
@@ -118,6 +120,8 @@ class _SafeBatchNormMixin:
             self.momentum,
             self.eps,
             state,
+            activation,
+            activation_param,
         )
 
     def extra_repr(self) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from .activations import reference_activation, reference_derivative
 from .safety import Counter
 
 __all__ = [
@@ -53,15 +54,24 @@ def normalize(input, weight, bias, mean, invstd):
     return out.to(input.dtype)
 
 
-def _forward_train(input, weight, bias, eps):
+def _normalize_activate(input, weight, bias, mean, invstd, activation, activation_param):
+    acc = accumulate_dtype(input.dtype)
+    x = input.to(acc)
+    scale = _per_channel(invstd, x, 1, acc) * _per_channel(weight, x, 1, acc)
+    z = (x - _per_channel(mean, x, 0, acc)) * scale + _per_channel(bias, x, 0, acc)
+    return reference_activation(z, activation, activation_param).to(input.dtype)
+
+
+def _forward_train(input, weight, bias, eps, activation, activation_param):
     mean, var = batch_stats(input)
     invstd = torch.rsqrt(var + eps)
-    return normalize(input, weight, bias, mean, invstd), mean, invstd
+    return _normalize_activate(input, weight, bias, mean, invstd, activation, activation_param), mean, invstd
 
 
-def _forward_eval(input, weight, bias, running_mean, running_var, eps):
+def _forward_eval(input, weight, bias, running_mean, running_var, eps, activation, activation_param):
     acc = accumulate_dtype(input.dtype)
-    return normalize(input, weight, bias, running_mean.to(acc), torch.rsqrt(running_var.to(acc) + eps))
+    return _normalize_activate(input, weight, bias, running_mean.to(acc), torch.rsqrt(running_var.to(acc) + eps),
+                               activation, activation_param)
 
 
 def backward_reduce(grad_output, input, mean):
@@ -85,7 +95,13 @@ def backward_elemt(grad_output, input, weight, mean, invstd, sum_dy, sum_dy_xmu,
     return _grad_input(grad_output, input, weight, mean, invstd, sum_dy, sum_dy_xmu, count, True)
 
 
-def backward(grad_output, input, weight, mean, invstd, train, output_mask):
+def backward(grad_output, input, weight, bias, mean, invstd, train, output_mask, activation=0, activation_param=0.0):
+    if activation:  # the gradient with respect to the output before the activation, from z recomputed
+        acc = accumulate_dtype(input.dtype)
+        x = input.to(acc)
+        scale = _per_channel(invstd, x, 1, acc) * _per_channel(weight, x, 1, acc)
+        z = (x - _per_channel(mean, x, 0, acc)) * scale + _per_channel(bias, x, 0, acc)
+        grad_output = (grad_output.to(acc) * reference_derivative(z, activation, activation_param)).to(input.dtype)
     sum_dy, sum_dy_xmu = backward_reduce(grad_output, input, mean)
     grad_input = grad_weight = grad_bias = None
     if output_mask[0]:
@@ -182,8 +198,9 @@ def update_running_stats(
             momentum, single_sample=False)
 
 
-def batch_norm_train(input, weight, bias, running_mean, running_var, num_batches_tracked, counters, momentum, eps):
-    output, mean, invstd = _forward_train(input, weight, bias, eps)
+def batch_norm_train(input, weight, bias, running_mean, running_var, num_batches_tracked, counters, momentum, eps,
+                     activation=0, activation_param=0.0):
+    output, mean, invstd = _forward_train(input, weight, bias, eps, activation, activation_param)
     mean, invstd = mean.detach(), invstd.detach()  # statistics, not differentiable outputs
     count = input.numel() // input.shape[1] if input.shape[1] else 0
     with torch.no_grad():
@@ -193,8 +210,9 @@ def batch_norm_train(input, weight, bias, running_mean, running_var, num_batches
     return output, mean, invstd
 
 
-def batch_norm_eval(input, weight, bias, running_mean, running_var, counters, eps):
-    output = _forward_eval(input, weight, bias, running_mean, running_var, eps)
+def batch_norm_eval(input, weight, bias, running_mean, running_var, counters, eps, activation=0,
+                    activation_param=0.0):
+    output = _forward_eval(input, weight, bias, running_mean, running_var, eps, activation, activation_param)
     if counters is not None:
         with torch.no_grad():
             var = running_var.to(accumulate_dtype(running_var.dtype))

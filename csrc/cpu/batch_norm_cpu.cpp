@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "../activation.h"
 #include "../guard.h"
 #include "kernels.h"
 #include "large_buffers.h"
@@ -214,26 +215,30 @@ class Tiled {
   std::array<std::vector<acc_t>, 2> lanes_;
 };
 
-// Per-channel constants of y = (x - mean) * scale + bias.
+// Per-channel constants of y = act((x - mean) * scale + bias), which the
+// backward recomputes for the activation's derivative.
 template <typename acc_t>
 struct NormalizeParams {
   std::vector<acc_t> mean, scale, bias;
-  explicit NormalizeParams(int64_t channels) : mean(channels), scale(channels), bias(channels) {}
+  ActivationArg activation;
+  NormalizeParams(int64_t channels, ActivationArg activation)
+      : mean(channels), scale(channels), bias(channels), activation(activation) {}
   void set(int64_t c, acc_t m, acc_t s, acc_t b) { mean[c] = m; scale[c] = s; bias[c] = b; }
+  acc_t param() const { return acc_t(activation.param); }
 };
 
 template <typename T, typename acc_t>
 void normalize_all(const T* x, T* y, const Geometry& g, const Plan& p, const NormalizeParams<acc_t>& k) {
-  const auto& kern = cpu::kernels<T>();
+  const auto& kern = cpu::kernels<T>(k.activation.kind);
   if (p.elementwise_by_rows) {
     for_each_row_task(g, p, [&](int64_t, int64_t lo, int64_t hi) {
-      kern.rows_normalize(x, y, g, lo, hi, k.mean.data(), k.scale.data(), k.bias.data());
+      kern.rows_normalize(x, y, g, lo, hi, k.mean.data(), k.scale.data(), k.bias.data(), k.param());
     });
     return;
   }
   const Tiled<T, acc_t> mean(p, k.mean.data()), scale(p, k.scale.data()), bias(p, k.bias.data());
   for_each_row_range(p, [&](int64_t, int part, int64_t lo, int64_t hi) {
-    kern.blocks_normalize(x, y, p.blocks[part], lo, hi, mean[part], scale[part], bias[part]);
+    kern.blocks_normalize(x, y, p.blocks[part], lo, hi, mean[part], scale[part], bias[part], k.param());
   });
 }
 
@@ -242,14 +247,16 @@ void normalize_all(const T* x, T* y, const Geometry& g, const Plan& p, const Nor
 // follows when `y` is given. Fused per channel where the plan allows.
 template <typename T, typename acc_t, typename Finish>
 void reduce_channels(const T* x, T* y, const Geometry& g, NormalizeParams<acc_t>& params, Finish finish) {
-  const auto& k = cpu::kernels<T>();
+  const auto& k = cpu::kernels<T>(params.activation.kind);
   const int64_t C = g.channels;
   const Plan p = plan_for(g);
   if (p.fused()) {
     at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         finish(c, k.plane_stats(x, g, c, 0, g.per_channel()));
-        if (y) k.plane_normalize(x, y, g, c, 0, g.per_channel(), params.mean[c], params.scale[c], params.bias[c]);
+        if (y)
+          k.plane_normalize(x, y, g, c, 0, g.per_channel(), params.mean[c], params.scale[c], params.bias[c],
+                            params.param());
       }
     });
     return;
@@ -296,44 +303,51 @@ struct GradSums {
 
 template <typename T, typename acc_t>
 void grad_input_all(const T* dy, const T* x, T* dx, const Geometry& g, const Plan& p,
-                    const std::vector<GradInputCoefficients<acc_t>>& k) {
-  const auto& kern = cpu::kernels<T>();
+                    const std::vector<GradInputCoefficients<acc_t>>& k, ActivationArg activation) {
+  const auto& kern = cpu::kernels<T>(activation.kind);
+  const acc_t param = acc_t(activation.param);
   if (p.elementwise_by_rows) {
     for_each_row_task(g, p, [&](int64_t, int64_t lo, int64_t hi) {
-      kern.rows_grad_input(dy, x, dx, g, lo, hi, k.data());
+      kern.rows_grad_input(dy, x, dx, g, lo, hi, k.data(), param);
     });
     return;
   }
-  std::vector<acc_t> fields[4];
+  std::vector<acc_t> fields[5];
   for (auto& f : fields) f.resize(g.channels);
   for (int64_t c = 0; c < g.channels; ++c) {
     fields[0][c] = k[c].mean;
     fields[1][c] = k[c].scale;
-    fields[2][c] = k[c].mean_dy;
-    fields[3][c] = k[c].proj;
+    fields[2][c] = k[c].shift;
+    fields[3][c] = k[c].mean_dy;
+    fields[4][c] = k[c].proj;
   }
-  const Tiled<T, acc_t> mean(p, fields[0].data()), scale(p, fields[1].data()), mean_dy(p, fields[2].data()),
-      proj(p, fields[3].data());
+  const Tiled<T, acc_t> mean(p, fields[0].data()), scale(p, fields[1].data()), shift(p, fields[2].data()),
+      mean_dy(p, fields[3].data()), proj(p, fields[4].data());
   for_each_row_range(p, [&](int64_t, int part, int64_t lo, int64_t hi) {
-    const cpu::GradInputLanes<acc_t> lanes{mean[part], scale[part], mean_dy[part], proj[part]};
-    kern.blocks_grad_input(dy, x, dx, p.blocks[part], lo, hi, lanes);
+    const cpu::GradInputLanes<acc_t> lanes{mean[part], scale[part], shift[part], mean_dy[part], proj[part]};
+    kern.blocks_grad_input(dy, x, dx, p.blocks[part], lo, hi, lanes, param);
   });
 }
 
-// The two sums and, when `dx` is given, the input gradient from the
-// coefficients `coeffs(c, sums)` returns; fused per channel as above.
+// The two sums, of dz = dy * act'(z) with z the forward's output before its
+// activation (`z`: the forward's constants), and, when `dx` is given, the
+// input gradient from the coefficients `coeffs(c, sums)` returns; fused per
+// channel as above.
 template <typename T, typename acc_t, typename Coefficients>
-GradSums reduce_grads(const T* dy, const T* x, T* dx, const Geometry& g, const ChannelValues<acc_t>& mean,
+GradSums reduce_grads(const T* dy, const T* x, T* dx, const Geometry& g, const NormalizeParams<acc_t>& z,
                       Coefficients coeffs) {
-  const auto& k = cpu::kernels<T>();
+  const auto& k = cpu::kernels<T>(z.activation.kind);
+  const std::vector<acc_t>& mean = z.mean;
+  const acc_t param = z.param();
   const int64_t C = g.channels;
   const Plan p = plan_for(g);
   GradSums sums(C);
   if (p.fused()) {
     at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
-        k.plane_grad_sums(dy, x, g, c, 0, g.per_channel(), mean[c], &sums.dy[c], &sums.dy_xmu[c]);
-        if (dx) k.plane_grad_input(dy, x, dx, g, c, 0, g.per_channel(), coeffs(c, sums));
+        k.plane_grad_sums(dy, x, g, c, 0, g.per_channel(), mean[c], z.scale[c], z.bias[c], param, &sums.dy[c],
+                          &sums.dy_xmu[c]);
+        if (dx) k.plane_grad_input(dy, x, dx, g, c, 0, g.per_channel(), coeffs(c, sums), param);
       }
     });
     return sums;
@@ -342,7 +356,8 @@ GradSums reduce_grads(const T* dy, const T* x, T* dx, const Geometry& g, const C
   GradSums partial(partials);
   if (p.planes) {
     for_each_slice(g, p, [&](int64_t task, int64_t c, int64_t lo, int64_t hi) {
-      k.plane_grad_sums(dy, x, g, c, lo, hi, mean[c], &partial.dy[task], &partial.dy_xmu[task]);
+      k.plane_grad_sums(dy, x, g, c, lo, hi, mean[c], z.scale[c], z.bias[c], param, &partial.dy[task],
+                        &partial.dy_xmu[task]);
     });
     for (int64_t task = 0; task < partials; ++task) {
       sums.dy[task / p.slices] += partial.dy[task];
@@ -351,14 +366,14 @@ GradSums reduce_grads(const T* dy, const T* x, T* dx, const Geometry& g, const C
   } else {
     if (p.reductions_by_rows) {
       for_each_row_task(g, p, [&](int64_t task, int64_t lo, int64_t hi) {
-        k.rows_grad_sums(dy, x, g, lo, hi, mean.data(), partial.dy.data() + task * C,
-                         partial.dy_xmu.data() + task * C);
+        k.rows_grad_sums(dy, x, g, lo, hi, mean.data(), z.scale.data(), z.bias.data(), param,
+                         partial.dy.data() + task * C, partial.dy_xmu.data() + task * C);
       });
     } else {
-      const Tiled<T, acc_t> lanes(p, mean.data());
+      const Tiled<T, acc_t> lanes(p, mean.data()), scale(p, z.scale.data()), bias(p, z.bias.data());
       for_each_row_range(p, [&](int64_t task, int part, int64_t lo, int64_t hi) {
-        k.blocks_grad_sums(dy, x, p.blocks[part], lo, hi, lanes[part], partial.dy.data() + task * C,
-                           partial.dy_xmu.data() + task * C);
+        k.blocks_grad_sums(dy, x, p.blocks[part], lo, hi, lanes[part], scale[part], bias[part], param,
+                           partial.dy.data() + task * C, partial.dy_xmu.data() + task * C);
       });
     }
     for (int64_t i = 0; i < partials; ++i) {
@@ -369,7 +384,7 @@ GradSums reduce_grads(const T* dy, const T* x, T* dx, const Geometry& g, const C
   if (dx) {
     std::vector<GradInputCoefficients<acc_t>> all(C);
     for (int64_t c = 0; c < C; ++c) all[c] = coeffs(c, sums);
-    grad_input_all(dy, x, dx, g, p, all);
+    grad_input_all(dy, x, dx, g, p, all, z.activation);
   }
   return sums;
 }
@@ -401,7 +416,7 @@ Prepared prepare(const at::Tensor& input, const std::optional<at::Tensor>& weigh
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train(
     const at::Tensor& input_arg, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, double eps) {
+    const std::optional<at::Tensor>& bias, double eps, ActivationArg activation) {
   check_eps(eps);
   const auto [input, g] = prepare(input_arg, weight, bias);
   at::Tensor output = empty_output_like(input);
@@ -411,7 +426,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train(
     const ChannelValues<acc_t> w(weight, 1), b(bias, 0);
     acc_t* mean_out = mean.mutable_data_ptr<acc_t>();
     acc_t* invstd_out = invstd.mutable_data_ptr<acc_t>();
-    NormalizeParams<acc_t> params(g.channels);
+    NormalizeParams<acc_t> params(g.channels, activation);
     reduce_channels(data_of<T>(input), mutable_data_of<T>(output), g, params,
                     [&](int64_t c, const Welford<acc_t>& s) {
                       mean_out[c] = s.mean;
@@ -429,7 +444,7 @@ std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& input_arg) {
   SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_batch_stats", [&] {
     acc_t* mean_out = mean.mutable_data_ptr<acc_t>();
     acc_t* var_out = var.mutable_data_ptr<acc_t>();
-    NormalizeParams<acc_t> unused(0);
+    NormalizeParams<acc_t> unused(0, ActivationArg{});
     reduce_channels<T, acc_t>(data_of<T>(input), nullptr, g, unused, [&](int64_t c, const Welford<acc_t>& s) {
       mean_out[c] = s.mean;
       var_out[c] = s.variance();
@@ -439,14 +454,15 @@ std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& input_arg) {
 }
 
 
-// The constants of y = (x - mean) * weight * invstd + bias, with invstd
+// The constants of y = act((x - mean) * weight * invstd + bias), with invstd
 // given, or derived from the variance when `spread_is_var`.
 template <typename acc_t>
 NormalizeParams<acc_t> normalize_params(int64_t channels, const std::optional<at::Tensor>& weight,
                                         const std::optional<at::Tensor>& bias, const at::Tensor& mean_arg,
-                                        const at::Tensor& spread_arg, bool spread_is_var, double eps) {
+                                        const at::Tensor& spread_arg, bool spread_is_var, double eps,
+                                        ActivationArg activation) {
   const ChannelValues<acc_t> w(weight, 1), b(bias, 0), mean(mean_arg, 0), spread(spread_arg, 0);
-  NormalizeParams<acc_t> params(channels);
+  NormalizeParams<acc_t> params(channels, activation);
   for (int64_t c = 0; c < channels; ++c) {
     const acc_t invstd = spread_is_var ? invstd_from_var(spread[c], acc_t(eps)) : spread[c];
     params.set(c, mean[c], w[c] * invstd, b[c]);
@@ -464,14 +480,15 @@ at::Tensor normalize(const at::Tensor& input_arg, const std::optional<at::Tensor
   if (output.numel() == 0) return output;
   SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_normalize", [&] {
     normalize_all(data_of<T>(input), mutable_data_of<T>(output), g, plan_for(g),
-                  normalize_params<acc_t>(g.channels, weight, bias, mean, invstd, /*spread_is_var=*/false, 0));
+                  normalize_params<acc_t>(g.channels, weight, bias, mean, invstd, /*spread_is_var=*/false, 0,
+                                          ActivationArg{}));
   });
   return output;
 }
 
 at::Tensor forward_eval(const at::Tensor& input_arg, const std::optional<at::Tensor>& weight,
                         const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
-                        const at::Tensor& running_var, double eps) {
+                        const at::Tensor& running_var, double eps, ActivationArg activation) {
   const auto [input, g] = prepare(input_arg, weight, bias);
   check_channel_tensor(running_mean, input, "running_mean");
   check_channel_tensor(running_var, input, "running_var");
@@ -480,7 +497,7 @@ at::Tensor forward_eval(const at::Tensor& input_arg, const std::optional<at::Ten
   SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_forward_eval", [&] {
     normalize_all(data_of<T>(input), mutable_data_of<T>(output), g, plan_for(g),
                   normalize_params<acc_t>(g.channels, weight, bias, running_mean, running_var,
-                                          /*spread_is_var=*/true, eps));
+                                          /*spread_is_var=*/true, eps, activation));
   });
   return output;
 }
@@ -526,9 +543,12 @@ std::tuple<at::Tensor, at::Tensor> parameter_grads(const GradSums& sums, const a
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_output, const at::Tensor& input_arg, const std::optional<at::Tensor>& weight,
-    const at::Tensor& mean_arg, const at::Tensor& invstd_arg, bool train, std::array<bool, 3> output_mask) {
+    const std::optional<at::Tensor>& bias, const at::Tensor& mean_arg, const at::Tensor& invstd_arg, bool train,
+    std::array<bool, 3> output_mask, int64_t activation_code, double activation_param) {
+  const ActivationArg activation = activation_arg(activation_code, activation_param);
   at::Tensor dy;
   const auto [input, g] = prepare_backward(grad_output, input_arg, weight, mean_arg, &dy);
+  check_channel_tensor(bias, input, "bias");
   check_channel_tensor(invstd_arg, input, "invstd");
   const bool has_weight = weight.has_value() && weight->defined();
   const bool want_input = output_mask[0], want_weight = output_mask[1] && has_weight, want_bias = output_mask[2];
@@ -536,19 +556,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   GradSums sums(g.channels);
   if (input.numel() > 0) {
     SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_backward", [&] {
-      const ChannelValues<acc_t> mean(mean_arg, 0), invstd(invstd_arg, 0), w(weight, 1);
+      const ChannelValues<acc_t> mean(mean_arg, 0), invstd(invstd_arg, 0), w(weight, 1), b(bias, 0);
       const acc_t count = acc_t(g.per_channel());
       auto coeffs = [&](int64_t c, const GradSums& s) {
-        return grad_input_coefficients<acc_t>(mean[c], invstd[c], w[c], acc_t(s.dy[c]), acc_t(s.dy_xmu[c]), count, train);
+        return grad_input_coefficients<acc_t>(mean[c], invstd[c], w[c], b[c], acc_t(s.dy[c]), acc_t(s.dy_xmu[c]),
+                                              count, train);
       };
       const T* x = data_of<T>(input);
       T* dx = mutable_data_of<T>(grad_input);
       if (want_weight || want_bias || (want_input && train)) {
-        sums = reduce_grads<T, acc_t>(data_of<T>(dy), x, dx, g, mean, coeffs);
+        NormalizeParams<acc_t> z(g.channels, activation);
+        for (int64_t c = 0; c < g.channels; ++c) z.set(c, mean[c], w[c] * invstd[c], b[c]);
+        sums = reduce_grads<T, acc_t>(data_of<T>(dy), x, dx, g, z, coeffs);
       } else if (want_input) {  // eval mode without parameter gradients: no reduction needed
         std::vector<GradInputCoefficients<acc_t>> k(g.channels);
         for (int64_t c = 0; c < g.channels; ++c) k[c] = coeffs(c, sums);
-        grad_input_all(data_of<T>(dy), x, dx, g, plan_for(g), k);
+        grad_input_all(data_of<T>(dy), x, dx, g, plan_for(g), k, activation);
       }
     });
   }
@@ -565,7 +588,9 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad_output
   if (input.numel() > 0) {
     SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_backward_reduce", [&] {
       const ChannelValues<acc_t> mean(mean_arg, 0);
-      sums = reduce_grads<T, acc_t>(data_of<T>(dy), data_of<T>(input), nullptr, g, mean,
+      NormalizeParams<acc_t> z(g.channels, ActivationArg{});  // no activation: scale and bias unused
+      for (int64_t c = 0; c < g.channels; ++c) z.set(c, mean[c], 1, 0);
+      sums = reduce_grads<T, acc_t>(data_of<T>(dy), data_of<T>(input), nullptr, g, z,
                                     [](int64_t, const GradSums&) { return GradInputCoefficients<acc_t>{}; });
     });
   }
@@ -590,8 +615,10 @@ at::Tensor backward_elemt(const at::Tensor& grad_output, const at::Tensor& input
         sum_dy_xmu(sum_dy_xmu_arg, 0);
     std::vector<GradInputCoefficients<acc_t>> k(g.channels);
     for (int64_t c = 0; c < g.channels; ++c)
-      k[c] = grad_input_coefficients<acc_t>(mean[c], invstd[c], w[c], sum_dy[c], sum_dy_xmu[c], acc_t(count), true);
-    grad_input_all(data_of<T>(dy), data_of<T>(input), mutable_data_of<T>(grad_input), g, plan_for(g), k);
+      k[c] = grad_input_coefficients<acc_t>(mean[c], invstd[c], w[c], acc_t(0), sum_dy[c], sum_dy_xmu[c],
+                                            acc_t(count), true);
+    grad_input_all(data_of<T>(dy), data_of<T>(input), mutable_data_of<T>(grad_input), g, plan_for(g), k,
+                   ActivationArg{});
   });
   return grad_input;
 }
@@ -673,10 +700,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train(
     const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
     const std::optional<at::Tensor>& num_batches_tracked, const std::optional<at::Tensor>& counters,
-    std::optional<double> momentum, double eps) {
+    std::optional<double> momentum, double eps, int64_t activation, double activation_param) {
   check_input(input);
   check_training_buffers(input, running_mean, running_var, num_batches_tracked, counters, momentum);
-  auto [output, mean, invstd] = forward_train(input, weight, bias, eps);
+  auto [output, mean, invstd] = forward_train(input, weight, bias, eps, activation_arg(activation, activation_param));
   const int64_t count = input.size(1) > 0 ? input.numel() / input.size(1) : 0;
   update_after_batch(running_mean, running_var, num_batches_tracked, counters, mean, invstd, weight, bias, count,
                      eps, momentum, /*single_sample=*/input.size(0) == 1 && count > 1);
@@ -697,10 +724,12 @@ void update_running_stats(const std::optional<at::Tensor>& running_mean, const s
 
 at::Tensor batch_norm_eval(const at::Tensor& input, const std::optional<at::Tensor>& weight,
                            const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
-                           const at::Tensor& running_var, const std::optional<at::Tensor>& counters, double eps) {
+                           const at::Tensor& running_var, const std::optional<at::Tensor>& counters, double eps,
+                           int64_t activation, double activation_param) {
   check_eps(eps);
   check_counters(counters, input.device());
-  at::Tensor output = forward_eval(input, weight, bias, running_mean, running_var, eps);
+  at::Tensor output =
+      forward_eval(input, weight, bias, running_mean, running_var, eps, activation_arg(activation, activation_param));
   int64_t* counts = counters_data(counters);
   if (counts == nullptr) return output;
   const int64_t channels = running_mean.numel();

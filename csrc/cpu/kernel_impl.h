@@ -157,32 +157,37 @@ Welford<acc_type<T>> plane_stats(const T* x, const Geometry& g, int64_t c, int64
   return total.welford(shift);
 }
 
-template <typename T>
+template <typename T, typename Act>
 void plane_normalize(const T* x, T* y, const Geometry& g, int64_t c, int64_t begin, int64_t end,
-                     acc_type<T> mean, acc_type<T> scale, acc_type<T> bias) {
+                     acc_type<T> mean, acc_type<T> scale, acc_type<T> bias, acc_type<T> param) {
   for_each_run(g, c, begin, end, [&](int64_t offset, int64_t len) {
     map_values(len, Inputs<T, 1>{x + offset}, y + offset,
-               [=](const auto& v, int k) { return normalize_value(v[0][k], mean, scale, bias); });
+               [=](const auto& v, int k) { return normalize_activate<Act>(v[0][k], mean, scale, bias, param); });
   });
 }
 
-template <typename T>
+template <typename T, typename Act>
 void plane_grad_sums(const T* dy, const T* x, const Geometry& g, int64_t c, int64_t begin, int64_t end,
-                     acc_type<T> mean, double* sum_dy, double* sum_dy_xmu) {
+                     acc_type<T> mean, acc_type<T> scale, acc_type<T> bias, acc_type<T> param, double* sum_dy,
+                     double* sum_dy_xmu) {
   using acc_t = acc_type<T>;
   for_each_run(g, c, begin, end, [&](int64_t offset, int64_t len) {
-    sum_values<kLanes>(len, Inputs<T, 2>{dy + offset, x + offset}, [mean](const auto& v, int k, acc_t& a, acc_t& b) {
-      add_grad_terms(v[0][k], v[1][k], mean, a, b);
+    sum_values<kLanes>(len, Inputs<T, 2>{dy + offset, x + offset}, [=](const auto& v, int k, acc_t& a, acc_t& b) {
+      const acc_t dz = grad_before_activation<Act>(v[0][k], v[1][k], mean, scale, bias, param);
+      add_grad_terms(dz, v[1][k], mean, a, b);
     }, *sum_dy, *sum_dy_xmu);
   });
 }
 
-template <typename T>
+template <typename T, typename Act>
 void plane_grad_input(const T* dy, const T* x, T* dx, const Geometry& g, int64_t c, int64_t begin,
-                      int64_t end, const GradInputCoefficients<acc_type<T>>& k) {
+                      int64_t end, const GradInputCoefficients<acc_type<T>>& k, acc_type<T> param) {
+  using acc_t = acc_type<T>;
   for_each_run(g, c, begin, end, [&](int64_t offset, int64_t len) {
-    map_values(len, Inputs<T, 2>{dy + offset, x + offset}, dx + offset,
-               [&k](const auto& v, int i) { return grad_input_value(v[0][i], v[1][i], k); });
+    map_values(len, Inputs<T, 2>{dy + offset, x + offset}, dx + offset, [&k, param](const auto& v, int i) {
+      const acc_t dz = grad_before_activation<Act>(v[0][i], v[1][i], k.mean, k.scale, k.shift, param);
+      return grad_input_value(dz, v[1][i], k);
+    });
   });
 }
 
@@ -211,36 +216,41 @@ void rows_stats(const T* x, const Geometry& g, int64_t begin, int64_t end, const
   });
 }
 
-template <typename T>
+template <typename T, typename Act>
 void rows_normalize(const T* x, T* y, const Geometry& g, int64_t begin, int64_t end, const acc_type<T>* mean,
-                    const acc_type<T>* scale, const acc_type<T>* bias) {
+                    const acc_type<T>* scale, const acc_type<T>* bias, acc_type<T> param) {
   for_each_row(g, begin, end, [&](int64_t c, int64_t offset) {
     const acc_type<T> m = mean[c], s = scale[c], b = bias[c];
     map_values(g.spatial, Inputs<T, 1>{x + offset}, y + offset,
-               [=](const auto& v, int k) { return normalize_value(v[0][k], m, s, b); });
+               [=](const auto& v, int k) { return normalize_activate<Act>(v[0][k], m, s, b, param); });
   });
 }
 
-template <typename T>
+template <typename T, typename Act>
 void rows_grad_sums(const T* dy, const T* x, const Geometry& g, int64_t begin, int64_t end,
-                    const acc_type<T>* mean, double* sum_dy, double* sum_dy_xmu) {
+                    const acc_type<T>* mean, const acc_type<T>* scale, const acc_type<T>* bias, acc_type<T> param,
+                    double* sum_dy, double* sum_dy_xmu) {
   using acc_t = acc_type<T>;
   for_each_row(g, begin, end, [&](int64_t c, int64_t offset) {
-    const acc_t row_mean = mean[c];
+    const acc_t m = mean[c], s = scale[c], b = bias[c];
     sum_values<kRowLanes>(g.spatial, Inputs<T, 2>{dy + offset, x + offset},
-                          [row_mean](const auto& v, int k, acc_t& a, acc_t& b) {
-                            add_grad_terms(v[0][k], v[1][k], row_mean, a, b);
+                          [=](const auto& v, int k, acc_t& a, acc_t& sum) {
+                            const acc_t dz = grad_before_activation<Act>(v[0][k], v[1][k], m, s, b, param);
+                            add_grad_terms(dz, v[1][k], m, a, sum);
                           }, sum_dy[c], sum_dy_xmu[c]);
   });
 }
 
-template <typename T>
+template <typename T, typename Act>
 void rows_grad_input(const T* dy, const T* x, T* dx, const Geometry& g, int64_t begin, int64_t end,
-                     const GradInputCoefficients<acc_type<T>>* k) {
+                     const GradInputCoefficients<acc_type<T>>* k, acc_type<T> param) {
+  using acc_t = acc_type<T>;
   for_each_row(g, begin, end, [&](int64_t c, int64_t offset) {
-    const GradInputCoefficients<acc_type<T>> row_k = k[c];
-    map_values(g.spatial, Inputs<T, 2>{dy + offset, x + offset}, dx + offset,
-               [&row_k](const auto& v, int i) { return grad_input_value(v[0][i], v[1][i], row_k); });
+    const GradInputCoefficients<acc_t> row_k = k[c];
+    map_values(g.spatial, Inputs<T, 2>{dy + offset, x + offset}, dx + offset, [&row_k, param](const auto& v, int i) {
+      const acc_t dz = grad_before_activation<Act>(v[0][i], v[1][i], row_k.mean, row_k.scale, row_k.shift, param);
+      return grad_input_value(dz, v[1][i], row_k);
+    });
   });
 }
 
@@ -347,38 +357,50 @@ void blocks_stats(const T* x, const Blocks& b, int64_t begin, int64_t end, const
   }
 }
 
-template <typename T>
+template <typename T, typename Act>
 void blocks_grad_sums(const T* dy, const T* x, const Blocks& b, int64_t begin, int64_t end,
-                      const acc_type<T>* mean, double* sum_dy, double* sum_dy_xmu) {
+                      const acc_type<T>* mean, const acc_type<T>* scale, const acc_type<T>* bias, acc_type<T> param,
+                      double* sum_dy, double* sum_dy_xmu) {
   using acc_t = acc_type<T>;
-  sum_blocks(b, begin, end, Inputs<T, 2>{dy, x}, [mean](const auto& v, int k, int64_t lane, acc_t& a, acc_t& s) {
-    add_grad_terms(v[0][k], v[1][k], mean[lane], a, s);
+  sum_blocks(b, begin, end, Inputs<T, 2>{dy, x}, [=](const auto& v, int k, int64_t lane, acc_t& a, acc_t& s) {
+    const acc_t dz = grad_before_activation<Act>(v[0][k], v[1][k], mean[lane], scale[lane], bias[lane], param);
+    add_grad_terms(dz, v[1][k], mean[lane], a, s);
   }, sum_dy, sum_dy_xmu);
 }
 
-template <typename T>
+template <typename T, typename Act>
 void blocks_normalize(const T* x, T* y, const Blocks& b, int64_t begin, int64_t end,
-                      const acc_type<T>* mean, const acc_type<T>* scale, const acc_type<T>* bias) {
+                      const acc_type<T>* mean, const acc_type<T>* scale, const acc_type<T>* bias, acc_type<T> param) {
   map_blocks(b, begin, end, Inputs<T, 1>{x}, y, [=](const auto& v, int k, int64_t lane) {
-    return normalize_value(v[0][k], mean[lane], scale[lane], bias[lane]);
+    return normalize_activate<Act>(v[0][k], mean[lane], scale[lane], bias[lane], param);
   });
 }
 
-template <typename T>
+template <typename T, typename Act>
 void blocks_grad_input(const T* dy, const T* x, T* dx, const Blocks& b, int64_t begin, int64_t end,
-                       const GradInputLanes<acc_type<T>>& k) {
+                       const GradInputLanes<acc_type<T>>& k, acc_type<T> param) {
   using acc_t = acc_type<T>;
   // The arrays by value: through `k`, every store to dx could have moved them.
-  const acc_t *mean = k.mean, *scale = k.scale, *mean_dy = k.mean_dy, *proj = k.proj;
+  const acc_t *mean = k.mean, *scale = k.scale, *shift = k.shift, *mean_dy = k.mean_dy, *proj = k.proj;
   map_blocks(b, begin, end, Inputs<T, 2>{dy, x}, dx, [=](const auto& v, int i, int64_t lane) {
-    const GradInputCoefficients<acc_t> lane_k{mean[lane], scale[lane], mean_dy[lane], proj[lane]};
-    return grad_input_value(v[0][i], v[1][i], lane_k);
+    const GradInputCoefficients<acc_t> lane_k{mean[lane], scale[lane], shift[lane], mean_dy[lane], proj[lane]};
+    const acc_t dz = grad_before_activation<Act>(v[0][i], v[1][i], lane_k.mean, lane_k.scale, lane_k.shift, param);
+    return grad_input_value(dz, v[1][i], lane_k);
   });
 }
 
+template <typename T, typename Act>
+KernelTable<T> make_table(Act) {
+  return {&plane_stats<T>,  &plane_normalize<T, Act>,  &plane_grad_sums<T, Act>,  &plane_grad_input<T, Act>,
+          &rows_stats<T>,   &rows_normalize<T, Act>,   &rows_grad_sums<T, Act>,   &rows_grad_input<T, Act>,
+          &blocks_stats<T>, &blocks_normalize<T, Act>, &blocks_grad_sums<T, Act>, &blocks_grad_input<T, Act>};
+}
+
+// The tables for every activation, in the order of Activation.
 template <typename T>
-KernelTable<T> make_table() {
-  return {&plane_stats<T>,  &plane_normalize<T>,  &plane_grad_sums<T>,  &plane_grad_input<T>,
-          &rows_stats<T>,   &rows_normalize<T>,   &rows_grad_sums<T>,   &rows_grad_input<T>,
-          &blocks_stats<T>, &blocks_normalize<T>, &blocks_grad_sums<T>, &blocks_grad_input<T>};
+std::array<KernelTable<T>, size_t(Activation::kCount)> make_tables() {
+  std::array<KernelTable<T>, size_t(Activation::kCount)> tables;
+  for (size_t a = 0; a < tables.size(); ++a)
+    with_activation(Activation(a), [&](auto act) { tables[a] = make_table<T>(act); });
+  return tables;
 }

@@ -3,6 +3,7 @@
 // Parallelism and the per-channel bookkeeping live in batch_norm_cpu.cpp.
 #pragma once
 
+#include "../activation.h"
 #include "../geometry.h"
 #include "../welford.h"
 #include "scalar_types.h"
@@ -80,10 +81,15 @@ template <typename acc_t>
 struct GradInputLanes {
   const acc_t* mean;
   const acc_t* scale;
+  const acc_t* shift;
   const acc_t* mean_dy;
   const acc_t* proj;
 };
 
+// The kernels for one activation (activation.h): the normalizations write
+// act((x - mean) * scale + bias), and the gradient's sums and the input
+// gradient take dy times act' at that value, recomputed; `param` is the
+// activation's parameter. The statistics do not depend on it.
 template <typename T>
 struct KernelTable {
   using acc_t = acc_type<T>;
@@ -91,39 +97,42 @@ struct KernelTable {
   // Contiguous layouts, one channel's plane indices [begin, end) (i = n * S + s).
   Welford<acc_t> (*plane_stats)(const T* x, const Geometry& g, int64_t c, int64_t begin, int64_t end);
   void (*plane_normalize)(const T* x, T* y, const Geometry& g, int64_t c, int64_t begin, int64_t end,
-                          acc_t mean, acc_t scale, acc_t bias);
-  // Adds sum(dy) and sum(dy * (x - mean)) over the slice to the two totals.
+                          acc_t mean, acc_t scale, acc_t bias, acc_t param);
+  // Adds sum(dz) and sum(dz * (x - mean)) over the slice to the two totals.
   void (*plane_grad_sums)(const T* dy, const T* x, const Geometry& g, int64_t c, int64_t begin,
-                          int64_t end, acc_t mean, double* sum_dy, double* sum_dy_xmu);
+                          int64_t end, acc_t mean, acc_t scale, acc_t bias, acc_t param, double* sum_dy,
+                          double* sum_dy_xmu);
   void (*plane_grad_input)(const T* dy, const T* x, T* dx, const Geometry& g, int64_t c, int64_t begin,
-                           int64_t end, const GradInputCoefficients<acc_t>& k);
+                           int64_t end, const GradInputCoefficients<acc_t>& k, acc_t param);
 
   // Contiguous layouts, the (n, c) rows [begin, end) (row n * C + c), with
   // per-channel arrays; the sums are added to the outputs.
   void (*rows_stats)(const T* x, const Geometry& g, int64_t begin, int64_t end, const acc_t* shift,
                      ShiftedSums* totals);
   void (*rows_normalize)(const T* x, T* y, const Geometry& g, int64_t begin, int64_t end, const acc_t* mean,
-                         const acc_t* scale, const acc_t* bias);
+                         const acc_t* scale, const acc_t* bias, acc_t param);
   void (*rows_grad_sums)(const T* dy, const T* x, const Geometry& g, int64_t begin, int64_t end,
-                         const acc_t* mean, double* sum_dy, double* sum_dy_xmu);
+                         const acc_t* mean, const acc_t* scale, const acc_t* bias, acc_t param, double* sum_dy,
+                         double* sum_dy_xmu);
   void (*rows_grad_input)(const T* dy, const T* x, T* dx, const Geometry& g, int64_t begin, int64_t end,
-                          const GradInputCoefficients<acc_t>* k);
+                          const GradInputCoefficients<acc_t>* k, acc_t param);
 
   // Rows [begin, end) of `b`. Per-lane arrays have b.width entries, in
   // lane_order<T>(b); per-channel outputs b.channels entries, added to.
   void (*blocks_stats)(const T* x, const Blocks& b, int64_t begin, int64_t end, const acc_t* shift,
                        ShiftedSums* totals);
   void (*blocks_normalize)(const T* x, T* y, const Blocks& b, int64_t begin, int64_t end,
-                           const acc_t* mean, const acc_t* scale, const acc_t* bias);
+                           const acc_t* mean, const acc_t* scale, const acc_t* bias, acc_t param);
   void (*blocks_grad_sums)(const T* dy, const T* x, const Blocks& b, int64_t begin, int64_t end,
-                           const acc_t* mean, double* sum_dy, double* sum_dy_xmu);
+                           const acc_t* mean, const acc_t* scale, const acc_t* bias, acc_t param, double* sum_dy,
+                           double* sum_dy_xmu);
   void (*blocks_grad_input)(const T* dy, const T* x, T* dx, const Blocks& b, int64_t begin, int64_t end,
-                            const GradInputLanes<acc_t>& k);
+                            const GradInputLanes<acc_t>& k, acc_t param);
 };
 
-// The table for the best instruction set this processor supports.
+// The table for `activation` and the best instruction set this processor supports.
 template <typename T>
-const KernelTable<T>& kernels();
+const KernelTable<T>& kernels(Activation activation);
 
 // Name of the instruction set kernels() picked ("avx2" or "baseline").
 const char* kernel_isa();

@@ -19,6 +19,7 @@
 #include <mutex>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 
 #include "../checks.h"
@@ -153,6 +154,16 @@ void launch_map(const Op& op, const Geometry& g, const scalar_t* in0, const scal
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Calls fn(std::true_type{}) for an activation to fuse, fn(std::false_type{})
+// for none: the kFused parameter of the elementwise ops (kernels.cuh).
+template <typename Fn>
+void with_fusion(const ActivationArg& activation, Fn fn) {
+  if (activation.kind == Activation::kIdentity)
+    fn(std::false_type{});
+  else
+    fn(std::true_type{});
+}
+
 // Per-channel reduction of `in0` (and `in1` for two-input ops) into op.finish.
 // The input must be non-empty and in a kernel layout.
 template <typename Op, typename scalar_t>
@@ -273,8 +284,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train(
     const at::Tensor& input_arg, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
     const std::optional<at::Tensor>& num_batches_tracked, const std::optional<at::Tensor>& counters,
-    std::optional<double> momentum, double eps) {
+    std::optional<double> momentum, double eps, int64_t activation_code, double activation_param) {
   check_eps(eps);
+  const ActivationArg activation = activation_arg(activation_code, activation_param);
   check_forward_args(input_arg, weight, bias);
   check_training_buffers(input_arg, running_mean, running_var, num_batches_tracked, counters, momentum);
   const c10::cuda::CUDAGuard device_guard(input_arg.device());
@@ -297,10 +309,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train(
                                                                w, b, count, g.batch == 1 && count > 1, eps,
                                                                momentum)},
                     input, g, x, static_cast<const scalar_t*>(nullptr));
-    map_channels(NormalizeOp<acc_t>{mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
-                                    /*spread_is_var=*/false, acc_t(eps), data_or_null<acc_t>(w),
-                                    data_or_null<acc_t>(b), /*counters=*/nullptr, g.channels},
-                 g, x, static_cast<const scalar_t*>(nullptr), output.mutable_data_ptr<scalar_t>());
+    with_fusion(activation, [&](auto fused) {
+      map_channels(NormalizeOp<acc_t, decltype(fused)::value>{
+                       mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(), /*spread_is_var=*/false,
+                       acc_t(eps), data_or_null<acc_t>(w), data_or_null<acc_t>(b), activation.kind,
+                       acc_t(activation.param), /*counters=*/nullptr, g.channels},
+                   g, x, static_cast<const scalar_t*>(nullptr), output.mutable_data_ptr<scalar_t>());
+    });
   });
   buffers.write_back(running_mean, running_var);
   return {output, mean, invstd};
@@ -327,7 +342,7 @@ std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& input_arg) {
 at::Tensor normalize_with(const at::Tensor& input_arg, const std::optional<at::Tensor>& weight,
                           const std::optional<at::Tensor>& bias, const at::Tensor& mean_arg,
                           const at::Tensor& spread_arg, bool spread_is_var, double eps,
-                          const std::optional<at::Tensor>& counters) {
+                          const std::optional<at::Tensor>& counters, ActivationArg activation) {
   const c10::cuda::CUDAGuard device_guard(input_arg.device());
   const at::Tensor input = with_kernel_layout(input_arg);
   const Geometry g = geometry_of(input);
@@ -337,11 +352,14 @@ at::Tensor normalize_with(const at::Tensor& input_arg, const std::optional<at::T
   const at::Tensor mean = channel_values(mean_arg, acc), spread = channel_values(spread_arg, acc);
   const at::Tensor w = channel_values(weight, acc), b = channel_values(bias, acc);
   SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_normalize", [&] {
-    map_channels(NormalizeOp<acc_t>{mean.const_data_ptr<acc_t>(), spread.const_data_ptr<acc_t>(), spread_is_var,
-                                    acc_t(eps), data_or_null<acc_t>(w), data_or_null<acc_t>(b),
-                                    counters_data(counters), g.channels},
-                 g, input.const_data_ptr<scalar_t>(), static_cast<const scalar_t*>(nullptr),
-                 output.mutable_data_ptr<scalar_t>());
+    with_fusion(activation, [&](auto fused) {
+      map_channels(NormalizeOp<acc_t, decltype(fused)::value>{
+                       mean.const_data_ptr<acc_t>(), spread.const_data_ptr<acc_t>(), spread_is_var, acc_t(eps),
+                       data_or_null<acc_t>(w), data_or_null<acc_t>(b), activation.kind, acc_t(activation.param),
+                       counters_data(counters), g.channels},
+                   g, input.const_data_ptr<scalar_t>(), static_cast<const scalar_t*>(nullptr),
+                   output.mutable_data_ptr<scalar_t>());
+    });
   });
   return output;
 }
@@ -351,18 +369,21 @@ at::Tensor normalize(const at::Tensor& input, const std::optional<at::Tensor>& w
   check_forward_args(input, weight, bias);
   check_channel_tensor(mean, input, "mean");
   check_channel_tensor(invstd, input, "invstd");
-  return normalize_with(input, weight, bias, mean, invstd, /*spread_is_var=*/false, /*eps=*/0, std::nullopt);
+  return normalize_with(input, weight, bias, mean, invstd, /*spread_is_var=*/false, /*eps=*/0, std::nullopt,
+                        ActivationArg{});
 }
 
 at::Tensor batch_norm_eval(const at::Tensor& input, const std::optional<at::Tensor>& weight,
                            const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
-                           const at::Tensor& running_var, const std::optional<at::Tensor>& counters, double eps) {
+                           const at::Tensor& running_var, const std::optional<at::Tensor>& counters, double eps,
+                           int64_t activation, double activation_param) {
   check_eps(eps);
   check_forward_args(input, weight, bias);
   check_channel_tensor(running_mean, input, "running_mean");
   check_channel_tensor(running_var, input, "running_var");
   check_counters(counters, input.device());
-  return normalize_with(input, weight, bias, running_mean, running_var, /*spread_is_var=*/true, eps, counters);
+  return normalize_with(input, weight, bias, running_mean, running_var, /*spread_is_var=*/true, eps, counters,
+                        activation_arg(activation, activation_param));
 }
 
 // ---- backward ops ----------------------------------------------------------------
@@ -384,8 +405,11 @@ at::Tensor grad_in_layout_of(const at::Tensor& grad_output, const at::Tensor& in
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_output, const at::Tensor& input_arg, const std::optional<at::Tensor>& weight,
-    const at::Tensor& mean_arg, const at::Tensor& invstd_arg, bool train, std::array<bool, 3> output_mask) {
+    const std::optional<at::Tensor>& bias, const at::Tensor& mean_arg, const at::Tensor& invstd_arg, bool train,
+    std::array<bool, 3> output_mask, int64_t activation_code, double activation_param) {
+  const ActivationArg activation = activation_arg(activation_code, activation_param);
   check_backward_args(grad_output, input_arg, weight, mean_arg);
+  check_channel_tensor(bias, input_arg, "bias");
   check_channel_tensor(invstd_arg, input_arg, "invstd");
   const c10::cuda::CUDAGuard device_guard(input_arg.device());
   const at::Tensor input = with_kernel_layout(input_arg);
@@ -395,6 +419,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   const bool want_input = output_mask[0], want_weight = output_mask[1] && has_weight, want_bias = output_mask[2];
   const at::ScalarType acc = accumulate_type(input.scalar_type());
   const at::Tensor mean = channel_values(mean_arg, acc), invstd = channel_values(invstd_arg, acc);
+  const at::Tensor w = channel_values(weight, acc), b = channel_values(bias, acc);
   at::Tensor grad_input = want_input ? at::empty_like(input) : at::Tensor();
   at::Tensor sum_dy, sum_dy_xmu, grad_weight;
   if (input.numel() == 0) {  // as on the CPU: zero sums and zero parameter gradients, not 0 * NaN
@@ -409,17 +434,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
         sum_dy = at::empty({g.channels}, mean.options());
         sum_dy_xmu = at::empty({g.channels}, mean.options());
         if (want_weight) grad_weight = at::empty({g.channels}, mean.options());
-        reduce_channels(GradSumsOp<acc_t>{mean.const_data_ptr<acc_t>(), sum_dy.mutable_data_ptr<acc_t>(),
-                                          sum_dy_xmu.mutable_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
-                                          mutable_data_or_null<acc_t>(grad_weight)},
-                        input, g, dy_data, x);
+        with_fusion(activation, [&](auto fused) {
+          reduce_channels(GradSumsOp<acc_t, decltype(fused)::value>{
+                              mean.const_data_ptr<acc_t>(), sum_dy.mutable_data_ptr<acc_t>(),
+                              sum_dy_xmu.mutable_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
+                              mutable_data_or_null<acc_t>(grad_weight), data_or_null<acc_t>(w),
+                              data_or_null<acc_t>(b), activation.kind, acc_t(activation.param)},
+                          input, g, dy_data, x);
+        });
       }
       if (want_input) {
-        const at::Tensor w = channel_values(weight, acc);
-        map_channels(GradInputOp<acc_t>{mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
-                                        data_or_null<acc_t>(w), data_or_null<acc_t>(sum_dy),
-                                        data_or_null<acc_t>(sum_dy_xmu), acc_t(g.per_channel()), train},
-                     g, dy_data, x, grad_input.mutable_data_ptr<scalar_t>());
+        with_fusion(activation, [&](auto fused) {
+          map_channels(GradInputOp<acc_t, decltype(fused)::value>{
+                           mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(), data_or_null<acc_t>(w),
+                           data_or_null<acc_t>(b), data_or_null<acc_t>(sum_dy), data_or_null<acc_t>(sum_dy_xmu),
+                           acc_t(g.per_channel()), train, activation.kind, acc_t(activation.param)},
+                       g, dy_data, x, grad_input.mutable_data_ptr<scalar_t>());
+        });
       }
     });
   }
@@ -441,8 +472,9 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad_output
   if (input.numel() == 0) return {at::zeros({g.channels}, mean.options()), at::zeros({g.channels}, mean.options())};
   at::Tensor sum_dy = at::empty({g.channels}, mean.options()), sum_dy_xmu = at::empty({g.channels}, mean.options());
   SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_backward_reduce", [&] {
-    reduce_channels(GradSumsOp<acc_t>{mean.const_data_ptr<acc_t>(), sum_dy.mutable_data_ptr<acc_t>(),
-                                      sum_dy_xmu.mutable_data_ptr<acc_t>(), nullptr, nullptr},
+    reduce_channels(GradSumsOp<acc_t, false>{mean.const_data_ptr<acc_t>(), sum_dy.mutable_data_ptr<acc_t>(),
+                                      sum_dy_xmu.mutable_data_ptr<acc_t>(), nullptr, nullptr, nullptr, nullptr,
+                                      Activation::kIdentity, acc_t(0)},
                     input, g, dy.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>());
   });
   return {sum_dy, sum_dy_xmu};
@@ -468,9 +500,10 @@ at::Tensor backward_elemt(const at::Tensor& grad_output, const at::Tensor& input
   const at::Tensor w = channel_values(weight, acc);
   const at::Tensor sum_dy = channel_values(sum_dy_arg, acc), sum_dy_xmu = channel_values(sum_dy_xmu_arg, acc);
   SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_backward_elemt", [&] {
-    map_channels(GradInputOp<acc_t>{mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
-                                    data_or_null<acc_t>(w), sum_dy.const_data_ptr<acc_t>(),
-                                    sum_dy_xmu.const_data_ptr<acc_t>(), acc_t(count), /*train=*/true},
+    map_channels(GradInputOp<acc_t, false>{mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
+                                    data_or_null<acc_t>(w), /*bias=*/nullptr, sum_dy.const_data_ptr<acc_t>(),
+                                    sum_dy_xmu.const_data_ptr<acc_t>(), acc_t(count), /*train=*/true,
+                                    Activation::kIdentity, acc_t(0)},
                  g, dy.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
                  grad_input.mutable_data_ptr<scalar_t>());
   });

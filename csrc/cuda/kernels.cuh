@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "../activation.h"
 #include "../guard.h"
 #include "../welford.h"
 #include "launch.cuh"
@@ -303,6 +304,23 @@ __device__ void check_eval_stats(int64_t* counters, const acc_t* running_mean, c
 }
 
 // ---- the ops ---------------------------------------------------------------
+// The elementwise ops come in two forms: without an activation (kFused
+// false), the batch norm alone as it always ran, and with one chosen at run
+// time (activation.h's activate), one branch every thread takes alike; a
+// template per activation would multiply the kernels and the build.
+
+template <bool kFused, typename acc_t>
+__device__ __forceinline__ acc_t fused_activate(Activation kind, acc_t z, acc_t param) {
+  if constexpr (kFused) return activate(kind, z, param);
+  return z;
+}
+
+template <bool kFused, typename acc_t>
+__device__ __forceinline__ acc_t fused_derivative(Activation kind, acc_t z, acc_t param) {
+  if constexpr (kFused) return activation_derivative(kind, z, param);
+  return acc_t(1);
+}
+
 // A reduction op gives: State (per thread, then merged), Channel (per-channel
 // constants), kInputs (1: x; 2: dy and x), channel(c, first value of in0 in
 // channel c), add(state, channel, in0, in1), finish(c, channel, total), and
@@ -345,25 +363,38 @@ struct MomentsOp {
   __device__ void epilogue() const { guarded_update(update); }
 };
 
-// sum(dy) and sum(dy * (x - mean)) (backward, backward_reduce); with
-// `grad_weight`, also sum(dy * xhat) = sum_dy_xmu * invstd.
-template <typename acc_t>
+// sum(dz) and sum(dz * (x - mean)) (backward, backward_reduce), dz = dy *
+// act'(z) with the forward's output before its activation z = (x - mean) *
+// weight * invstd + bias recomputed; with `grad_weight`, also sum(dz * xhat)
+// = sum_dy_xmu * invstd.
+template <typename acc_t, bool kFused>
 struct GradSumsOp {
   using accumulate_t = acc_t;
   using State = GradSums<acc_t>;
-  using Channel = acc_t;  // the mean
+  struct Channel {
+    acc_t mean, scale, shift;
+  };
   static constexpr int kInputs = 2;
 
   const acc_t* mean;
   acc_t* sum_dy;
   acc_t* sum_dy_xmu;
-  const acc_t* invstd;  // read only with grad_weight
+  const acc_t* invstd;  // read with grad_weight or an activation
   acc_t* grad_weight;   // nullptr: not wanted
+  const acc_t* weight;  // nullptr: 1
+  const acc_t* bias;    // nullptr: 0
+  Activation activation;
+  acc_t activation_param;
 
-  __device__ Channel channel(int64_t c, acc_t) const { return mean[c]; }
-  __device__ void add(State& s, Channel m, acc_t dy, acc_t x) const {
-    s.dy += dy;
-    s.dy_xmu += dy * (x - m);
+  __device__ Channel channel(int64_t c, acc_t) const {
+    if constexpr (!kFused) return {mean[c], acc_t(1), acc_t(0)};
+    return {mean[c], value_or(weight, c, acc_t(1)) * invstd[c], value_or(bias, c, acc_t(0))};
+  }
+  __device__ void add(State& s, const Channel& k, acc_t dy, acc_t x) const {
+    const acc_t dz = dy * fused_derivative<kFused>(activation, normalize_value(x, k.mean, k.scale, k.shift),
+                                                   activation_param);
+    s.dy += dz;
+    s.dy_xmu += dz * (x - k.mean);
   }
   __device__ void finish(int64_t c, Channel, const State& s) const {
     sum_dy[c] = s.dy;
@@ -374,10 +405,10 @@ struct GradSumsOp {
   __device__ void epilogue() const {}
 };
 
-// y = (x - mean) * weight * invstd + bias (forward_train, forward_eval,
-// normalize). forward_eval hands the running variance, from which invstd is
-// derived once per channel.
-template <typename acc_t>
+// y = act((x - mean) * weight * invstd + bias) (batch_norm_train,
+// batch_norm_eval, normalize). batch_norm_eval hands the running variance,
+// from which invstd is derived once per channel.
+template <typename acc_t, bool kFused>
 struct NormalizeOp {
   using accumulate_t = acc_t;
   struct Channel {
@@ -391,6 +422,8 @@ struct NormalizeOp {
   acc_t eps;
   const acc_t* weight;  // nullptr: 1
   const acc_t* bias;    // nullptr: 0
+  Activation activation;
+  acc_t activation_param;
   // eval mode: the running statistics' check, in the same launch
   int64_t* counters;  // nullptr: none
   int64_t channels;
@@ -400,14 +433,15 @@ struct NormalizeOp {
     return {mean[c], value_or(weight, c, acc_t(1)) * invstd, value_or(bias, c, acc_t(0))};
   }
   __device__ acc_t apply(const Channel& k, acc_t x, acc_t) const {
-    return normalize_value(x, k.mean, k.scale, k.shift);
+    return fused_activate<kFused>(activation, normalize_value(x, k.mean, k.scale, k.shift), activation_param);
   }
   __device__ void once() const { check_eval_stats(counters, mean, spread, weight, bias, channels, eps); }
 };
 
-// The input gradient (backward, backward_elemt). Without the sums (eval-mode
-// backward, which does not need them) they read as 0.
-template <typename acc_t>
+// The input gradient (backward, backward_elemt), of dz = dy * act'(z) as
+// GradSumsOp. Without the sums (eval-mode backward, which does not need
+// them) they read as 0.
+template <typename acc_t, bool kFused>
 struct GradInputOp {
   using accumulate_t = acc_t;
   using Channel = GradInputCoefficients<acc_t>;
@@ -416,17 +450,24 @@ struct GradInputOp {
   const acc_t* mean;
   const acc_t* invstd;
   const acc_t* weight;      // nullptr: 1
+  const acc_t* bias;        // nullptr: 0
   const acc_t* sum_dy;      // nullptr: 0
   const acc_t* sum_dy_xmu;  // nullptr: 0
   acc_t count;
   bool train;
+  Activation activation;
+  acc_t activation_param;
 
   __device__ Channel channel(int64_t c) const {
     return grad_input_coefficients<acc_t>(mean[c], invstd[c], value_or(weight, c, acc_t(1)),
-                                          value_or(sum_dy, c, acc_t(0)), value_or(sum_dy_xmu, c, acc_t(0)),
-                                          count, train);
+                                          value_or(bias, c, acc_t(0)), value_or(sum_dy, c, acc_t(0)),
+                                          value_or(sum_dy_xmu, c, acc_t(0)), count, train);
   }
-  __device__ acc_t apply(const Channel& k, acc_t dy, acc_t x) const { return grad_input_value(dy, x, k); }
+  __device__ acc_t apply(const Channel& k, acc_t dy, acc_t x) const {
+    const acc_t dz = dy * fused_derivative<kFused>(activation, normalize_value(x, k.mean, k.scale, k.shift),
+                                                   activation_param);
+    return grad_input_value(dz, x, k);
+  }
   __device__ void once() const {}
 };
 
