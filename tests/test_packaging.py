@@ -50,10 +50,10 @@ def test_the_build_names_the_running_torch():
 
 @pytest.mark.parametrize("url, command", [
     ({"url": "file:///src/torch_safebn-0.1.0.tar.gz", "archive_info": {}},
-     "pip install --no-build-isolation --force-reinstall --no-deps --no-cache-dir /src/torch_safebn-0.1.0.tar.gz"),
+     "pip install --no-build-isolation --force-reinstall --no-deps /src/torch_safebn-0.1.0.tar.gz"),
     ({"url": "file:///work/my%20checkout", "dir_info": {"editable": True}},
-     "pip install --no-build-isolation -e /work/my checkout"),
-    (None, "pip install --no-build-isolation --force-reinstall --no-deps --no-cache-dir <a torch_safebn checkout or sdist>"),
+     "pip install --no-build-isolation -e '/work/my checkout'"),
+    (None, "pip install --no-build-isolation --force-reinstall --no-deps <a torch_safebn checkout or sdist>"),
 ])
 def test_the_rebuild_command_names_where_it_was_installed_from(monkeypatch, url, command):
     class Distribution:

@@ -10,8 +10,8 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import shlex
 import urllib.parse
-import urllib.request
 
 import torch
 
@@ -55,10 +55,9 @@ def rebuild_command() -> str:
     if direct_url:
         origin = json.loads(direct_url)
         url = urllib.parse.urlsplit(origin["url"])
-        source = urllib.request.url2pathname(url.path) if url.scheme == "file" else origin["url"]
+        source = shlex.quote(urllib.parse.unquote(url.path) if url.scheme == "file" else origin["url"])
         editable = origin.get("dir_info", {}).get("editable", False)
-    # --no-build-isolation: build against this torch, not a fresh one.
-    # --no-deps: keep this torch. --no-cache-dir: pip would otherwise reuse the
-    # wheel it built from the same sdist for the previous torch.
-    options = "-e" if editable else "--force-reinstall --no-deps --no-cache-dir"
+    # --no-build-isolation: build against this torch, not a fresh one;
+    # --force-reinstall: the same version is installed; --no-deps: keep this torch.
+    options = "-e" if editable else "--force-reinstall --no-deps"
     return f"pip install --no-build-isolation {options} {source}"
