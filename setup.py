@@ -8,6 +8,7 @@ architectures, the wheel's torch requirement, and _build_info.py, which the
 package checks at import."""
 import glob
 import os
+import re
 
 from setuptools import find_packages, setup
 
@@ -40,7 +41,9 @@ def _default_cuda_arch_list():
     (sm_75 to sm_120 for CUDA 13.0), and PTX of the newest, which the driver
     compiles for GPUs newer than all of them. A visible GPU is left to torch,
     which builds for that GPU only."""
-    arches = [flag[3:-1] + "." + flag[-1] for flag in torch._C._cuda_getArchFlags().split() if flag.startswith("sm_")]
+    # "sm_75 sm_90a sm_100 compute_120" -> 7.5, 9.0a, 10.0 (compute_*: PTX)
+    arches = [f"{major}.{minor}{suffix}" for major, minor, suffix
+              in re.findall(r"\bsm_(\d+)(\d)([a-z]?)\b", torch._C._cuda_getArchFlags())]
     if not arches:
         raise RuntimeError("this torch names no CUDA architecture: set TORCH_CUDA_ARCH_LIST, e.g. to '9.0'")
     return ";".join(arches) + "+PTX"
