@@ -13,9 +13,10 @@ ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
 export CUDA_HOME ?= /usr/local/cuda
 endif
 
-# Without a GPU the CUDA build only proves the code compiles: one architecture
-# takes about a minute, where a pip install's default (every architecture torch
-# supports, README "Install") takes six. With a GPU, torch builds for that GPU.
+# Without a GPU the CUDA build only proves the code compiles: for one
+# architecture nvcc takes about a minute, for a pip install's default (every
+# architecture torch supports, README "Install") 2.5 minutes. With a GPU, torch
+# builds for that GPU.
 ifeq ($(shell nvidia-smi -L 2>/dev/null),)
 export TORCH_CUDA_ARCH_LIST ?= 9.0
 endif
