@@ -17,7 +17,12 @@ from setuptools import find_packages, setup
 if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
     os.environ["CUDA_HOME"] = "/usr/local/cuda"
 
-import torch  # noqa: E402
+try:
+    import torch  # noqa: E402
+except ModuleNotFoundError:
+    raise SystemExit("torch_safebn is compiled against the torch it will run with, and this environment has "
+                     "none: install torch first, or build without --no-build-isolation (pip then builds "
+                     "against the torch pyproject.toml names and installs it)") from None
 from torch.utils import cpp_extension  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
