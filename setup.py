@@ -1,8 +1,14 @@
 """Builds torch_safebn._C: the C++ (CPU) kernels always, the CUDA kernels
-whenever this torch is a CUDA build and nvcc exists (no GPU is needed)."""
+whenever this torch is a CUDA build and nvcc exists (no GPU is needed).
+
+An extension runs only with the torch it was compiled against, so everything
+here comes from the torch that builds (in an isolated build, the one pinned in
+pyproject.toml's build-system.requires): the include paths, the default CUDA
+architectures, the wheel's torch requirement, and _build_info.py, which the
+package checks at import."""
 import glob
 import os
-import sysconfig
+import re
 
 from setuptools import find_packages, setup
 
@@ -11,10 +17,16 @@ from setuptools import find_packages, setup
 if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
     os.environ["CUDA_HOME"] = "/usr/local/cuda"
 
-import torch  # noqa: E402
+try:
+    import torch  # noqa: E402
+except ModuleNotFoundError:
+    raise SystemExit("torch_safebn is compiled against the torch it will run with, and this environment has "
+                     "none: install torch first, or build without --no-build-isolation (pip then builds "
+                     "against the torch pyproject.toml names and installs it)") from None
 from torch.utils import cpp_extension  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
 
 
 def _cuda_build_possible():
@@ -23,9 +35,23 @@ def _cuda_build_possible():
 
 def _cuda_include_dirs():
     """The CUDA library headers torch includes (cusparse.h, cublas_v2.h) come
-    with torch's pip dependencies rather than with nvcc."""
-    site = sysconfig.get_paths()["purelib"]
-    return sorted(glob.glob(os.path.join(site, "nvidia", "cu*", "include")))
+    with torch's pip dependencies rather than with nvcc, installed beside torch:
+    nvidia/cu13/include (CUDA 13), nvidia/cusparse/include and so on (CUDA 12).
+    In an isolated build that is pip's build environment, not the target's."""
+    return sorted(glob.glob(os.path.join(os.path.dirname(TORCH_DIR), "nvidia", "cu*", "include")))
+
+
+def _default_cuda_arch_list():
+    """Where no GPU is visible: the architectures this torch was built for
+    (sm_75 to sm_120 for CUDA 13.0), and PTX of the newest, which the driver
+    compiles for GPUs newer than all of them. A visible GPU is left to torch,
+    which builds for that GPU only."""
+    # "sm_75 sm_90a sm_100 compute_120" -> 7.5, 9.0a, 10.0 (compute_*: PTX)
+    arches = [f"{major}.{minor}{suffix}" for major, minor, suffix
+              in re.findall(r"\bsm_(\d+)(\d)([a-z]?)\b", torch._C._cuda_getArchFlags())]
+    if not arches:
+        raise RuntimeError("this torch names no CUDA architecture: set TORCH_CUDA_ARCH_LIST, e.g. to '9.0'")
+    return ";".join(arches) + "+PTX"
 
 
 def _extension():
@@ -42,28 +68,55 @@ def _extension():
     sources = ["csrc/ops.cpp", "csrc/python_module.cpp", "csrc/checks.cpp", "csrc/autograd.cpp",
                "csrc/cpu/kernels.cpp", "csrc/cpu/batch_norm_cpu.cpp"]
     include_dirs = [os.path.join(HERE, "csrc")]
+    # A new torch in the same environment rebuilds _C (its headers are not
+    # among the sources setuptools compares against the built file).
+    depends = [os.path.join(TORCH_DIR, "version.py")]
     if not _cuda_build_possible():
         return cpp_extension.CppExtension(
-            "torch_safebn._C", sources, include_dirs=include_dirs,
+            "torch_safebn._C", sources, include_dirs=include_dirs, depends=depends,
             extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags, py_limited_api=False)
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+        os.environ["TORCH_CUDA_ARCH_LIST"] = _default_cuda_arch_list()
     nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo",
                   # register and spill counts per kernel, kept in the build log
                   "-Xptxas", "-v"]
     return cpp_extension.CUDAExtension(
         "torch_safebn._C", sources + sorted(glob.glob("csrc/cuda/*.cu")),
-        include_dirs=include_dirs + _cuda_include_dirs(),
+        include_dirs=include_dirs + _cuda_include_dirs(), depends=depends,
         define_macros=[("SAFEBN_WITH_CUDA", None)],
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, extra_link_args=link_flags)
 
 
+class BuildExtension(cpp_extension.BuildExtension):
+    """torch's BuildExtension, which also writes _build_info.py beside _C: the
+    torch it was built for (see torch_safebn/_extension.py)."""
+
+    def build_extension(self, ext):
+        super().build_extension(ext)
+        # into build_lib: setuptools builds there even for --inplace, and
+        # copies to the source tree afterwards (below)
+        self._write_build_info(ext)
+
+    def copy_extensions_to_source(self):
+        super().copy_extensions_to_source()
+        for ext in self.extensions:
+            self._write_build_info(ext)  # self.inplace is set: beside the copied _C
+
+    def _write_build_info(self, ext):
+        path = os.path.join(os.path.dirname(self.get_ext_fullpath(ext.name)), "_build_info.py")
+        with open(path, "w") as f:
+            f.write('"""Written by setup.py when it built _C beside this file."""\n'
+                    f"TORCH_VERSION = {str(torch.__version__)!r}\n")
+
+
 setup(
-    name="torch_safebn",
     packages=find_packages(include=["torch_safebn", "torch_safebn.*"]),
+    # The torch that built _C, by its public version (2.14.1 for 2.14.1+cu130):
+    # pip then keeps the torch the extension was built for.
+    install_requires=[f"torch=={torch.__version__.split('+')[0]}"],
     # The Makefile registers the package once with SAFEBN_NO_EXTENSION=1 and
     # builds the extension with `build_ext --inplace`, which ninja keeps
     # incremental; a plain `pip install` builds it here.
     ext_modules=[] if os.environ.get("SAFEBN_NO_EXTENSION") else [_extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    cmdclass={"build_ext": BuildExtension},
 )

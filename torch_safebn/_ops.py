@@ -38,13 +38,13 @@ _PYTHON_KERNELS = {"observe": safety.observe_kernel}
 
 
 def _load_backend() -> str:
-    try:
-        from . import _C  # noqa: F401  (registers the schemas and the kernels)
-    except ImportError as error:
+    from . import _extension
+
+    problem = _extension.load()
+    if problem is not None:
         warnings.warn(
-            f"torch_safebn: the compiled extension did not load ({error}); using the pure-PyTorch "
-            "reference implementation, which is correct but slower. Rebuild with "
-            "`pip install --no-build-isolation -e .` to get the kernels.",
+            f"torch_safebn: {problem}. Meanwhile the pure-PyTorch reference implementation runs "
+            "(correct, slower).",
             RuntimeWarning,
             stacklevel=3,
         )
