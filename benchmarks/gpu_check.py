@@ -347,10 +347,10 @@ def _op_calls(x, weight, bias, grad_output, mean, invstd, running_mean, running_
     all_grads = [True, True, True]
     no_buffers = (None, None, None, None, 0.1)
     return [
-        ("batch_norm_train", lambda: OPS.batch_norm_train(x, weight, bias, *no_buffers, EPS),
-         lambda: reference.batch_norm_train(*f64(x, weight, bias), *no_buffers, EPS), (False, False, False)),
-        ("batch_norm_train (no affine)", lambda: OPS.batch_norm_train(x, None, None, *no_buffers, EPS),
-         lambda: reference.batch_norm_train(*f64(x), None, None, *no_buffers, EPS), (False, False, False)),
+        ("forward_train", lambda: OPS.forward_train(x, weight, bias, *no_buffers, EPS),
+         lambda: reference.forward_train(*f64(x, weight, bias), *no_buffers, EPS), (False, False, False)),
+        ("forward_train (no affine)", lambda: OPS.forward_train(x, None, None, *no_buffers, EPS),
+         lambda: reference.forward_train(*f64(x), None, None, *no_buffers, EPS), (False, False, False)),
         ("batch_norm_eval", lambda: OPS.batch_norm_eval(x, weight, bias, running_mean, running_var, None, EPS),
          lambda: reference.batch_norm_eval(*f64(x, weight, bias, running_mean, running_var), None, EPS), (False,)),
         ("batch_stats", lambda: OPS.batch_stats(x), lambda: reference.batch_stats(*f64(x)), (False, False)),
@@ -372,7 +372,7 @@ def op_check(device, shape, layout, dtype, param_dtype, seed: int) -> dict:
     tolerance of reference.py in float64, activations in the input's layout."""
     x, weight, bias, grad_output = selfcheck.sample(shape, layout, dtype, device,
                                                     torch.Generator(device).manual_seed(seed), param_dtype)
-    _, mean, invstd = OPS.batch_norm_train(x, weight, bias, None, None, None, None, 0.1, EPS)
+    _, mean, invstd = OPS.forward_train(x, weight, bias, None, None, None, None, 0.1, EPS)
     running_mean, running_var = (t.to(param_dtype) for t in OPS.batch_stats(x))
     activation_bytes = x.numel() * x.element_size()
     outputs = covered = 0

@@ -1,10 +1,15 @@
-// Autograd of batch_norm_train and batch_norm_eval, in C++ on the Autograd
-// key: one node per call whose backward is one call of safebn::backward. The
-// forward redispatches below autograd, and everything either direction calls
-// goes through the dispatcher to ops with fake kernels, so that AOTAutograd
-// traces it like any ATen op. (torch.library.register_autograd refuses
-// mutable ops, and its Python wrapper alone cost more than a small batch's
-// kernels.)
+// Autograd of forward_train and batch_norm_eval, in C++ on the Autograd key:
+// the forward redispatches below autograd and records one backward node,
+// whose apply is one call of safebn::backward. Everything either direction
+// calls goes through the dispatcher to ops with fake kernels, so that
+// AOTAutograd traces it like any ATen op.
+//
+// The node is written as ATen's generated ones are (a Node with its saved
+// variables as fields), not as a torch::autograd::Function: on a small batch
+// the Function's generic bookkeeping (a hash map of saved scalars, per-input
+// metadata vectors, output wrapping) cost more host time per step than the
+// kernels, and took a training step past native batch norm's. Python's
+// torch.library.register_autograd refuses mutable ops.
 #include <ATen/TensorOperators.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/gelu.h>
@@ -15,12 +20,17 @@
 #include <ATen/ops/rsqrt.h>
 #include <ATen/ops/silu.h>
 #include <ATen/ops/var_mean.h>
-#include <torch/autograd.h>
+#include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
 #include <array>
+#include <mutex>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -30,7 +40,7 @@ namespace safebn {
 namespace {
 
 using at::Tensor;
-using torch::autograd::AutogradContext;
+using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 using OptionalTensor = std::optional<Tensor>;
 
@@ -39,7 +49,7 @@ using OptionalTensor = std::optional<Tensor>;
 const auto& train_op() {
   static const auto op =
       c10::Dispatcher::singleton()
-          .findSchemaOrThrow("safebn::batch_norm_train", "")
+          .findSchemaOrThrow("safebn::forward_train", "")
           .typed<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const OptionalTensor&, const OptionalTensor&,
                                                     const OptionalTensor&, const OptionalTensor&,
                                                     const OptionalTensor&, const OptionalTensor&,
@@ -66,39 +76,7 @@ const auto& backward_op() {
   return op;
 }
 
-// ---- helpers ----------------------------------------------------------------
-
-bool requires_grad(const OptionalTensor& t) { return t.has_value() && t->requires_grad(); }
-
-bool wants_grad(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias) {
-  return torch::autograd::GradMode::is_enabled() &&
-         (input.requires_grad() || requires_grad(weight) || requires_grad(bias));
-}
-
-// As native batch norm: the running statistics are buffers, not something to
-// differentiate against.
-void check_not_differentiated(const OptionalTensor& t, const char* name) {
-  TORCH_CHECK(!(torch::autograd::GradMode::is_enabled() && requires_grad(t)), name,
-              " requires grad, but batch norm does not differentiate with respect to the running statistics "
-              "(nn.BatchNorm raises here too). Keep it a buffer, or pass ", name, ".detach().");
-}
-
-// The mutated buffers' version counters move, as for any in-place op, so that
-// autograd notices a saved buffer that changed before its backward.
-void bump_versions(std::initializer_list<const OptionalTensor*> buffers) {
-  for (const OptionalTensor* t : buffers)
-    if (t->has_value()) torch::autograd::impl::bump_version(**t);
-}
-
-// Which of (input, weight, bias) want a gradient. Undefined optional inputs
-// have no edge, so the edges of weight and bias shift when one is absent.
-std::array<bool, 3> output_mask(AutogradContext* ctx, bool has_weight, bool has_bias) {
-  size_t edge = 0;
-  const bool input = ctx->needs_input_grad(edge++);
-  const bool weight = has_weight && ctx->needs_input_grad(edge++);
-  const bool bias = has_bias && ctx->needs_input_grad(edge++);
-  return {input, weight, bias};
-}
+// ---- the double backward ----------------------------------------------------
 
 OptionalTensor optional(const Tensor& t) { return t.defined() ? OptionalTensor(t) : std::nullopt; }
 
@@ -138,167 +116,169 @@ Tensor composite_forward(const Tensor& input, const Tensor& weight, const Tensor
   return activate(z, activation).to(input.scalar_type());
 }
 
-// The gradients for backward(create_graph=True): those of the forward
-// recomputed in ATen ops, as a graph, so that second derivatives see the
-// batch statistics' dependence on the input.
-variable_list composite_gradients(const Tensor& grad_output, const Tensor& input, const Tensor& weight,
-                                  const Tensor& bias, const Tensor& running_mean, const Tensor& running_var,
-                                  double eps, bool train, ActivationArg activation, std::array<bool, 3> mask) {
-  const std::array<Tensor, 3> arguments{input, weight, bias};
-  variable_list wanted;
-  for (size_t i = 0; i < 3; ++i)
-    if (mask[i]) wanted.push_back(arguments[i]);
-  const Tensor output = composite_forward(input, weight, bias, running_mean, running_var, eps, train, activation);
-  variable_list grads = torch::autograd::grad({output}, wanted, {grad_output}, /*retain_graph=*/true,
-                                              /*create_graph=*/true, /*allow_unused=*/true);
-  variable_list all(3);
-  for (size_t i = 0, next = 0; i < 3; ++i)
-    if (mask[i]) all[i] = grads[next++];
-  return all;
-}
+// ---- the backward node --------------------------------------------------------
 
-// The saved forward and its arguments, as both nodes keep them.
-struct Saved {
-  Tensor input, weight, bias, mean, invstd, running_mean, running_var;
-};
+// The backward of one forward_train or batch_norm_eval call. Its edges are
+// (input, weight, bias), an absent weight or bias an empty edge.
+struct BatchNormBackward : public torch::autograd::TraceableFunction {
+  SavedVariable input_, weight_, bias_;
+  SavedVariable mean_, invstd_;                 // train: the batch's
+  SavedVariable running_mean_, running_var_;  // eval: the constants normalized with
+  bool train = true;
+  double eps = 0;
+  ActivationArg activation;
 
-variable_list gradients(AutogradContext* ctx, const variable_list& grad_outputs, const Saved& saved, bool train) {
-  const Tensor& grad_output = grad_outputs[0];
-  const std::array<bool, 3> mask = output_mask(ctx, saved.weight.defined(), saved.bias.defined());
-  if (!grad_output.defined()) return {Tensor(), Tensor(), Tensor(), Tensor()};
-  const double eps = ctx->saved_data["eps"].toDouble();
-  const ActivationArg activation{Activation(ctx->saved_data["activation"].toInt()),
-                                 ctx->saved_data["activation_param"].toDouble()};
-  if (torch::autograd::GradMode::is_enabled()) {
-    variable_list grads = composite_gradients(grad_output, saved.input, saved.weight, saved.bias, saved.running_mean,
-                                              saved.running_var, eps, train, activation, mask);
-    grads.push_back(Tensor());
-    return grads;
+  std::string name() const override { return train ? "SafeBatchNormTrainBackward" : "SafeBatchNormEvalBackward"; }
+
+  void release_variables() override {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    for (SavedVariable* saved : {&input_, &weight_, &bias_, &mean_, &invstd_, &running_mean_, &running_var_})
+      saved->reset_data();
   }
-  // safebn::backward has no derivative: skip its autograd fallback.
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  auto [grad_input, grad_weight, grad_bias] =
-      backward_op().call(grad_output, saved.input, optional(saved.weight), optional(saved.bias), saved.mean,
-                         saved.invstd, train, mask, int64_t(activation.kind), activation.param);
-  return {mask[0] ? grad_input : Tensor(), mask[1] ? grad_weight : Tensor(), mask[2] ? grad_bias : Tensor(),
-          Tensor()};
-}
 
-void save_activation(AutogradContext* ctx, double eps, int64_t activation, double activation_param) {
-  ctx->saved_data["eps"] = eps;
-  ctx->saved_data["activation"] = activation;
-  ctx->saved_data["activation_param"] = activation_param;
-  ctx->set_materialize_grads(false);
-}
-
-// ---- training -----------------------------------------------------------------
-
-// The arguments autograd does not see: mutated buffers and scalars.
-struct TrainBuffers {
-  OptionalTensor running_mean, running_var, num_batches_tracked, counters;
-  std::optional<double> momentum;
-  double eps;
-  int64_t activation;
-  double activation_param;
-};
-
-class BatchNormTrain : public torch::autograd::Function<BatchNormTrain> {
- public:
-  static variable_list forward(AutogradContext* ctx, const Tensor& input, const OptionalTensor& weight,
-                               const OptionalTensor& bias, const TrainBuffers& b) {
+  variable_list apply(variable_list&& grads) override {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    const Tensor& grad_output = grads[0];
+    const std::array<bool, 3> mask{task_should_compute_output(0), task_should_compute_output(1),
+                                   task_should_compute_output(2)};
+    if (!grad_output.defined()) return {Tensor(), Tensor(), Tensor()};
+    const Tensor input = input_.unpack(), weight = weight_.unpack(), bias = bias_.unpack();
+    Tensor mean, invstd, running_mean, running_var;
+    if (train) {
+      mean = mean_.unpack();
+      invstd = invstd_.unpack();
+    } else {
+      running_mean = running_mean_.unpack();
+      running_var = running_var_.unpack();
+      const at::ScalarType acc = accumulate_type(input.scalar_type());
+      mean = running_mean.to(acc);
+      invstd = at::rsqrt(running_var.to(acc) + eps);
+    }
+    if (torch::autograd::GradMode::is_enabled()) {
+      // backward(create_graph=True): differentiate the forward recomputed in
+      // ATen ops, so that second derivatives see the batch statistics'
+      // dependence on the input.
+      const std::array<Tensor, 3> arguments{input, weight, bias};
+      variable_list wanted;
+      for (size_t i = 0; i < 3; ++i)
+        if (mask[i]) wanted.push_back(arguments[i]);
+      const Tensor output = composite_forward(input, weight, bias, running_mean, running_var, eps, train, activation);
+      const variable_list found = torch::autograd::grad({output}, wanted, {grad_output}, /*retain_graph=*/true,
+                                                        /*create_graph=*/true, /*allow_unused=*/true);
+      variable_list result(3);
+      for (size_t i = 0, next = 0; i < 3; ++i)
+        if (mask[i]) result[i] = found[next++];
+      return result;
+    }
+    // safebn::backward has no derivative: skip its autograd fallback.
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [output, mean, invstd] =
-        train_op().call(input, weight, bias, b.running_mean, b.running_var, b.num_batches_tracked, b.counters,
-                        b.momentum, b.eps, b.activation, b.activation_param);
-    ctx->save_for_backward({input, weight.value_or(Tensor()), bias.value_or(Tensor()), mean, invstd});
-    ctx->mark_non_differentiable({mean, invstd});
-    save_activation(ctx, b.eps, b.activation, b.activation_param);
-    return {output, mean, invstd};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const variable_list s = ctx->get_saved_variables();
-    return gradients(ctx, grad_outputs, Saved{s[0], s[1], s[2], s[3], s[4], Tensor(), Tensor()}, /*train=*/true);
+    auto [grad_input, grad_weight, grad_bias] = backward_op().call(
+        grad_output, input, optional(weight), optional(bias), mean, invstd, train, mask,
+        int64_t(activation.kind), activation.param);
+    return {mask[0] ? grad_input : Tensor(), mask[1] ? grad_weight : Tensor(), mask[2] ? grad_bias : Tensor()};
   }
 };
 
-std::tuple<Tensor, Tensor, Tensor> batch_norm_train_autograd(
+// ---- the autograd kernels ---------------------------------------------------------
+
+bool requires_grad(const OptionalTensor& t) { return t.has_value() && t->requires_grad(); }
+
+// As native batch norm: the running statistics are buffers, not something to
+// differentiate against.
+void check_not_differentiated(const OptionalTensor& t, const char* name) {
+  TORCH_CHECK(!(torch::autograd::GradMode::is_enabled() && requires_grad(t)), name,
+              " requires grad, but batch norm does not differentiate with respect to the running statistics "
+              "(nn.BatchNorm raises here too). Keep it a buffer, or pass ", name, ".detach().");
+}
+
+// The mutated buffers' version counters move, as for any in-place op, so that
+// autograd notices a saved buffer that changed before its backward.
+void bump_versions(std::initializer_list<const OptionalTensor*> buffers) {
+  for (const OptionalTensor* t : buffers)
+    if (t->has_value()) torch::autograd::impl::bump_version(**t);
+}
+
+// The node for a call on (input, weight, bias), or null where no gradient is wanted.
+c10::intrusive_ptr<BatchNormBackward> backward_node(const Tensor& input, const OptionalTensor& weight,
+                                                    const OptionalTensor& bias, double eps, int64_t activation,
+                                                    double activation_param) {
+  if (!torch::autograd::compute_requires_grad(input, weight, bias)) return nullptr;
+  auto node = c10::make_intrusive<BatchNormBackward>();
+  node->set_next_edges(torch::autograd::collect_next_edges(input, weight, bias));
+  node->eps = eps;
+  node->activation = activation_arg(activation, activation_param);
+  return node;
+}
+
+void save_parameters(BatchNormBackward& node, const Tensor& input, const OptionalTensor& weight,
+                     const OptionalTensor& bias) {
+  node.input_ = SavedVariable(input, /*is_output=*/false);
+  if (weight.has_value()) node.weight_ = SavedVariable(*weight, false);
+  if (bias.has_value()) node.bias_ = SavedVariable(*bias, false);
+}
+
+std::tuple<Tensor, Tensor, Tensor> forward_train_autograd(
     const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias, const OptionalTensor& running_mean,
     const OptionalTensor& running_var, const OptionalTensor& num_batches_tracked, const OptionalTensor& counters,
     std::optional<double> momentum, double eps, int64_t activation, double activation_param) {
   check_not_differentiated(running_mean, "running_mean");
   check_not_differentiated(running_var, "running_var");
+  const auto node = backward_node(input, weight, bias, eps, activation, activation_param);
   std::tuple<Tensor, Tensor, Tensor> result;
-  if (wants_grad(input, weight, bias)) {
-    const variable_list out = BatchNormTrain::apply(input, weight, bias,
-                                                    TrainBuffers{running_mean, running_var, num_batches_tracked,
-                                                                 counters, momentum, eps, activation, activation_param});
-    result = {out[0], out[1], out[2]};
-  } else {
+  {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     result = train_op().call(input, weight, bias, running_mean, running_var, num_batches_tracked, counters,
                              momentum, eps, activation, activation_param);
   }
   bump_versions({&running_mean, &running_var, &num_batches_tracked, &counters});
+  if (node) {
+    const auto& [output, mean, invstd] = result;
+    torch::autograd::set_history(output, node);  // mean and invstd are not differentiable
+    save_parameters(*node, input, weight, bias);
+    node->mean_ = SavedVariable(mean, false);
+    node->invstd_ = SavedVariable(invstd, false);
+  }
   return result;
 }
-
-// ---- eval ---------------------------------------------------------------------
-
-struct EvalBuffers {
-  Tensor running_mean, running_var;
-  OptionalTensor counters;
-  double eps;
-  int64_t activation;
-  double activation_param;
-};
-
-class BatchNormEval : public torch::autograd::Function<BatchNormEval> {
- public:
-  static variable_list forward(AutogradContext* ctx, const Tensor& input, const OptionalTensor& weight,
-                               const OptionalTensor& bias, const EvalBuffers& b) {
-    const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    Tensor output = eval_op().call(input, weight, bias, b.running_mean, b.running_var, b.counters, b.eps,
-                                   b.activation, b.activation_param);
-    ctx->save_for_backward(
-        {input, weight.value_or(Tensor()), bias.value_or(Tensor()), b.running_mean, b.running_var});
-    save_activation(ctx, b.eps, b.activation, b.activation_param);
-    return {output};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const variable_list s = ctx->get_saved_variables();
-    const Tensor &input = s[0], &running_mean = s[3], &running_var = s[4];
-    const at::ScalarType acc = accumulate_type(input.scalar_type());
-    const Tensor mean = running_mean.to(acc);
-    const Tensor invstd = at::rsqrt(running_var.to(acc) + ctx->saved_data["eps"].toDouble());
-    return gradients(ctx, grad_outputs, Saved{input, s[1], s[2], mean, invstd, running_mean, running_var},
-                     /*train=*/false);
-  }
-};
 
 Tensor batch_norm_eval_autograd(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
                                 const Tensor& running_mean, const Tensor& running_var, const OptionalTensor& counters,
                                 double eps, int64_t activation, double activation_param) {
   check_not_differentiated(running_mean, "running_mean");
   check_not_differentiated(running_var, "running_var");
+  const auto node = backward_node(input, weight, bias, eps, activation, activation_param);
   Tensor output;
-  if (wants_grad(input, weight, bias)) {
-    output = BatchNormEval::apply(input, weight, bias,
-                                  EvalBuffers{running_mean, running_var, counters, eps, activation, activation_param})[0];
-  } else {
+  {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     output = eval_op().call(input, weight, bias, running_mean, running_var, counters, eps, activation,
                             activation_param);
   }
   bump_versions({&counters});
+  if (node) {
+    torch::autograd::set_history(output, node);
+    save_parameters(*node, input, weight, bias);
+    node->train = false;
+    node->running_mean_ = SavedVariable(running_mean, false);
+    node->running_var_ = SavedVariable(running_var, false);
+  }
   return output;
+}
+
+// forward_train's output alone: see ops.cpp.
+Tensor batch_norm_train(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
+                        const OptionalTensor& running_mean, const OptionalTensor& running_var,
+                        const OptionalTensor& num_batches_tracked, const OptionalTensor& counters,
+                        std::optional<double> momentum, double eps, int64_t activation, double activation_param) {
+  return std::get<0>(train_op().call(input, weight, bias, running_mean, running_var, num_batches_tracked, counters,
+                                     momentum, eps, activation, activation_param));
 }
 
 }  // namespace
 
+TORCH_LIBRARY_IMPL(safebn, CompositeImplicitAutograd, m) { m.impl("batch_norm_train", &batch_norm_train); }
+
 TORCH_LIBRARY_IMPL(safebn, Autograd, m) {
-  m.impl("batch_norm_train", &batch_norm_train_autograd);
+  m.impl("forward_train", &forward_train_autograd);
   m.impl("batch_norm_eval", &batch_norm_eval_autograd);
 }
 

@@ -32,7 +32,7 @@ void check_update_args(const std::optional<at::Tensor>& running_mean, const std:
 // A module's counters: kNumCounters contiguous int64 values on `device`.
 void check_counters(const std::optional<at::Tensor>& counters, const at::Device& device);
 
-// What batch_norm_train requires of the buffers it updates, checked before
+// What forward_train requires of the buffers it updates, checked before
 // anything is computed: an error leaves every buffer as it was.
 void check_training_buffers(const at::Tensor& input, const std::optional<at::Tensor>& running_mean,
                             const std::optional<at::Tensor>& running_var,

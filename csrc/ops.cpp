@@ -12,9 +12,16 @@ TORCH_LIBRARY(safebn, m) {
   // was), as aten::_batch_norm_with_update updates its buffers. Every
   // forward and backward takes an activation fused after the batch norm
   // (torch_safebn/activations.py: 0 is none).
-  m.def("batch_norm_train(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+  m.def("forward_train(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
         "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, Tensor(d!)? counters, float? momentum, "
         "float eps, int activation=0, float activation_param=0.) -> (Tensor output, Tensor mean, Tensor invstd)");
+  // forward_train's output alone: what the modules call. Its statistics stay
+  // in C++, saved for the backward; returned to Python, they would outlive
+  // their Python objects and cost a GIL round trip each when the graph frees
+  // them.
+  m.def("batch_norm_train(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+        "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, Tensor(d!)? counters, float? momentum, "
+        "float eps, int activation=0, float activation_param=0.) -> Tensor");
   // An eval forward with the running statistics, which it checks (and counts
   // what it finds) when counters are given.
   m.def("batch_norm_eval(Tensor input, Tensor? weight, Tensor? bias, Tensor running_mean, Tensor running_var, "

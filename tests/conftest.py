@@ -50,7 +50,7 @@ def assert_close(actual, expected, dtype, what=""):
 
 def forward_train(x, weight=None, bias=None, eps=1e-5):
     """The training forward's (output, mean, invstd), no buffers given."""
-    return torch.ops.safebn.batch_norm_train(x, weight, bias, None, None, None, None, 0.1, eps)
+    return torch.ops.safebn.forward_train(x, weight, bias, None, None, None, None, 0.1, eps)
 
 
 def forward_eval(x, weight, bias, running_mean, running_var, eps=1e-5):

@@ -93,10 +93,10 @@ def test_every_op_matches_cpu(shape, layout, dtype):
     y, mean, invstd = forward_train(x, w, b, eps)
     y_d, mean_d, invstd_d = forward_train(dx, dw, db, eps)
     assert y_d.stride() == y.stride(), "the output keeps the input's layout"
-    assert_close(y_d, y, dtype, "batch_norm_train output")
+    assert_close(y_d, y, dtype, "forward_train output")
     assert_close(mean_d, mean, torch.float64 if dtype == torch.float64 else torch.float32, "mean")
     assert_close(invstd_d, invstd, torch.float64 if dtype == torch.float64 else torch.float32, "invstd")
-    assert_close(forward_train(dx, eps=eps)[0], forward_train(x, eps=eps)[0], dtype, "batch_norm_train without affine")
+    assert_close(forward_train(dx, eps=eps)[0], forward_train(x, eps=eps)[0], dtype, "forward_train without affine")
 
     m, v = OPS.batch_stats(x)
     m_d, v_d = OPS.batch_stats(dx)
@@ -198,7 +198,7 @@ def test_update_running_stats_matches_cpu(buffer_dtype):
 
 
 def _training_sequence(device, buffer_dtype):
-    """batch_norm_train's guard over a sequence of batches (clean, non-finite, one example,
+    """forward_train's guard over a sequence of batches (clean, non-finite, one example,
     overflowing float16 buffers, empty), as a module calls it."""
     rm = torch.zeros(3, dtype=buffer_dtype, device=device)
     rv = torch.ones(3, dtype=buffer_dtype, device=device)
@@ -211,12 +211,12 @@ def _training_sequence(device, buffer_dtype):
     batches.append((make((4, 3, 5), torch.float32, "contiguous", seed=4) * 2e4).to(dtype))  # var overflows float16
     batches.append(torch.empty(0, 3, 5, dtype=dtype))
     for momentum, x in zip((None, 0.1, 0.1, 0.2, 0.5, 0.1), batches):
-        OPS.batch_norm_train(x.to(device), None, None, rm, rv, nbt, counters, momentum, 1e-5)
+        OPS.forward_train(x.to(device), None, None, rm, rv, nbt, counters, momentum, 1e-5)
     return rm.cpu(), rv.cpu(), nbt.cpu(), counters.cpu()
 
 
 @pytest.mark.parametrize("buffer_dtype", [torch.float32, torch.float16], ids=str)
-def test_batch_norm_train_guard_matches_cpu(buffer_dtype):
+def test_forward_train_guard_matches_cpu(buffer_dtype):
     expected = _training_sequence("cpu", buffer_dtype)
     actual = _training_sequence(DEVICE, buffer_dtype)
     rtol = 1e-3 if buffer_dtype == torch.float16 else 1e-6
@@ -264,7 +264,7 @@ def test_no_op_synchronizes_with_the_host():
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        y, mean, invstd = OPS.batch_norm_train(x, w, b, rm, rv, nbt, counters, None, 1e-5)
+        y, mean, invstd = OPS.forward_train(x, w, b, rm, rv, nbt, counters, None, 1e-5)
         OPS.update_running_stats(rm, rv, nbt, counters, mean, invstd, w, b, 8 * 144, 1e-5, None)
         OPS.backward(y, x, w, b, mean, invstd, True, [True, True, True])
         OPS.batch_norm_eval(x, w, b, rm, rv, counters, 1e-5)
@@ -291,7 +291,7 @@ def test_opcheck_every_op(shape, dtype, layout):
     counters = torch.zeros(NUM_COUNTERS, dtype=torch.int64, device=x.device)
     buffers = (torch.zeros_like(mean), torch.ones_like(mean), torch.tensor(0, device=x.device), counters)
     calls = [
-        (OPS.batch_norm_train.default, (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(),
+        (OPS.forward_train.default, (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(),
                                         *[t.clone() for t in buffers], 0.1, eps)),
         (OPS.batch_norm_eval.default, (x, w, b, mean, var, counters.clone(), eps)),
         (OPS.backward.default, (grad, x.detach(), w.detach(), b.detach(), mean, invstd, True, [True, True, True])),

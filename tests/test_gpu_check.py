@@ -81,7 +81,7 @@ def test_op_check_catches_an_op_that_is_off(monkeypatch):
         return ops.normalize(*args) * 1.001
 
     monkeypatch.setattr(gpu_check, "OPS", types.SimpleNamespace(
-        **{name: getattr(ops, name) for name in ("batch_norm_train", "batch_norm_eval", "batch_stats", "backward",
+        **{name: getattr(ops, name) for name in ("forward_train", "batch_norm_eval", "batch_stats", "backward",
                                                  "backward_reduce", "backward_elemt")},
         normalize=normalize_off))
     with pytest.raises(AssertionError, match="normalize output 0: relative error"):

@@ -47,9 +47,10 @@ def test_opcheck_every_op(shape, dtype, layout):
     sum_dy, sum_dy_xmu = OPS.backward_reduce(grad, x.detach(), mean)
     count = x.numel() // C
     calls = [
+        (OPS.forward_train.default, (x, w, b, *_buffers(C, acc), 0.1, eps)),
+        (OPS.forward_train.default, (x, w, b, *_buffers(C, acc, nbt=3), None, eps)),  # cumulative average
+        (OPS.forward_train.default, (x, None, None, None, None, None, None, 0.1, eps)),
         (OPS.batch_norm_train.default, (x, w, b, *_buffers(C, acc), 0.1, eps)),
-        (OPS.batch_norm_train.default, (x, w, b, *_buffers(C, acc, nbt=3), None, eps)),  # cumulative average
-        (OPS.batch_norm_train.default, (x, None, None, None, None, None, None, 0.1, eps)),
         (OPS.batch_norm_eval.default, (x, w, b, mean, var, torch.zeros(NUM_COUNTERS, dtype=torch.int64), eps)),
         (OPS.batch_norm_eval.default, (x, None, None, mean, var, None, eps)),
         (OPS.backward.default, (grad, x.detach(), w.detach(), b.detach(), mean, invstd, True, [True, True, True])),
@@ -72,8 +73,8 @@ def test_opcheck_a_skipped_update():
     running_mean, running_var = torch.zeros(3, dtype=torch.float16), torch.ones(3, dtype=torch.float16)
     counters = torch.zeros(NUM_COUNTERS, dtype=torch.int64)
     args = (x, None, None, running_mean, running_var, torch.tensor(0), counters, 0.1, 1e-5)
-    torch.library.opcheck(OPS.batch_norm_train.default, args)
-    OPS.batch_norm_train(*args)
+    torch.library.opcheck(OPS.forward_train.default, args)
+    OPS.forward_train(*args)
     assert counters[Counter.SKIPPED_UPDATES] == 1 and torch.equal(running_var, torch.ones(3, dtype=torch.float16))
 
 
@@ -193,7 +194,7 @@ def test_large_outputs_reuse_freed_blocks_and_write_every_element(shape, layout)
     invstd = torch.rsqrt(var + 1e-5)
     sum_dy, sum_dy_xmu = OPS.backward_reduce(dy, x, mean)
     calls = {
-        "batch_norm_train": lambda: forward_train(x, w, b)[0],
+        "forward_train": lambda: forward_train(x, w, b)[0],
         "batch_norm_eval": lambda: forward_eval(x, w, b, mean, var),
         "normalize": lambda: OPS.normalize(x, w, b, mean, invstd),
         "backward": lambda: OPS.backward(dy, x, w, b, mean, invstd, True, [True, False, False])[0],

@@ -347,7 +347,7 @@ def test_each_call_is_one_op_each_way(training, checks):
     x = make_input((2, 3, 4, 4)).requires_grad_()
     with _OpsCalled() as called:
         y = bn(x)
-    assert called.names == ["safebn::batch_norm_train" if training else "safebn::batch_norm_eval"]
+    assert called.names == ["safebn::forward_train" if training else "safebn::batch_norm_eval"]
     with _OpsCalled() as called:
         y.sum().backward()
     assert called.names == ["safebn::backward"]

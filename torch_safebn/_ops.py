@@ -12,9 +12,12 @@ from . import reference, safety
 # The schemas are declared once, in csrc/ops.cpp. These copies are used only
 # when the extension cannot load; tests/test_ops.py checks that they agree.
 SCHEMAS = {
-    "batch_norm_train": "(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+    "forward_train": "(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
     "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, Tensor(d!)? counters, float? momentum, "
     "float eps, int activation=0, float activation_param=0.) -> (Tensor output, Tensor mean, Tensor invstd)",
+    "batch_norm_train": "(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+    "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, Tensor(d!)? counters, float? momentum, "
+    "float eps, int activation=0, float activation_param=0.) -> Tensor",
     "batch_norm_eval": "(Tensor input, Tensor? weight, Tensor? bias, Tensor running_mean, Tensor running_var, "
     "Tensor(a!)? counters, float eps, int activation=0, float activation_param=0.) -> Tensor",
     "backward": "(Tensor grad_output, Tensor input, Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd, "
@@ -30,9 +33,10 @@ SCHEMAS = {
     "Tensor? weight, Tensor? bias, SymInt count, float eps, float? momentum) -> ()",
     "observe": "(Tensor(a!) counters, int module, SymInt[] shape, int event) -> ()",
 }
-# The reference forwards are differentiable ATen compositions: autograd, fake
-# tensors and compilers see through them (CompositeImplicitAutograd).
-_TRACED_THROUGH = ("batch_norm_train", "batch_norm_eval")
+# Composites of other ops, which autograd, fake tensors and compilers see
+# through (CompositeImplicitAutograd): batch_norm_train always, the
+# reference's differentiable forwards when they stand in for the kernels.
+_TRACED_THROUGH = ("forward_train", "batch_norm_eval", "batch_norm_train")
 # Kernels written in Python for every device, extension or not.
 _PYTHON_KERNELS = {"observe": safety.observe_kernel}
 
@@ -50,7 +54,7 @@ def _load_backend() -> str:
         )
         _register_reference()
         return "reference"
-    has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key("safebn::batch_norm_train", "CUDA")
+    has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key("safebn::forward_train", "CUDA")
     return "cuda+cpu" if has_cuda else "cpu"
 
 
@@ -110,7 +114,7 @@ def _register_fake(name: str):
     return torch.library.register_fake(f"safebn::{name}")
 
 
-@_register_fake("batch_norm_train")
+@_register_fake("forward_train")
 def _(input, weight, bias, running_mean, running_var, num_batches_tracked, counters, momentum, eps, activation=0,
       activation_param=0.0):
     _check_devices(input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var,

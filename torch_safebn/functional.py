@@ -105,9 +105,10 @@ def guarded_batch_norm(
     `use_batch_stats`, else normalizes with the running statistics; then
     applies the fused activation (activations.Activation, 0: none)."""
     compiling = torch.compiler.is_compiling()
+    # The activation's arguments only where there is one: a plain call parses two fewer.
+    fused = (activation, activation_param) if activation else ()
     if not use_batch_stats:
-        output = OPS.batch_norm_eval.default(input, weight, bias, running_mean, running_var, counters, eps,
-                                             activation, activation_param)
+        output = OPS.batch_norm_eval.default(input, weight, bias, running_mean, running_var, counters, eps, *fused)
         if counters is not None:  # the hot path, spelled out: a Python call costs here
             if compiling:
                 _observe(state, counters, input, Event.EVAL_CALL, compiling)
@@ -123,12 +124,12 @@ def guarded_batch_norm(
             if state.policy.on_degenerate == "running_stats" and running_mean is not None:
                 _observe(state, counters, input, Event.DEGENERATE_HANDLED, compiling)
                 return OPS.batch_norm_eval.default(input, weight, bias, running_mean, running_var, counters, eps,
-                                                   activation, activation_param)
+                                                   *fused)
             _observe(state, counters, input, Event.DEGENERATE_REFUSED, compiling)
         elif counters is not None and state.policy.on_single_sample != "ignore":
             _observe(state, counters, input, Event.SINGLE_SAMPLE, compiling)
     output = OPS.batch_norm_train.default(input, weight, bias, running_mean, running_var, num_batches_tracked,
-                                          counters, momentum, eps, activation, activation_param)[0]
+                                          counters, momentum, eps, *fused)
     if counters is not None:
         if compiling:
             _observe(state, counters, input, Event.TRAINING_BATCH, compiling)

@@ -11,6 +11,7 @@ from .safety import Counter
 
 __all__ = [
     "accumulate_dtype",
+    "forward_train",
     "batch_norm_train",
     "batch_norm_eval",
     "backward",
@@ -198,7 +199,7 @@ def update_running_stats(
             momentum, single_sample=False)
 
 
-def batch_norm_train(input, weight, bias, running_mean, running_var, num_batches_tracked, counters, momentum, eps,
+def forward_train(input, weight, bias, running_mean, running_var, num_batches_tracked, counters, momentum, eps,
                      activation=0, activation_param=0.0):
     output, mean, invstd = _forward_train(input, weight, bias, eps, activation, activation_param)
     mean, invstd = mean.detach(), invstd.detach()  # statistics, not differentiable outputs
@@ -208,6 +209,12 @@ def batch_norm_train(input, weight, bias, running_mean, running_var, num_batches
                 None if weight is None else weight.detach(), None if bias is None else bias.detach(), count, eps,
                 momentum, single_sample=input.shape[0] == 1 and count > 1)
     return output, mean, invstd
+
+
+def batch_norm_train(input, weight, bias, running_mean, running_var, num_batches_tracked, counters, momentum, eps,
+                     activation=0, activation_param=0.0):
+    return torch.ops.safebn.forward_train(input, weight, bias, running_mean, running_var, num_batches_tracked,
+                                          counters, momentum, eps, activation, activation_param)[0]
 
 
 def batch_norm_eval(input, weight, bias, running_mean, running_var, counters, eps, activation=0,

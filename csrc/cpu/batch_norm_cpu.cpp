@@ -4,6 +4,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
+#include <c10/util/SmallVector.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -41,8 +42,13 @@ T* mutable_data_of(at::Tensor& t) {
   return t.defined() ? reinterpret_cast<T*>(t.mutable_data_ptr()) : nullptr;
 }
 
+// Per-channel and per-lane scratch: on the stack for the few channels of a
+// small batch, whose kernels cost less than a heap allocation each.
+template <typename T>
+using ChannelVector = c10::SmallVector<T, 64>;
+
 template <typename acc_t>
-at::Tensor channel_tensor(const std::vector<acc_t>& values, const at::Tensor& like) {
+at::Tensor channel_tensor(c10::ArrayRef<acc_t> values, const at::Tensor& like) {
   return at::tensor(values, like.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
 }
 
@@ -88,14 +94,14 @@ void write_running_stats(const at::Tensor& running_mean, const at::Tensor& runni
     }
     return;
   }
-  std::vector<acc_t> mean(channels), var(channels);
+  ChannelVector<acc_t> mean(channels), var(channels);
   for (int64_t c = 0; c < channels; ++c) {
     const RunningUpdate<acc_t> u = update(c);
     mean[c] = u.mean;
     var[c] = u.var;
   }
-  running_mean.copy_(channel_tensor(mean, running_mean));
-  running_var.copy_(channel_tensor(var, running_var));
+  running_mean.copy_(channel_tensor<acc_t>(mean, running_mean));
+  running_var.copy_(channel_tensor<acc_t>(var, running_var));
 }
 
 // How every pass walks the input. Contiguous inputs with long rows (S of a
@@ -212,14 +218,14 @@ class Tiled {
   const acc_t* operator[](int part) const { return lanes_[part].data(); }
 
  private:
-  std::array<std::vector<acc_t>, 2> lanes_;
+  std::array<ChannelVector<acc_t>, 2> lanes_;
 };
 
 // Per-channel constants of y = act((x - mean) * scale + bias), which the
 // backward recomputes for the activation's derivative.
 template <typename acc_t>
 struct NormalizeParams {
-  std::vector<acc_t> mean, scale, bias;
+  ChannelVector<acc_t> mean, scale, bias;
   ActivationArg activation;
   NormalizeParams(int64_t channels, ActivationArg activation)
       : mean(channels), scale(channels), bias(channels), activation(activation) {}
@@ -262,7 +268,7 @@ void reduce_channels(const T* x, T* y, const Geometry& g, NormalizeParams<acc_t>
     return;
   }
   if (p.planes) {
-    std::vector<Welford<acc_t>> partial(C * p.slices);
+    ChannelVector<Welford<acc_t>> partial(C * p.slices);
     for_each_slice(g, p, [&](int64_t task, int64_t c, int64_t lo, int64_t hi) {
       partial[task] = k.plane_stats(x, g, c, lo, hi);
     });
@@ -273,9 +279,9 @@ void reduce_channels(const T* x, T* y, const Geometry& g, NormalizeParams<acc_t>
     }
   } else {
     // Each channel's sums are taken relative to its first value.
-    std::vector<acc_t> shift(C);
+    ChannelVector<acc_t> shift(C);
     for (int64_t c = 0; c < C; ++c) shift[c] = cpu::load(x[g.channels_last ? c : c * g.spatial]);
-    std::vector<cpu::ShiftedSums> partial(row_range_count(p) * C);
+    ChannelVector<cpu::ShiftedSums> partial(row_range_count(p) * C);
     if (p.reductions_by_rows) {
       for_each_row_task(g, p, [&](int64_t task, int64_t lo, int64_t hi) {
         k.rows_stats(x, g, lo, hi, shift.data(), partial.data() + task * C);
@@ -297,13 +303,13 @@ void reduce_channels(const T* x, T* y, const Geometry& g, NormalizeParams<acc_t>
 
 // sum(dy) and sum(dy * (x - mean)) per channel, in double.
 struct GradSums {
-  std::vector<double> dy, dy_xmu;
+  ChannelVector<double> dy, dy_xmu;
   explicit GradSums(int64_t channels) : dy(channels, 0.0), dy_xmu(channels, 0.0) {}
 };
 
 template <typename T, typename acc_t>
 void grad_input_all(const T* dy, const T* x, T* dx, const Geometry& g, const Plan& p,
-                    const std::vector<GradInputCoefficients<acc_t>>& k, ActivationArg activation) {
+                    const ChannelVector<GradInputCoefficients<acc_t>>& k, ActivationArg activation) {
   const auto& kern = cpu::kernels<T>(activation.kind);
   const acc_t param = acc_t(activation.param);
   if (p.elementwise_by_rows) {
@@ -312,7 +318,7 @@ void grad_input_all(const T* dy, const T* x, T* dx, const Geometry& g, const Pla
     });
     return;
   }
-  std::vector<acc_t> fields[5];
+  ChannelVector<acc_t> fields[5];
   for (auto& f : fields) f.resize(g.channels);
   for (int64_t c = 0; c < g.channels; ++c) {
     fields[0][c] = k[c].mean;
@@ -337,7 +343,7 @@ template <typename T, typename acc_t, typename Coefficients>
 GradSums reduce_grads(const T* dy, const T* x, T* dx, const Geometry& g, const NormalizeParams<acc_t>& z,
                       Coefficients coeffs) {
   const auto& k = cpu::kernels<T>(z.activation.kind);
-  const std::vector<acc_t>& mean = z.mean;
+  const ChannelVector<acc_t>& mean = z.mean;
   const acc_t param = z.param();
   const int64_t C = g.channels;
   const Plan p = plan_for(g);
@@ -382,7 +388,7 @@ GradSums reduce_grads(const T* dy, const T* x, T* dx, const Geometry& g, const N
     }
   }
   if (dx) {
-    std::vector<GradInputCoefficients<acc_t>> all(C);
+    ChannelVector<GradInputCoefficients<acc_t>> all(C);
     for (int64_t c = 0; c < C; ++c) all[c] = coeffs(c, sums);
     grad_input_all(dy, x, dx, g, p, all, z.activation);
   }
@@ -414,7 +420,8 @@ Prepared prepare(const at::Tensor& input, const std::optional<at::Tensor>& weigh
   return {laid_out, geometry_of(laid_out)};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train(
+// The output, mean and invstd of a training forward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> normalize_with_batch_stats(
     const at::Tensor& input_arg, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps, ActivationArg activation) {
   check_eps(eps);
@@ -455,17 +462,19 @@ std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& input_arg) {
 
 
 // The constants of y = act((x - mean) * weight * invstd + bias), with invstd
-// given, or derived from the variance when `spread_is_var`.
+// given, or derived from the variance when `spread_is_var`. With `faults`,
+// also eval mode's check of those statistics, weight and bias.
 template <typename acc_t>
 NormalizeParams<acc_t> normalize_params(int64_t channels, const std::optional<at::Tensor>& weight,
                                         const std::optional<at::Tensor>& bias, const at::Tensor& mean_arg,
                                         const at::Tensor& spread_arg, bool spread_is_var, double eps,
-                                        ActivationArg activation) {
+                                        ActivationArg activation, ChannelFaults* faults = nullptr) {
   const ChannelValues<acc_t> w(weight, 1), b(bias, 0), mean(mean_arg, 0), spread(spread_arg, 0);
   NormalizeParams<acc_t> params(channels, activation);
   for (int64_t c = 0; c < channels; ++c) {
     const acc_t invstd = spread_is_var ? invstd_from_var(spread[c], acc_t(eps)) : spread[c];
     params.set(c, mean[c], w[c] * invstd, b[c]);
+    if (faults != nullptr) faults->add(eval_faults(mean[c], spread[c], w[c], b[c], acc_t(eps)));
   }
   return params;
 }
@@ -486,18 +495,23 @@ at::Tensor normalize(const at::Tensor& input_arg, const std::optional<at::Tensor
   return output;
 }
 
+// y = act((x - running_mean) * weight / sqrt(running_var + eps) + bias); with
+// `counts`, the check of what it normalizes with, counted (an empty input's
+// too).
 at::Tensor forward_eval(const at::Tensor& input_arg, const std::optional<at::Tensor>& weight,
                         const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
-                        const at::Tensor& running_var, double eps, ActivationArg activation) {
+                        const at::Tensor& running_var, double eps, ActivationArg activation, int64_t* counts) {
   const auto [input, g] = prepare(input_arg, weight, bias);
   check_channel_tensor(running_mean, input, "running_mean");
   check_channel_tensor(running_var, input, "running_var");
   at::Tensor output = empty_output_like(input);
-  if (output.numel() == 0) return output;
   SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_forward_eval", [&] {
-    normalize_all(data_of<T>(input), mutable_data_of<T>(output), g, plan_for(g),
-                  normalize_params<acc_t>(g.channels, weight, bias, running_mean, running_var,
-                                          /*spread_is_var=*/true, eps, activation));
+    ChannelFaults faults;
+    const NormalizeParams<acc_t> params =
+        normalize_params<acc_t>(g.channels, weight, bias, running_mean, running_var, /*spread_is_var=*/true, eps,
+                                activation, counts != nullptr ? &faults : nullptr);
+    if (counts != nullptr && faults.any_nonfinite()) record_nonfinite(counts, faults, /*training=*/false);
+    if (output.numel() > 0) normalize_all(data_of<T>(input), mutable_data_of<T>(output), g, plan_for(g), params);
   });
   return output;
 }
@@ -520,7 +534,7 @@ std::tuple<at::Tensor, at::Tensor> parameter_grads(const GradSums& sums, const a
                                                    bool want_weight, bool want_bias) {
   const at::ScalarType type = weight.has_value() && weight->defined() ? weight->scalar_type() : invstd.scalar_type();
   const int64_t channels = invstd.numel();
-  const auto per_channel = [&](const std::vector<double>& values) {
+  const auto per_channel = [&](c10::ArrayRef<double> values) {
     at::Tensor t = at::empty({channels}, invstd.options().dtype(type));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, type, "safebn_parameter_grads", [&] {
       scalar_t* out = t.mutable_data_ptr<scalar_t>();
@@ -530,7 +544,7 @@ std::tuple<at::Tensor, at::Tensor> parameter_grads(const GradSums& sums, const a
   };
   at::Tensor grad_weight, grad_bias;
   if (want_weight) {
-    std::vector<double> values(channels, 0.0);
+    ChannelVector<double> values(channels, 0.0);
     if (!empty) {
       const ChannelValues<double> inv(invstd, 0.0);
       for (int64_t c = 0; c < channels; ++c) values[c] = sums.dy_xmu[c] * inv[c];
@@ -569,7 +583,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
         for (int64_t c = 0; c < g.channels; ++c) z.set(c, mean[c], w[c] * invstd[c], b[c]);
         sums = reduce_grads<T, acc_t>(data_of<T>(dy), x, dx, g, z, coeffs);
       } else if (want_input) {  // eval mode without parameter gradients: no reduction needed
-        std::vector<GradInputCoefficients<acc_t>> k(g.channels);
+        ChannelVector<GradInputCoefficients<acc_t>> k(g.channels);
         for (int64_t c = 0; c < g.channels; ++c) k[c] = coeffs(c, sums);
         grad_input_all(data_of<T>(dy), x, dx, g, plan_for(g), k, activation);
       }
@@ -595,7 +609,8 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad_output
     });
   }
   const at::Tensor like = channel_stat_tensor(input);
-  return {channel_tensor(sums.dy, like).to(like.scalar_type()), channel_tensor(sums.dy_xmu, like).to(like.scalar_type())};
+  return {channel_tensor<double>(sums.dy, like).to(like.scalar_type()),
+          channel_tensor<double>(sums.dy_xmu, like).to(like.scalar_type())};
 }
 
 at::Tensor backward_elemt(const at::Tensor& grad_output, const at::Tensor& input_arg,
@@ -613,7 +628,7 @@ at::Tensor backward_elemt(const at::Tensor& grad_output, const at::Tensor& input
   SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_backward_elemt", [&] {
     const ChannelValues<acc_t> mean(mean_arg, 0), invstd(invstd_arg, 0), w(weight, 1), sum_dy(sum_dy_arg, 0),
         sum_dy_xmu(sum_dy_xmu_arg, 0);
-    std::vector<GradInputCoefficients<acc_t>> k(g.channels);
+    ChannelVector<GradInputCoefficients<acc_t>> k(g.channels);
     for (int64_t c = 0; c < g.channels; ++c)
       k[c] = grad_input_coefficients<acc_t>(mean[c], invstd[c], w[c], acc_t(0), sum_dy[c], sum_dy_xmu[c],
                                             acc_t(count), true);
@@ -696,14 +711,15 @@ void update_after_batch(const std::optional<at::Tensor>& running_mean, const std
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train(
     const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
     const std::optional<at::Tensor>& num_batches_tracked, const std::optional<at::Tensor>& counters,
     std::optional<double> momentum, double eps, int64_t activation, double activation_param) {
   check_input(input);
   check_training_buffers(input, running_mean, running_var, num_batches_tracked, counters, momentum);
-  auto [output, mean, invstd] = forward_train(input, weight, bias, eps, activation_arg(activation, activation_param));
+  auto [output, mean, invstd] =
+      normalize_with_batch_stats(input, weight, bias, eps, activation_arg(activation, activation_param));
   const int64_t count = input.size(1) > 0 ? input.numel() / input.size(1) : 0;
   update_after_batch(running_mean, running_var, num_batches_tracked, counters, mean, invstd, weight, bias, count,
                      eps, momentum, /*single_sample=*/input.size(0) == 1 && count > 1);
@@ -728,25 +744,14 @@ at::Tensor batch_norm_eval(const at::Tensor& input, const std::optional<at::Tens
                            int64_t activation, double activation_param) {
   check_eps(eps);
   check_counters(counters, input.device());
-  at::Tensor output =
-      forward_eval(input, weight, bias, running_mean, running_var, eps, activation_arg(activation, activation_param));
-  int64_t* counts = counters_data(counters);
-  if (counts == nullptr) return output;
-  const int64_t channels = running_mean.numel();
-  AT_DISPATCH_FLOATING_TYPES(accumulate_type(running_mean.scalar_type()), "safebn_check_eval_stats", [&] {
-    using acc_t = scalar_t;
-    const ChannelValues<acc_t> mean(running_mean, 0), var(running_var, 0), w(weight, 1), b(bias, 0);
-    ChannelFaults faults;
-    for (int64_t c = 0; c < channels; ++c) faults.add(eval_faults(mean[c], var[c], w[c], b[c], acc_t(eps)));
-    if (faults.any_nonfinite()) record_nonfinite(counts, faults, /*training=*/false);
-  });
-  return output;
+  return forward_eval(input, weight, bias, running_mean, running_var, eps,
+                      activation_arg(activation, activation_param), counters_data(counters));
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(safebn, CPU, m) {
-  m.impl("batch_norm_train", &batch_norm_train);
+  m.impl("forward_train", &forward_train);
   m.impl("batch_norm_eval", &batch_norm_eval);
   m.impl("backward", &backward);
   m.impl("batch_stats", &batch_stats);

@@ -280,7 +280,7 @@ void count_empty_batch(const std::optional<at::Tensor>& running_mean,
 
 // Two launches: the statistics, whose last block applies the guarded update
 // of every buffer; then the normalization.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train(
     const at::Tensor& input_arg, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
     const std::optional<at::Tensor>& num_batches_tracked, const std::optional<at::Tensor>& counters,
@@ -299,7 +299,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train(
   }
   at::Tensor mean = channel_stat_tensor(input), invstd = channel_stat_tensor(input);
   const RunningBuffers buffers(running_mean, running_var);
-  SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_batch_norm_train", [&] {
+  SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_forward_train", [&] {
     const at::Tensor w = channel_values(weight, mean.scalar_type()), b = channel_values(bias, mean.scalar_type());
     const scalar_t* x = input.const_data_ptr<scalar_t>();
     const int64_t count = g.per_channel();
@@ -555,7 +555,7 @@ void update_running_stats(const std::optional<at::Tensor>& running_mean, const s
 }  // namespace cuda
 
 TORCH_LIBRARY_IMPL(safebn, CUDA, m) {
-  m.impl("batch_norm_train", &cuda::batch_norm_train);
+  m.impl("forward_train", &cuda::forward_train);
   m.impl("batch_norm_eval", &cuda::batch_norm_eval);
   m.impl("backward", &cuda::backward);
   m.impl("batch_stats", &cuda::batch_stats);

@@ -204,7 +204,7 @@ def op_samples(device: torch.device, shape=(4, 3, 5, 6), layout: str = "contiguo
     """(label, op name, arguments) for every safebn op, the ops with optional
     arguments or flags twice: with and without them."""
     x, weight, bias, grad_output = sample(shape, layout, dtype, device, torch.Generator().manual_seed(2))
-    _, mean, invstd = OPS.batch_norm_train(x, weight, bias, None, None, None, None, MOMENTUM, EPS)
+    _, mean, invstd = OPS.forward_train(x, weight, bias, None, None, None, None, MOMENTUM, EPS)
     sum_dy, sum_dy_xmu = OPS.backward_reduce(grad_output, x, mean)
     count = x.numel() // x.shape[1]
     running_mean, running_var = OPS.batch_stats(x)  # statistics that eval mode may use
@@ -215,8 +215,8 @@ def op_samples(device: torch.device, shape=(4, 3, 5, 6), layout: str = "contiguo
 
     differentiable = tuple(t.detach().clone().requires_grad_() for t in (x, weight, bias))
     return [
-        ("batch_norm_train", "batch_norm_train", (*differentiable, *buffers(), MOMENTUM, EPS)),
-        ("batch_norm_train (no affine, no buffers)", "batch_norm_train",
+        ("forward_train", "forward_train", (*differentiable, *buffers(), MOMENTUM, EPS)),
+        ("forward_train (no affine, no buffers)", "forward_train",
          (differentiable[0], None, None, None, None, None, None, MOMENTUM, EPS)),
         ("batch_norm_eval", "batch_norm_eval", (*differentiable, running_mean, running_var, buffers()[3], EPS)),
         ("batch_norm_eval (no checks)", "batch_norm_eval", (*differentiable, running_mean, running_var, None, EPS)),
