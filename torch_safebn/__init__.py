@@ -1,10 +1,17 @@
 """torch_safebn: batch normalization for PyTorch with fused C++/CUDA kernels
 that cannot be silently poisoned. See README.md."""
 from ._ops import BACKEND as _BACKEND
-from .convert import convert_model, revert_model
+from .convert import UnconvertedBatchNormError, convert_model, revert_model
 from .distributed import SafeSyncBatchNorm
 from .functional import batch_norm, batch_norm_act
-from .modules import SafeBatchNorm1d, SafeBatchNorm2d, SafeBatchNorm3d
+from .modules import (
+    SafeBatchNorm1d,
+    SafeBatchNorm2d,
+    SafeBatchNorm3d,
+    SafeLazyBatchNorm1d,
+    SafeLazyBatchNorm2d,
+    SafeLazyBatchNorm3d,
+)
 from .norm_act import SafeBatchNormAct2d, SafeSyncBatchNormAct
 from .safety import (
     DegenerateBatchError,
@@ -22,6 +29,9 @@ __all__ = [
     "SafeBatchNorm1d",
     "SafeBatchNorm2d",
     "SafeBatchNorm3d",
+    "SafeLazyBatchNorm1d",
+    "SafeLazyBatchNorm2d",
+    "SafeLazyBatchNorm3d",
     "SafeSyncBatchNorm",
     "SafeBatchNormAct2d",
     "SafeSyncBatchNormAct",
@@ -37,6 +47,7 @@ __all__ = [
     "SafetyError",
     "DegenerateBatchError",
     "NonFiniteError",
+    "UnconvertedBatchNormError",
 ]
 
 

@@ -1,53 +1,110 @@
-"""convert_model() and revert_model(): swap nn.BatchNorm* and nn.SyncBatchNorm
-for their torch_safebn counterparts (and back) in a model tree, keeping
-parameters, buffers, device, dtype, train/eval state and process group."""
+"""convert_model() and revert_model(): swap a model's batch norms for their
+torch_safebn counterparts (and back), keeping parameters, buffers, device,
+dtype, train/eval state, process group, and timm's activation and dropout.
+
+What converts, by exact class (a subclass may compute something else in its
+forward, so it is named in a warning instead):
+  nn.BatchNorm1d/2d/3d        -> SafeBatchNorm1d/2d/3d
+  nn.LazyBatchNorm1d/2d/3d    -> SafeLazyBatchNorm1d/2d/3d (SafeBatchNorm once materialized)
+  nn.SyncBatchNorm            -> SafeSyncBatchNorm
+  timm's BatchNormAct2d       -> SafeBatchNormAct2d
+  timm's SyncBatchNormAct     -> SafeSyncBatchNormAct
+timm stays optional: its classes are looked up only when timm is installed."""
 from __future__ import annotations
 
+import collections
 import dataclasses
+import importlib.util
+import warnings
 
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .distributed import SafeSyncBatchNorm
 from .modules import SAFE_FOR_NATIVE, _SafeBatchNormMixin
-from .safety import Policy, name_modules
+from .norm_act import SafeBatchNormAct2d, SafeSyncBatchNormAct
+from .safety import Policy, name_modules, warn_at_caller
 
-__all__ = ["convert_model", "revert_model"]
+__all__ = ["convert_model", "revert_model", "UnconvertedBatchNormError"]
 
-_SAFE_FOR_NATIVE = {**SAFE_FOR_NATIVE, nn.SyncBatchNorm: SafeSyncBatchNorm}
-_NATIVE_FOR_SAFE = {safe: native for native, safe in _SAFE_FOR_NATIVE.items()}
+_LAZY = (nn.LazyBatchNorm1d, nn.LazyBatchNorm2d, nn.LazyBatchNorm3d)
+
+
+class UnconvertedBatchNormError(TypeError):
+    """convert_model(strict=True) met a batch norm it cannot guard."""
+
+
+def _timm_classes() -> dict[type, type]:
+    """timm's batch norms with an activation, by their safe counterparts, if
+    timm is installed (found without importing it otherwise)."""
+    if importlib.util.find_spec("timm") is None:
+        return {}
+    from timm.layers import norm_act
+
+    return {norm_act.BatchNormAct2d: SafeBatchNormAct2d, norm_act.SyncBatchNormAct: SafeSyncBatchNormAct}
+
+
+def _safe_for_native() -> dict[type, type]:
+    return {**SAFE_FOR_NATIVE, nn.SyncBatchNorm: SafeSyncBatchNorm, **_timm_classes()}
+
+
+def _target(module: nn.Module, table: dict[type, type], distributed: bool) -> type | None:
+    """The class `module` becomes, or None if it stays as it is."""
+    cls = type(module)
+    if distributed and cls in _LAZY:
+        return None  # synchronized batch norms have no lazy form: run a forward first
+    target = table.get(cls)
+    if isinstance(module, _SafeBatchNormMixin):
+        target = None  # converted before: it took the options already (_apply_options)
+        if distributed and not isinstance(module, SafeSyncBatchNorm):
+            target = SafeSyncBatchNormAct if isinstance(module, SafeBatchNormAct2d) else SafeSyncBatchNorm
+    elif distributed and target is not None and not issubclass(target, SafeSyncBatchNorm):
+        target = SafeSyncBatchNormAct if issubclass(target, SafeBatchNormAct2d) else SafeSyncBatchNorm
+    return target
 
 
 def _rebuild(module: nn.Module, cls: type, process_group=None, **options) -> nn.Module:
+    """A `cls` with `module`'s configuration, the very tensors of its
+    parameters and buffers (an optimizer built before keeps training them),
+    its activation and dropout, and its train/eval state."""
     if isinstance(module, _SafeBatchNormMixin) and issubclass(cls, _SafeBatchNormMixin):
         options = dataclasses.asdict(module.policy)  # the options given now are applied already
-    native_options = {}
+    arguments = {}
     if module.affine and module.bias is None:  # torch's bias=False
-        native_options["bias"] = False
+        arguments["bias"] = False
     if issubclass(cls, (nn.SyncBatchNorm, SafeSyncBatchNorm)):
         # a synchronized module keeps its group unless another is given
-        own_group = getattr(module, "process_group", None)
-        native_options["process_group"] = process_group if process_group is not None else own_group
+        arguments["process_group"] = process_group if process_group is not None else getattr(
+            module, "process_group", None)
+    if issubclass(cls, (SafeBatchNormAct2d, SafeSyncBatchNormAct)):
+        arguments["act"] = getattr(module, "act", None)
+        arguments["drop"] = getattr(module, "drop", None)
     reference = next(iter(module.state_dict().values()), None)
-    new = cls(
-        module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
-        device=None if reference is None else reference.device, **native_options, **options,
-    )
-    # The very parameter and buffer tensors move over, not copies: an optimizer
-    # built before the conversion keeps updating them.
+    device = None if reference is None else reference.device
+    if issubclass(cls, _LAZY):  # no num_features until the first input
+        new = cls(module.eps, module.momentum, module.affine, module.track_running_stats, device=device, **options)
+    else:
+        new = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
+                  device=device, **arguments, **options)
     for name, param in module.named_parameters(recurse=False):
         setattr(new, name, param)
     for name, buffer in module.named_buffers(recurse=False):
         if name in new._buffers:
             new._buffers[name] = buffer
+    for name, child in module.named_children():  # timm's act and drop, when they moved over
+        setattr(new, name, child)
     new.train(module.training)
     return new
 
 
-def _swap(model: nn.Module, table: dict, **options) -> nn.Module:
-    if type(model) in table:
-        return _rebuild(model, table[type(model)], **options)
+def _swap(model: nn.Module, choose, skipped: collections.Counter, **options) -> nn.Module:
+    cls = choose(model)
+    if cls is not None:
+        return _rebuild(model, cls, **options)
+    if isinstance(model, _BatchNorm) and not isinstance(model, _SafeBatchNormMixin):
+        skipped[type(model).__qualname__] += 1
     for name, child in model.named_children():
-        setattr(model, name, _swap(child, table, **options))
+        setattr(model, name, _swap(child, choose, skipped, **options))
     return model
 
 
@@ -73,27 +130,71 @@ def _apply_options(model: nn.Module, options: dict) -> None:
                 module.set_policy(dataclasses.replace(module.policy, **options))
 
 
-def convert_model(model: nn.Module, *, distributed: bool = False, process_group=None, **options) -> nn.Module:
-    """Replaces every nn.BatchNorm1d/2d/3d in `model` (the model itself
-    included) by its SafeBatchNorm counterpart and every nn.SyncBatchNorm by a
-    SafeSyncBatchNorm, in place, and returns the model. Keyword options
-    (on_nonfinite="skip", ...; see SafeBatchNorm2d) go to every new module and
-    to every torch_safebn module converted before.
+def convert_model(model: nn.Module, *, distributed: bool = False, process_group=None, strict: bool = False,
+                  **options) -> nn.Module:
+    """Replaces every batch norm of `model` (the model itself included) that
+    torch_safebn can guard by its counterpart (see this module's docstring),
+    in place, and returns the model. Keyword options (on_nonfinite="skip",
+    ...; see SafeBatchNorm2d) go to every new module and to every
+    torch_safebn module converted before.
 
-    distributed=True makes every batch norm a SafeSyncBatchNorm, whose
-    statistics span the ranks of `process_group` (default: the whole world;
-    an nn.SyncBatchNorm keeps its own), as nn.SyncBatchNorm.convert_sync_batchnorm
-    does for nn.SyncBatchNorm. (Not `sync=True`: that is the safety option
-    that raises CUDA errors at once, and it goes to every module.)"""
+    A batch norm it cannot guard (a subclass of nn.BatchNorm with a forward of
+    its own, say) stays as it is, and a warning names each such class and how
+    many; strict=True raises UnconvertedBatchNormError instead, before
+    anything changes. report(model) lists the batch norms left unguarded.
+
+    distributed=True makes every batch norm a SafeSyncBatchNorm (or
+    SafeSyncBatchNormAct), whose statistics span the ranks of `process_group`
+    (default: the whole world; an nn.SyncBatchNorm keeps its own), as
+    nn.SyncBatchNorm.convert_sync_batchnorm does. (Not `sync=True`: that is
+    the safety option that raises CUDA errors at once.)"""
     _check_options(model, options)
+    table = _safe_for_native()
+
+    def choose(module: nn.Module) -> type | None:
+        return _target(module, table, distributed)
+
+    if strict:
+        unconverted = collections.Counter()
+        _count_unconverted(model, choose, unconverted)
+        if unconverted:
+            raise UnconvertedBatchNormError(_unconverted_message(unconverted))
     _apply_options(model, options)
-    table = _SAFE_FOR_NATIVE
-    if distributed:  # SafeBatchNorm converted before becomes synchronized too
-        table = dict.fromkeys([*_SAFE_FOR_NATIVE, *SAFE_FOR_NATIVE.values()], SafeSyncBatchNorm)
-    return name_modules(_swap(model, table, process_group=process_group, **options))
+    skipped = collections.Counter()
+    model = _swap(model, choose, skipped, process_group=process_group, **options)
+    if skipped:
+        warn_at_caller(_unconverted_message(skipped) + " Pass strict=True to make this an error.")
+    return name_modules(model)
+
+
+def _count_unconverted(model: nn.Module, choose, counts: collections.Counter) -> None:
+    if choose(model) is None and isinstance(model, _BatchNorm) and not isinstance(model, _SafeBatchNormMixin):
+        counts[type(model).__qualname__] += 1
+    if choose(model) is None:
+        for child in model.children():
+            _count_unconverted(child, choose, counts)
+
+
+def _unconverted_message(counts: collections.Counter) -> str:
+    found = ", ".join(f"{count} {name}" for name, count in sorted(counts.items()))
+    return (f"convert_model left batch norms unguarded: {found}. torch_safebn converts torch's batch norms and "
+            "timm's BatchNormAct2d by their exact class, since a subclass may compute something else in its "
+            "forward; replace these modules yourself, or subclass a torch_safebn module instead.")
 
 
 def revert_model(model: nn.Module) -> nn.Module:
-    """Replaces every SafeBatchNorm1d/2d/3d by the plain nn.BatchNorm class,
-    and every SafeSyncBatchNorm by an nn.SyncBatchNorm of the same group."""
-    return _swap(model, _NATIVE_FOR_SAFE)
+    """Replaces every torch_safebn batch norm by the class convert_model made
+    it from (timm's for SafeBatchNormAct2d, which needs timm installed)."""
+    table = {safe: native for native, safe in _safe_for_native().items()}
+    unknown = collections.Counter()
+
+    def choose(module: nn.Module) -> type | None:
+        if isinstance(module, _SafeBatchNormMixin) and type(module) not in table:
+            unknown[type(module).__qualname__] += 1
+        return table.get(type(module))
+
+    model = _swap(model, choose, collections.Counter())
+    if unknown:
+        kept = ", ".join(f"{count} {name}" for name, count in sorted(unknown.items()))
+        warn_at_caller(f"revert_model kept {kept}: their native class comes from timm, which is not installed.")
+    return model

@@ -10,7 +10,8 @@ from torch import nn
 from . import functional
 from .safety import NUM_COUNTERS, Policy, SafetyState, validate_eps, validate_momentum
 
-__all__ = ["SafeBatchNorm1d", "SafeBatchNorm2d", "SafeBatchNorm3d"]
+__all__ = ["SafeBatchNorm1d", "SafeBatchNorm2d", "SafeBatchNorm3d", "SafeLazyBatchNorm1d", "SafeLazyBatchNorm2d",
+           "SafeLazyBatchNorm3d"]
 
 SAFETY_OPTIONS_DOC = """
     Safety options (keyword-only; torch_safebn.convert_model passes them on):
@@ -39,6 +40,13 @@ SAFETY_OPTIONS_DOC = """
 """
 
 
+def _policy(on_degenerate="raise", on_nonfinite="raise", on_single_sample="warn", freeze_stats=False, checks=True,
+            sync=False, track_running_stats=True) -> Policy:
+    if freeze_stats and not track_running_stats:
+        raise ValueError("freeze_stats=True needs track_running_stats=True: there are no running statistics to use")
+    return Policy(on_degenerate, on_nonfinite, on_single_sample, freeze_stats, checks, sync)
+
+
 class _SafeBatchNormMixin:
     """The safe forward, shared by the safe classes; put before the nn class."""
 
@@ -62,12 +70,13 @@ class _SafeBatchNormMixin:
         sync: bool = False,
         **native_options,  # options of the installed torch's class, e.g. bias=False
     ) -> None:
-        policy = Policy(on_degenerate, on_nonfinite, on_single_sample, freeze_stats, checks, sync)
-        if freeze_stats and not track_running_stats:
-            raise ValueError("freeze_stats=True needs track_running_stats=True: there are no running statistics to use")
+        policy = _policy(on_degenerate, on_nonfinite, on_single_sample, freeze_stats, checks, sync, track_running_stats)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **native_options)
-        self.safety_state = self._safety_state_class(policy, owner=f"{type(self).__name__}({num_features})")
-        counters = torch.zeros(NUM_COUNTERS, dtype=torch.int64, device=device) if checks else None
+        self._init_safety(policy, device)
+
+    def _init_safety(self, policy: Policy, device) -> None:
+        self.safety_state = self._safety_state_class(policy, owner=f"{type(self).__name__}({self.num_features})")
+        counters = torch.zeros(NUM_COUNTERS, dtype=torch.int64, device=device) if policy.checks else None
         # Not persistent: state_dict keys stay those of nn.BatchNorm.
         self.register_buffer("safety_counters", counters, persistent=False)
 
@@ -151,4 +160,37 @@ class SafeBatchNorm3d(_SafeBatchNormMixin, nn.BatchNorm3d):
     __doc__ = "nn.BatchNorm3d over [N, C, D, H, W] (contiguous or channels_last_3d), guarded.\n" + SAFETY_OPTIONS_DOC
 
 
-SAFE_FOR_NATIVE = {nn.BatchNorm1d: SafeBatchNorm1d, nn.BatchNorm2d: SafeBatchNorm2d, nn.BatchNorm3d: SafeBatchNorm3d}
+class _SafeLazyBatchNormMixin(_SafeBatchNormMixin):
+    """nn.LazyBatchNorm's constructor (no num_features: the first input says
+    it), the safety options, and on the first forward the class it becomes."""
+
+    def __init__(self, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None, **options) -> None:
+        policy = _policy(track_running_stats=track_running_stats, **options)
+        # nn.LazyBatchNorm's __init__, past the mixin's (which takes num_features)
+        super(_SafeBatchNormMixin, self).__init__(eps, momentum, affine, track_running_stats, device, dtype)
+        self._init_safety(policy, device)
+
+    def initialize_parameters(self, input: torch.Tensor) -> None:
+        super().initialize_parameters(input)
+        self.safety_state.owner = f"{self.cls_to_become.__name__}({self.num_features})"
+
+
+class SafeLazyBatchNorm1d(_SafeLazyBatchNormMixin, nn.LazyBatchNorm1d):
+    __doc__ = "nn.LazyBatchNorm1d, guarded: a SafeBatchNorm1d once its first input is seen.\n" + SAFETY_OPTIONS_DOC
+    cls_to_become = SafeBatchNorm1d
+
+
+class SafeLazyBatchNorm2d(_SafeLazyBatchNormMixin, nn.LazyBatchNorm2d):
+    __doc__ = "nn.LazyBatchNorm2d, guarded: a SafeBatchNorm2d once its first input is seen.\n" + SAFETY_OPTIONS_DOC
+    cls_to_become = SafeBatchNorm2d
+
+
+class SafeLazyBatchNorm3d(_SafeLazyBatchNormMixin, nn.LazyBatchNorm3d):
+    __doc__ = "nn.LazyBatchNorm3d, guarded: a SafeBatchNorm3d once its first input is seen.\n" + SAFETY_OPTIONS_DOC
+    cls_to_become = SafeBatchNorm3d
+
+
+SAFE_FOR_NATIVE = {nn.BatchNorm1d: SafeBatchNorm1d, nn.BatchNorm2d: SafeBatchNorm2d, nn.BatchNorm3d: SafeBatchNorm3d,
+                   nn.LazyBatchNorm1d: SafeLazyBatchNorm1d, nn.LazyBatchNorm2d: SafeLazyBatchNorm2d,
+                   nn.LazyBatchNorm3d: SafeLazyBatchNorm3d}

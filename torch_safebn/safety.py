@@ -377,15 +377,19 @@ def _ordinal(n: int) -> str:
 
 @dataclasses.dataclass
 class Report:
-    """Counters of every safe batch-norm module of a model; str() is a table."""
+    """Counters of every batch norm of a model, one row each: torch_safebn's
+    modules with their counters, and batch norms left unguarded (guarded
+    False, no counters). str() is a table."""
 
     rows: list[dict]
 
     def __str__(self) -> str:
         if not self.rows:
-            return "no torch_safebn modules"
+            return "no batch norms"
         columns = ["module", "class"] + [c.name.lower() for c in REPORTED]
-        table = [columns] + [[str(row[c]) for c in columns] for row in self.rows]
+        table = [columns] + [[str(row[c]) if row["guarded"] else "-" for c in columns[2:]] for row in self.rows]
+        for row, cells in zip(self.rows, table[1:]):
+            cells[:0] = [row["module"], row["class"] + ("" if row["guarded"] else " (unguarded)")]
         widths = [max(len(r[i]) for r in table) for i in range(len(columns))]
         lines = ["  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))) for r in table]
         lines.insert(1, "  ".join("-" * w for w in widths))
@@ -434,11 +438,17 @@ def _snapshots(modules) -> list[tuple[list[int] | None, list[str]]]:
 
 
 def report(model: torch.nn.Module) -> Report:
-    """Reads the counters of every torch_safebn module of `model` (one sync)."""
+    """Reads the counters of every torch_safebn module of `model` (one
+    sync), and lists the batch norms it does not guard."""
     pairs = list(_guarded_modules(model))
+    counters = {id(module): values for (module, _), (values, _) in zip(pairs, _snapshots([m for m, _ in pairs]))}
     rows = []
-    for (module, state), (values, _) in zip(pairs, _snapshots([m for m, _ in pairs])):
-        row = {"module": state.name or "(root)", "class": type(module).__name__}
+    for name, module in model.named_modules():
+        state = getattr(module, "safety_state", None)
+        if not isinstance(state, SafetyState) and not isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            continue
+        row = {"module": name or "(root)", "class": type(module).__name__, "guarded": isinstance(state, SafetyState)}
+        values = counters.get(id(module))
         for counter in REPORTED:
             row[counter.name.lower()] = values[counter] if values is not None else "-"
         rows.append(row)

@@ -19,6 +19,7 @@ as "timm:<name>" ("timm:efficientnet_b0"), untrained: nothing is downloaded.
 Both packages are optional (pip install 'torch_safebn[models]')."""
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import datetime
@@ -32,7 +33,6 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 import torch_safebn
 
@@ -165,16 +165,10 @@ def _similar(name: str, names: list[str]) -> str:
 
 def count_batch_norms(model: nn.Module) -> dict:
     """The batch norms of a converted model: how many, how many torch_safebn
-    guards (torch_safebn.report lists them), and the classes of those left native."""
-    guarded = {row["module"] for row in torch_safebn.report(model).rows}
-    left_native: dict[str, int] = {}
-    total = 0
-    for name, module in model.named_modules():
-        if isinstance(module, _BatchNorm):
-            total += 1
-            if (name or "(root)") not in guarded:  # report() names the model itself "(root)"
-                left_native[type(module).__name__] = left_native.get(type(module).__name__, 0) + 1
-    return {"total": total, "guarded": len(guarded), "left_native": left_native}
+    guards, and the classes of those left native (torch_safebn.report's rows)."""
+    rows = torch_safebn.report(model).rows
+    left_native = collections.Counter(row["class"] for row in rows if not row["guarded"])
+    return {"total": len(rows), "guarded": len(rows) - left_native.total(), "left_native": dict(left_native)}
 
 
 def compile_model(model: nn.Module) -> Callable:
