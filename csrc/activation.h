@@ -39,7 +39,9 @@ SAFEBN_HOST_DEVICE acc_t sigmoid(acc_t z) {
 
 // forward(z, p) and derivative(z, p) for each activation, p its parameter.
 // The derivatives at kinks are torch's: relu'(0) = 0, relu6' is 0 at 0 and
-// 6, leaky_relu'(0) = slope, hardswish' is z / 3 + 1/2 on [-3, 3].
+// 6, leaky_relu'(0) = slope, hardswish' is 0 at -3 and 1 at 3. A NaN z stays
+// NaN through every forward, as through torch's activations: the comparisons
+// send a NaN down the branch that returns z.
 struct Identity {
   template <typename acc_t>
   static SAFEBN_HOST_DEVICE acc_t forward(acc_t z, acc_t) { return z; }
@@ -49,7 +51,7 @@ struct Identity {
 
 struct Relu {
   template <typename acc_t>
-  static SAFEBN_HOST_DEVICE acc_t forward(acc_t z, acc_t) { return z > acc_t(0) ? z : acc_t(0); }
+  static SAFEBN_HOST_DEVICE acc_t forward(acc_t z, acc_t) { return z < acc_t(0) ? acc_t(0) : z; }
   template <typename acc_t>
   static SAFEBN_HOST_DEVICE acc_t derivative(acc_t z, acc_t) { return z > acc_t(0) ? acc_t(1) : acc_t(0); }
 };
@@ -57,7 +59,7 @@ struct Relu {
 struct Relu6 {
   template <typename acc_t>
   static SAFEBN_HOST_DEVICE acc_t forward(acc_t z, acc_t) {
-    return z > acc_t(0) ? (z < acc_t(6) ? z : acc_t(6)) : acc_t(0);
+    return z < acc_t(0) ? acc_t(0) : (z > acc_t(6) ? acc_t(6) : z);
   }
   template <typename acc_t>
   static SAFEBN_HOST_DEVICE acc_t derivative(acc_t z, acc_t) {
@@ -122,8 +124,8 @@ struct Hardswish {
   }
   template <typename acc_t>
   static SAFEBN_HOST_DEVICE acc_t derivative(acc_t z, acc_t) {
-    if (z < acc_t(-3)) return acc_t(0);
-    if (z > acc_t(3)) return acc_t(1);
+    if (z <= acc_t(-3)) return acc_t(0);
+    if (z >= acc_t(3)) return acc_t(1);
     return (acc_t(2) * z + acc_t(3)) / acc_t(6);
   }
 };

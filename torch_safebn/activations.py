@@ -140,7 +140,7 @@ def reference_derivative(z: torch.Tensor, kind: int, param: float) -> torch.Tens
     if kind == Activation.RELU6:
         return ((z > 0) & (z < 6)).to(z.dtype)
     if kind == Activation.LEAKY_RELU:
-        return torch.where(z > 0, 1.0, param).to(z.dtype)
+        return torch.where(z > 0, 1.0, torch.full_like(z, param))  # a tensor: two scalars would give float32
     if kind == Activation.SILU:
         s = torch.sigmoid(z)
         return s * (1 + z * (1 - s))
@@ -150,4 +150,4 @@ def reference_derivative(z: torch.Tensor, kind: int, param: float) -> torch.Tens
         inner = (2 / torch.pi) ** 0.5 * (z + 0.044715 * z**3)
         s = torch.sigmoid(2 * inner)
         return s + 2 * z * s * (1 - s) * (2 / torch.pi) ** 0.5 * (1 + 3 * 0.044715 * z * z)
-    return torch.where(z < -3, 0.0, torch.where(z > 3, 1.0, z / 3 + 0.5)).to(z.dtype)  # hardswish
+    return torch.where(z <= -3, 0.0, torch.where(z >= 3, 1.0, z / 3 + 0.5)).to(z.dtype)  # hardswish

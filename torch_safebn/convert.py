@@ -9,12 +9,12 @@ forward, so it is named in a warning instead):
   nn.SyncBatchNorm            -> SafeSyncBatchNorm
   timm's BatchNormAct2d       -> SafeBatchNormAct2d
   timm's SyncBatchNormAct     -> SafeSyncBatchNormAct
-timm stays optional: its classes are looked up only when timm is installed."""
+timm stays optional: its classes are looked up only when timm has been imported."""
 from __future__ import annotations
 
 import collections
 import dataclasses
-import importlib.util
+import sys
 import warnings
 
 from torch import nn
@@ -36,8 +36,9 @@ class UnconvertedBatchNormError(TypeError):
 
 def _timm_classes() -> dict[type, type]:
     """timm's batch norms with an activation, by their safe counterparts, if
-    timm is installed (found without importing it otherwise)."""
-    if importlib.util.find_spec("timm") is None:
+    timm is imported: a model can hold timm's modules only then, and a model
+    without them need not pay for timm's import (or fail with it)."""
+    if sys.modules.get("timm") is None:
         return {}
     from timm.layers import norm_act
 
@@ -82,7 +83,8 @@ def _rebuild(module: nn.Module, cls: type, process_group=None, **options) -> nn.
     reference = next(iter(module.state_dict().values()), None)
     device = None if reference is None else reference.device
     if issubclass(cls, _LAZY):  # no num_features until the first input
-        new = cls(module.eps, module.momentum, module.affine, module.track_running_stats, device=device, **options)
+        new = cls(module.eps, module.momentum, module.affine, module.track_running_stats, device=device,
+                  **arguments, **options)
     else:
         new = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
                   device=device, **arguments, **options)

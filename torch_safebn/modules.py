@@ -4,6 +4,8 @@ Same constructor (plus keyword-only safety options), same state_dict keys,
 same numbers; the forward goes through functional.guarded_batch_norm."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -38,6 +40,9 @@ SAFETY_OPTIONS_DOC = """
 
     torch_safebn.report(model) reads the per-module counters.
 """
+
+
+_SAFETY_OPTIONS = tuple(field.name for field in dataclasses.fields(Policy))
 
 
 def _policy(on_degenerate="raise", on_nonfinite="raise", on_single_sample="warn", freeze_stats=False, checks=True,
@@ -166,9 +171,12 @@ class _SafeLazyBatchNormMixin(_SafeBatchNormMixin):
 
     def __init__(self, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, **options) -> None:
-        policy = _policy(track_running_stats=track_running_stats, **options)
-        # nn.LazyBatchNorm's __init__, past the mixin's (which takes num_features)
-        super(_SafeBatchNormMixin, self).__init__(eps, momentum, affine, track_running_stats, device, dtype)
+        safety_options = {name: options.pop(name) for name in _SAFETY_OPTIONS if name in options}
+        policy = _policy(track_running_stats=track_running_stats, **safety_options)
+        # nn.LazyBatchNorm's __init__, past the mixin's (which takes num_features); what
+        # is left of the options are the installed torch's, e.g. bias=False
+        super(_SafeBatchNormMixin, self).__init__(eps, momentum, affine, track_running_stats, device, dtype,
+                                                  **options)
         self._init_safety(policy, device)
 
     def initialize_parameters(self, input: torch.Tensor) -> None:
