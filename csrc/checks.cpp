@@ -1,9 +1,12 @@
 // The argument checks every device's implementation shares (checks.h).
 #include "checks.h"
 
+#include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <string>
 
 #include "guard.h"
@@ -68,6 +71,37 @@ void check_update_args(const std::optional<at::Tensor>& running_mean, const std:
               "momentum=None (a cumulative average) needs num_batches_tracked");
   TORCH_CHECK_VALUE(!momentum.has_value() || (*momentum >= 0 && *momentum <= 1),
               "momentum must be None (a cumulative average) or in [0, 1], got ", *momentum);
+}
+
+void check_guard_tensor(const std::optional<at::Tensor>& t, const at::Tensor& mean, const char* name,
+                        bool per_channel) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->device() == mean.device(), name, " is on ", t->device(), " but the statistics are on ",
+              mean.device(), ". Move the module and the input to the same device.");
+  TORCH_CHECK(!per_channel || t->numel() == mean.numel(), name, " must have one value per channel (",
+              mean.numel(), "), got shape ", t->sizes(), ".");
+}
+
+void check_running_stats_args(const at::Tensor& counters, const at::Tensor& running_mean,
+                              const at::Tensor& running_var, const std::optional<at::Tensor>& weight,
+                              const std::optional<at::Tensor>& bias, double eps) {
+  check_eps(eps);
+  check_counters(counters, running_mean.device());
+  check_guard_tensor(running_var, running_mean, "running_var", true);
+  check_guard_tensor(weight, running_mean, "weight", true);
+  check_guard_tensor(bias, running_mean, "bias", true);
+}
+
+int64_t* counters_data(const std::optional<at::Tensor>& counters) {
+  return counters.has_value() ? counters->mutable_data_ptr<int64_t>() : nullptr;
+}
+
+double largest_finite_value(at::ScalarType buffer_type, bool accumulate_in_double) {
+  double value = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, buffer_type, "largest_finite", [&] {
+    value = static_cast<double>(std::numeric_limits<scalar_t>::max());
+  });
+  return accumulate_in_double ? value : std::min<double>(value, std::numeric_limits<float>::max());
 }
 
 void check_counters(const std::optional<at::Tensor>& counters, const at::Device& device) {

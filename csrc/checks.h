@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <type_traits>
 
 #include "activation.h"
 #include "geometry.h"
@@ -29,8 +30,29 @@ ActivationArg activation_arg(int64_t code, double param);
 void check_update_args(const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
                        const std::optional<at::Tensor>& num_batches_tracked, std::optional<double> momentum);
 
+// A tensor the guard reads or writes beside the statistics `mean` (a per-channel
+// one has mean's number of values): on mean's device.
+void check_guard_tensor(const std::optional<at::Tensor>& t, const at::Tensor& mean, const char* name,
+                        bool per_channel);
+
 // A module's counters: kNumCounters contiguous int64 values on `device`.
 void check_counters(const std::optional<at::Tensor>& counters, const at::Device& device);
+
+// The counters' values for the kernels; nullptr without counters.
+int64_t* counters_data(const std::optional<at::Tensor>& counters);
+
+// What every device's check_running_stats requires of its arguments.
+void check_running_stats_args(const at::Tensor& counters, const at::Tensor& running_mean,
+                              const at::Tensor& running_var, const std::optional<at::Tensor>& weight,
+                              const std::optional<at::Tensor>& bias, double eps);
+
+// The largest finite value of a buffer dtype that acc_t (float or double)
+// also holds: the bound the guarded update keeps running statistics within.
+double largest_finite_value(at::ScalarType buffer_type, bool accumulate_in_double);
+template <typename acc_t>
+acc_t largest_finite(at::ScalarType buffer_type) {
+  return static_cast<acc_t>(largest_finite_value(buffer_type, std::is_same_v<acc_t, double>));
+}
 
 // What forward_train requires of the buffers it updates, checked before
 // anything is computed: an error leaves every buffer as it was.

@@ -44,7 +44,11 @@ TORCH_LIBRARY(safebn, m) {
         "Tensor sum_dy, Tensor sum_dy_xmu, SymInt count) -> Tensor");
   m.def("update_running_stats(Tensor(a!)? running_mean, Tensor(b!)? running_var, "
         "Tensor(c!)? num_batches_tracked, Tensor(d!)? counters, Tensor mean, Tensor invstd, "
-        "Tensor? weight, Tensor? bias, SymInt count, float eps, float? momentum) -> ()");
+        "Tensor? weight, Tensor? bias, SymInt count, float eps, float? momentum, bool single_sample=False) -> ()");
+  // batch_norm_eval's check alone, for code that normalizes with other ops
+  // (the compiled path, torch_safebn/lowering.py).
+  m.def("check_running_stats(Tensor(a!) counters, Tensor running_mean, Tensor running_var, Tensor? weight, "
+        "Tensor? bias, float eps) -> ()");
 
   // The host's response to a module's counters inside compiled code: raise,
   // warn or count as the module's policy says (torch_safebn/safety.py). Its

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import torch_safebn
+from torch_safebn.safety import Counter
 
 
 def _model():
@@ -164,3 +165,116 @@ def test_fx_tracing_a_lone_batch_norm_fails_as_native():
     for module in (nn.BatchNorm2d(3), torch_safebn.SafeBatchNorm2d(3)):
         with pytest.raises(torch.fx.proxy.TraceError):
             torch.fx.symbolic_trace(module)
+
+
+def _dynamo_graph_targets(model, x):
+    """The ops in the graph torch.compile hands its backend, as strings."""
+    torch._dynamo.reset()
+    targets = []
+
+    def recording(gm, example_inputs):
+        targets.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    torch.compile(model, backend=recording, fullgraph=True)(x)
+    return targets
+
+
+def test_compiling_lowers_the_batch_norm_to_aten_ops_that_inductor_fuses():
+    """On a device in LOWERED_DEVICE_TYPES the compiled graph normalizes with aten ops (no opaque
+    safebn kernel for inductor to work around) and keeps the guard's update and the host's observe
+    as ops; taken out of the set, the device gets the fused safebn op."""
+    model, x = _model(), torch.randn(4, 3, 10, 10)
+    lowered = _dynamo_graph_targets(model, x)
+    assert "safebn.batch_norm_train.default" not in lowered
+    assert lowered.count("safebn.update_running_stats.default") == 2
+    assert lowered.count("safebn.observe.default") == 2
+    assert sum("native_batch_norm" in target for target in lowered) == 2
+    assert _dynamo_graph_targets(model.eval(), x).count("safebn.check_running_stats.default") == 2
+    torch_safebn.lowering.LOWERED_DEVICE_TYPES.discard("cpu")
+    try:
+        opaque = _dynamo_graph_targets(model.train(), x)
+    finally:
+        torch_safebn.lowering.LOWERED_DEVICE_TYPES.add("cpu")
+    assert opaque.count("safebn.batch_norm_train.default") == 2 and "safebn.update_running_stats.default" not in opaque
+
+
+def _native_and_converted(act):
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), act(), nn.Conv2d(8, 4, 3), nn.BatchNorm2d(4)]
+    native = nn.Sequential(*layers).double()
+    if act is not nn.ReLU:  # the fused form, as convert_model makes it from timm's BatchNormAct2d
+        native[1] = torch_safebn.SafeBatchNormAct2d(8, act=act()).double()
+        native[2] = nn.Identity()
+        reference = copy.deepcopy(native)
+        reference[1] = nn.Sequential(nn.BatchNorm2d(8), act()).double()
+        reference[1][0].load_state_dict(native[1].state_dict())
+        return reference, torch_safebn.convert_model(native)
+    return native, torch_safebn.convert_model(copy.deepcopy(native))
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.SiLU, nn.Hardswish], ids=["relu", "fused_silu", "fused_hardswish"])
+def test_compiled_converted_model_trains_as_compiled_native_to_rounding(act):
+    """Three SGD steps in float64 under inductor, then an eval forward: outputs, gradients,
+    parameters and every buffer of the converted model equal the native model's to rounding."""
+    native, safe = _native_and_converted(act)
+    runs = []
+    for model in (native, safe):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        outputs = []
+        for step in range(3):
+            x = torch.randn(4 + step, 3, 10, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
+            output = compiled(x)
+            optimizer.zero_grad()
+            output.square().mean().backward()
+            optimizer.step()
+            outputs.append(output.detach())
+        model.eval()
+        x = torch.randn(3, 3, 10, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+        outputs.append(compiled(x))
+        runs.append((outputs, list(model.state_dict().values())))
+    (native_outputs, native_state), (safe_outputs, safe_state) = runs
+    for a, b in zip(native_outputs + native_state, safe_outputs + safe_state, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+
+
+def test_a_nan_batch_in_a_compiled_step_leaves_the_buffers_counts_and_raises():
+    """The guard inside the compiled graph: the running statistics and num_batches_tracked keep
+    their values, the counters record the skipped update, NonFiniteError names the step; the
+    next clean batch trains as before."""
+    torch._dynamo.reset()
+    model = _model()
+    compiled = torch.compile(model, fullgraph=True)
+    compiled(torch.randn(4, 3, 10, 10))
+    before = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    poisoned = torch.randn(4, 3, 10, 10)
+    poisoned[1, 2, 3, 4] = float("nan")
+    with pytest.raises(torch_safebn.NonFiniteError, match="training step 1"):
+        compiled(poisoned)
+    for name, buffer in model.named_buffers():
+        if name.endswith("safety_counters"):
+            continue
+        torch.testing.assert_close(buffer, before[name], rtol=0, atol=0, equal_nan=False, msg=name)
+    counters = model[1].safety_counters
+    assert counters[Counter.NONFINITE_EVENTS] == 1
+    assert counters[Counter.SKIPPED_UPDATES] == 1
+    compiled(torch.randn(4, 3, 10, 10))
+    assert int(model[1].num_batches_tracked) == 2
+
+
+def test_compiled_eval_checks_the_running_statistics():
+    """In eval mode the lowered graph still checks what it normalizes with: a NaN running_var
+    raises as in eager, and the counters say which statistic was at fault."""
+    torch._dynamo.reset()
+    model = _model().eval()
+    model[1].running_var[3] = float("nan")
+    with pytest.raises(torch_safebn.NonFiniteError) as compiled_error:
+        torch.compile(model, fullgraph=True)(torch.randn(2, 3, 10, 10))
+    eager = _model().eval()
+    eager[1].running_var[3] = float("nan")
+    with pytest.raises(torch_safebn.NonFiniteError) as eager_error:
+        eager(torch.randn(2, 3, 10, 10))
+    assert str(compiled_error.value) == str(eager_error.value)
+    assert model[1].safety_counters.tolist() == eager[1].safety_counters.tolist()

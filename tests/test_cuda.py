@@ -183,6 +183,7 @@ def _update_sequence(device, buffer_dtype):
     OPS.update_running_stats(rm, rv, nbt, counters, mean, t(1e-4, 1e-4, 1e-4), None, None, 5, 1e-5, 0.5)
     OPS.update_running_stats(rm, rv, None, None, mean, invstd, None, None, 6, 1e-5, 0.2)  # unguarded
     OPS.update_running_stats(None, None, None, counters, mean, invstd, None, None, 6, 1e-5, 0.2)
+    OPS.update_running_stats(rm, rv, nbt, counters, mean, invstd, None, None, 6, 1e-5, 0.2, True)  # one example
     return rm.cpu(), rv.cpu(), nbt.cpu(), counters.cpu()
 
 
@@ -235,12 +236,13 @@ def test_eval_check_matches_cpu():
         bad_bias = torch.tensor([0, float("inf"), 0, 0], device=device)
         OPS.batch_norm_eval(x, None, bad_bias, one, bad_var, counters, 1e-5)
         OPS.batch_norm_eval(x, None, None, one, bad_var, counters, 1e-5)
+        OPS.check_running_stats(counters, one, bad_var, one, bad_bias, 1e-5)  # the compiled path's check
         return counters.cpu()
 
     actual, expected = run(DEVICE), run("cpu")
     assert torch.equal(actual, expected), (actual, expected)
-    # Two events, none reported: the channel slots describe the first.
-    assert actual[Counter.NONFINITE_EVENTS] == 2 and actual[Counter.BAD_VAR_CHANNELS] == 2
+    # Three events, none reported: the channel slots describe the first.
+    assert actual[Counter.NONFINITE_EVENTS] == 3 and actual[Counter.BAD_VAR_CHANNELS] == 2
     assert actual[Counter.BAD_BIAS_CHANNELS] == 1 and actual[Counter.EVENT_IN_TRAINING] == 0
 
 
@@ -301,6 +303,7 @@ def test_opcheck_every_op(shape, dtype, layout):
         (OPS.backward_elemt.default, (grad, x.detach(), w.detach(), mean, invstd, sum_dy, sum_dy_xmu, count)),
         (OPS.update_running_stats.default, (*[t.clone() for t in buffers], mean, invstd,
                                             w.detach(), b.detach(), count, eps, None)),
+        (OPS.check_running_stats.default, (counters.clone(), mean, var, w.detach(), b.detach(), eps)),
     ]
     for op, args in calls:
         torch.library.opcheck(op, args)

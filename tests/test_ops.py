@@ -60,6 +60,8 @@ def test_opcheck_every_op(shape, dtype, layout):
         (OPS.backward_reduce.default, (grad, x.detach(), mean)),
         (OPS.backward_elemt.default, (grad, x.detach(), w.detach(), mean, invstd, sum_dy, sum_dy_xmu, count)),
         (OPS.update_running_stats.default, (*_buffers(C, acc), mean, invstd, w.detach(), b.detach(), count, eps, None)),
+        (OPS.update_running_stats.default, (*_buffers(C, acc), mean, invstd, None, None, count, eps, 0.1, True)),
+        (OPS.check_running_stats.default, (_buffers(C, acc)[3], mean, var, w.detach(), b.detach(), eps)),
     ]
     for op, args in calls:
         torch.library.opcheck(op, args)
@@ -216,3 +218,34 @@ def test_large_outputs_reuse_freed_blocks_and_write_every_element(shape, layout)
         assert faults < fresh_block_faults, f"{name}: {faults} page faults writing a reused block"
         assert got.is_contiguous(memory_format=LAYOUTS[layout]), name
         assert torch.equal(got, want), f"{name}: an element kept the freed block's NaN"
+
+
+@pytest.mark.parametrize("impl", ["compiled", "reference"])
+def test_single_sample_batches_are_counted_by_the_update(impl):
+    """update_running_stats(single_sample=True), the compiled path's and SafeSyncBatchNorm's way of
+    counting a batch of one example, counts it beside the batch; the default counts none."""
+    update = OPS.update_running_stats if impl == "compiled" else reference.update_running_stats
+    counters, ok = torch.zeros(NUM_COUNTERS, dtype=torch.int64), torch.ones(3)
+    update(None, None, None, counters, ok, ok, None, None, 8, 1e-5, 0.1)
+    update(None, None, None, counters, ok, ok, None, None, 8, 1e-5, 0.1, True)
+    assert counters[Counter.BATCHES] == 2 and counters[Counter.SINGLE_SAMPLE_BATCHES] == 1
+
+
+@pytest.mark.parametrize("impl", ["compiled", "reference"])
+def test_check_running_stats_counts_what_batch_norm_eval_counts(impl):
+    """The eval check alone (the compiled path's) records the same event, channel by channel, as
+    batch_norm_eval's fused check, for float32 and float16 buffers."""
+    check = OPS.check_running_stats if impl == "compiled" else reference.check_running_stats
+    for dtype in (torch.float32, torch.float16):
+        mean = torch.tensor([0.0, float("inf"), 0.0, 0.0], dtype=dtype)
+        var = torch.tensor([1.0, 1.0, float("nan"), -1.0], dtype=dtype)
+        weight, bias = torch.tensor([1.0, 1.0, 1.0, float("nan")]), None
+        alone, fused = (torch.zeros(NUM_COUNTERS, dtype=torch.int64) for _ in range(2))
+        check(alone, mean, var, weight, bias, 1e-5)
+        OPS.batch_norm_eval(torch.randn(2, 4, dtype=torch.float32), weight, bias, mean.float(), var.float(), fused,
+                            1e-5)
+        assert alone.tolist() == fused.tolist()
+        assert alone[Counter.NONFINITE_EVENTS] == 1 and alone[Counter.BAD_VAR_CHANNELS] == 2
+        assert alone[Counter.BAD_MEAN_CHANNELS] == 1 and alone[Counter.BAD_WEIGHT_CHANNELS] == 1
+        check(alone, torch.zeros(4, dtype=dtype), torch.ones(4, dtype=dtype), None, None, 1e-5)
+        assert alone[Counter.NONFINITE_EVENTS] == 1, "finite statistics are no event"

@@ -30,7 +30,9 @@ SCHEMAS = {
     "Tensor sum_dy, Tensor sum_dy_xmu, SymInt count) -> Tensor",
     "update_running_stats": "(Tensor(a!)? running_mean, Tensor(b!)? running_var, "
     "Tensor(c!)? num_batches_tracked, Tensor(d!)? counters, Tensor mean, Tensor invstd, "
-    "Tensor? weight, Tensor? bias, SymInt count, float eps, float? momentum) -> ()",
+    "Tensor? weight, Tensor? bias, SymInt count, float eps, float? momentum, bool single_sample=False) -> ()",
+    "check_running_stats": "(Tensor(a!) counters, Tensor running_mean, Tensor running_var, Tensor? weight, "
+    "Tensor? bias, float eps) -> ()",
     "observe": "(Tensor(a!) counters, int module, SymInt[] shape, int event) -> ()",
 }
 # Composites of other ops, which autograd, fake tensors and compilers see
@@ -159,7 +161,13 @@ def _(grad_output, input, weight, mean, invstd, sum_dy, sum_dy_xmu, count):
 
 
 @_register_fake("update_running_stats")
-def _(running_mean, running_var, num_batches_tracked, counters, mean, invstd, weight, bias, count, eps, momentum):
+def _(running_mean, running_var, num_batches_tracked, counters, mean, invstd, weight, bias, count, eps, momentum,
+      single_sample=False):
+    return None
+
+
+@_register_fake("check_running_stats")
+def _(counters, running_mean, running_var, weight, bias, eps):
     return None
 
 

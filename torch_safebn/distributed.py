@@ -22,7 +22,7 @@ from . import functional
 from ._ops import OPS
 from .modules import _SafeBatchNormMixin
 from .reference import accumulate_dtype
-from .safety import Counter, SafetyState
+from .safety import SafetyState
 
 __all__ = ["SafeSyncBatchNorm", "sync_batch_norm"]
 
@@ -196,14 +196,14 @@ def sync_batch_norm(
             return functional.guarded_batch_norm(input, weight, bias, running_mean, running_var,
                                                  num_batches_tracked, counters, False, momentum, eps, state)
         state.degenerate_refused(shape)
-    if guarded and stats.examples == 1 and stats.count > 1:
+    single_sample = guarded and stats.examples == 1 and stats.count > 1
+    if single_sample:
         state.single_sample(counters, shape)
-        counters[Counter.SINGLE_SAMPLE_BATCHES] += 1  # update_running_stats does not see the group's batch size
 
     output = _SyncBatchNormFunction.apply(input, weight, bias, stats.mean, stats.invstd, stats.count, group)
     if running_mean is not None or counters is not None:
         OPS.update_running_stats(running_mean, running_var, num_batches_tracked, counters, stats.mean, stats.invstd,
-                                 weight, bias, stats.count, eps, momentum)
+                                 weight, bias, stats.count, eps, momentum, single_sample)
     if counters is not None:
         state.after_op(counters, shape, training=True)
     return output

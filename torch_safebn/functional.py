@@ -6,13 +6,15 @@ output and the check of the running statistics), then the module's
 SafetyState acts on what the op counted. What depends on the shape alone (a
 batch of one example, one value per channel) is decided here, before the op.
 In compiled code every host action goes through the safebn::observe op, so
-that it happens at run time, in the step that saw it, as in eager code."""
+that it happens at run time, in the step that saw it, as in eager code, and
+the op is written in ATen ops that the compiler fuses (lowering.py)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
 
+from . import lowering
 from ._ops import OPS
 from .activations import activation_module, fused_activation
 from .safety import NUM_COUNTERS, Event, Policy, SafetyState, validate_eps, validate_momentum
@@ -105,10 +107,14 @@ def guarded_batch_norm(
     `use_batch_stats`, else normalizes with the running statistics; then
     applies the fused activation (activations.Activation, 0: none)."""
     compiling = torch.compiler.is_compiling()
+    if compiling and lowering.lowers(input):  # in ATen ops, which inductor fuses with their neighbours
+        train, evaluate = lowering.batch_norm_train, lowering.batch_norm_eval
+    else:
+        train, evaluate = OPS.batch_norm_train.default, OPS.batch_norm_eval.default
     # The activation's arguments only where there is one: a plain call parses two fewer.
     fused = (activation, activation_param) if activation else ()
     if not use_batch_stats:
-        output = OPS.batch_norm_eval.default(input, weight, bias, running_mean, running_var, counters, eps, *fused)
+        output = evaluate(input, weight, bias, running_mean, running_var, counters, eps, *fused)
         if counters is not None:  # the hot path, spelled out: a Python call costs here
             if compiling:
                 _observe(state, counters, input, Event.EVAL_CALL, compiling)
@@ -123,13 +129,12 @@ def guarded_batch_norm(
                     f"Expected more than 1 value per channel when training, got input size {input.size()}")
             if state.policy.on_degenerate == "running_stats" and running_mean is not None:
                 _observe(state, counters, input, Event.DEGENERATE_HANDLED, compiling)
-                return OPS.batch_norm_eval.default(input, weight, bias, running_mean, running_var, counters, eps,
-                                                   *fused)
+                return evaluate(input, weight, bias, running_mean, running_var, counters, eps, *fused)
             _observe(state, counters, input, Event.DEGENERATE_REFUSED, compiling)
         elif counters is not None and state.policy.on_single_sample != "ignore":
             _observe(state, counters, input, Event.SINGLE_SAMPLE, compiling)
-    output = OPS.batch_norm_train.default(input, weight, bias, running_mean, running_var, num_batches_tracked,
-                                          counters, momentum, eps, *fused)
+    output = train(input, weight, bias, running_mean, running_var, num_batches_tracked, counters, momentum, eps,
+                   *fused)
     if counters is not None:
         if compiling:
             _observe(state, counters, input, Event.TRAINING_BATCH, compiling)

@@ -11,6 +11,7 @@ from .safety import Counter
 
 __all__ = [
     "accumulate_dtype",
+    "check_running_stats",
     "forward_train",
     "batch_norm_train",
     "batch_norm_eval",
@@ -193,10 +194,11 @@ def _update(running_mean, running_var, num_batches_tracked, counters, mean, invs
 
 
 def update_running_stats(
-    running_mean, running_var, num_batches_tracked, counters, mean, invstd, weight, bias, count, eps, momentum
+    running_mean, running_var, num_batches_tracked, counters, mean, invstd, weight, bias, count, eps, momentum,
+    single_sample=False,
 ):
     _update(running_mean, running_var, num_batches_tracked, counters, mean, invstd, weight, bias, count, eps,
-            momentum, single_sample=False)
+            momentum, single_sample=single_sample)
 
 
 def forward_train(input, weight, bias, running_mean, running_var, num_batches_tracked, counters, momentum, eps,
@@ -217,13 +219,19 @@ def batch_norm_train(input, weight, bias, running_mean, running_var, num_batches
                                           counters, momentum, eps, activation, activation_param)[0]
 
 
+def check_running_stats(counters, running_mean, running_var, weight, bias, eps):
+    """The eval call's check: one non-finite event where a running statistic,
+    the weight or the bias is not finite (or the variance below -eps)."""
+    with torch.no_grad():
+        var = running_var.to(accumulate_dtype(running_var.dtype))
+        var_ok = torch.isfinite(var) & (var + eps > 0)
+        faults = _faults(running_mean, var_ok, weight, bias)
+        _record_nonfinite(counters, faults, sum(faults) > 0, training=False)
+
+
 def batch_norm_eval(input, weight, bias, running_mean, running_var, counters, eps, activation=0,
                     activation_param=0.0):
     output = _forward_eval(input, weight, bias, running_mean, running_var, eps, activation, activation_param)
     if counters is not None:
-        with torch.no_grad():
-            var = running_var.to(accumulate_dtype(running_var.dtype))
-            var_ok = torch.isfinite(var) & (var + eps > 0)
-            faults = _faults(running_mean, var_ok, weight, bias)
-            _record_nonfinite(counters, faults, sum(faults) > 0, training=False)
+        check_running_stats(counters, running_mean, running_var, weight, bias, eps)
     return output

@@ -9,7 +9,6 @@
 
 #include <algorithm>
 #include <array>
-#include <limits>
 #include <vector>
 
 #include "../checks.h"
@@ -638,18 +637,7 @@ at::Tensor backward_elemt(const at::Tensor& grad_output, const at::Tensor& input
   return grad_input;
 }
 
-int64_t* counters_data(const std::optional<at::Tensor>& counters) {
-  return counters.has_value() ? counters->mutable_data_ptr<int64_t>() : nullptr;
-}
 
-template <typename acc_t>
-acc_t largest_finite(at::ScalarType type) {
-  double value = 0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, type, "largest_finite", [&] {
-    value = static_cast<double>(std::numeric_limits<scalar_t>::max());
-  });
-  return static_cast<acc_t>(std::min<double>(value, std::numeric_limits<acc_t>::max()));
-}
 
 // The guarded update after a training batch of `count` values per channel
 // (the group's, for SafeSyncBatchNorm), its statistics `mean` and `invstd`.
@@ -731,11 +719,25 @@ void update_running_stats(const std::optional<at::Tensor>& running_mean, const s
                           const std::optional<at::Tensor>& counters, const at::Tensor& mean,
                           const at::Tensor& invstd, const std::optional<at::Tensor>& weight,
                           const std::optional<at::Tensor>& bias, int64_t count, double eps,
-                          std::optional<double> momentum) {
+                          std::optional<double> momentum, bool single_sample) {
   check_update_args(running_mean, running_var, num_batches_tracked, momentum);
   check_counters(counters, mean.device());
   update_after_batch(running_mean, running_var, num_batches_tracked, counters, mean, invstd, weight, bias, count,
-                     eps, momentum, /*single_sample=*/false);
+                     eps, momentum, single_sample);
+}
+
+void check_running_stats(const at::Tensor& counters, const at::Tensor& running_mean, const at::Tensor& running_var,
+                         const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                         double eps) {
+  check_running_stats_args(counters, running_mean, running_var, weight, bias, eps);
+  AT_DISPATCH_FLOATING_TYPES(accumulate_type(running_var.scalar_type()), "safebn_check_running_stats", [&] {
+    using acc_t = scalar_t;
+    const ChannelValues<acc_t> mean(running_mean, 0), var(running_var, 0), w(weight, 1), b(bias, 0);
+    ChannelFaults faults;
+    for (int64_t c = 0; c < running_mean.numel(); ++c)
+      faults.add(eval_faults(mean[c], var[c], w[c], b[c], acc_t(eps)));
+    if (faults.any_nonfinite()) record_nonfinite(counters.mutable_data_ptr<int64_t>(), faults, /*training=*/false);
+  });
 }
 
 at::Tensor batch_norm_eval(const at::Tensor& input, const std::optional<at::Tensor>& weight,
@@ -759,6 +761,7 @@ TORCH_LIBRARY_IMPL(safebn, CPU, m) {
   m.impl("backward_reduce", &backward_reduce);
   m.impl("backward_elemt", &backward_elemt);
   m.impl("update_running_stats", &update_running_stats);
+  m.impl("check_running_stats", &check_running_stats);
 }
 
 }  // namespace safebn

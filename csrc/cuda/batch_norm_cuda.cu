@@ -14,7 +14,6 @@
 #include <array>
 #include <cstdint>
 #include <initializer_list>
-#include <limits>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -188,20 +187,6 @@ void map_channels(const Op& op, const Geometry& g, const scalar_t* in0, const sc
 
 // ---- the guard's arguments ---------------------------------------------------
 
-// A per-channel or bookkeeping tensor the guard kernels read or write: on the
-// device of the statistics, and (for per-channel ones) one value per channel.
-void check_guard_tensor(const std::optional<at::Tensor>& t, const at::Tensor& mean, const char* name,
-                        bool per_channel) {
-  if (!t.has_value()) return;
-  TORCH_CHECK(t->device() == mean.device(), name, " is on ", t->device(), " but the statistics are on ",
-              mean.device(), ". Move the module and the input to the same device.");
-  TORCH_CHECK(!per_channel || t->numel() == mean.numel(), name, " must have one value per channel (",
-              mean.numel(), "), got shape ", t->sizes(), ".");
-}
-
-int64_t* counters_data(const std::optional<at::Tensor>& counters) {
-  return counters.has_value() ? counters->mutable_data_ptr<int64_t>() : nullptr;
-}
 
 BufferType buffer_type(at::ScalarType type) {
   switch (type) {
@@ -213,14 +198,6 @@ BufferType buffer_type(at::ScalarType type) {
   }
 }
 
-template <typename acc_t>
-acc_t largest_finite(at::ScalarType type) {
-  double value = 0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, type, "largest_finite", [&] {
-    value = static_cast<double>(std::numeric_limits<scalar_t>::max());
-  });
-  return static_cast<acc_t>(std::min<double>(value, std::numeric_limits<acc_t>::max()));
-}
 
 // The running buffers the kernels update in place: each as it is, or a
 // contiguous copy (same dtype) that write_back() returns to it.
@@ -517,7 +494,7 @@ void update_running_stats(const std::optional<at::Tensor>& running_mean, const s
                           const std::optional<at::Tensor>& counters, const at::Tensor& mean_arg,
                           const at::Tensor& invstd_arg, const std::optional<at::Tensor>& weight,
                           const std::optional<at::Tensor>& bias, int64_t count, double eps,
-                          std::optional<double> momentum) {
+                          std::optional<double> momentum, bool single_sample) {
   check_update_args(running_mean, running_var, num_batches_tracked, momentum);
   TORCH_CHECK(mean_arg.is_cuda(), "the batch mean is on ", mean_arg.device(),
               " while other arguments are on a CUDA device. Keep the statistics on the module's device.");
@@ -542,13 +519,30 @@ void update_running_stats(const std::optional<at::Tensor>& running_mean, const s
   AT_DISPATCH_FLOATING_TYPES(acc, "safebn_update_running_stats", [&] {
     using acc_t = scalar_t;
     const RunningStatsArgs<acc_t> args = running_stats_args<acc_t>(buffers, num_batches_tracked, counters, mean,
-                                                                   invstd, w, b, count, /*single_sample=*/false, eps,
+                                                                   invstd, w, b, count, single_sample, eps,
                                                                    momentum);
     if (!args.enabled) return;
     update_running_stats_kernel<acc_t><<<1, kBlockThreads, 0, at::cuda::getCurrentCUDAStream()>>>(args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   buffers.write_back(running_mean, running_var);
+}
+
+void check_running_stats(const at::Tensor& counters, const at::Tensor& running_mean, const at::Tensor& running_var,
+                         const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                         double eps) {
+  check_running_stats_args(counters, running_mean, running_var, weight, bias, eps);
+  const c10::cuda::CUDAGuard device_guard(running_mean.device());
+  const at::ScalarType acc = accumulate_type(running_var.scalar_type());
+  const at::Tensor mean = channel_values(running_mean, acc), var = channel_values(running_var, acc);
+  const at::Tensor w = channel_values(weight, acc), b = channel_values(bias, acc);
+  AT_DISPATCH_FLOATING_TYPES(acc, "safebn_check_running_stats", [&] {
+    using acc_t = scalar_t;
+    check_running_stats_kernel<acc_t><<<1, kBlockThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        counters.mutable_data_ptr<int64_t>(), mean.const_data_ptr<acc_t>(), var.const_data_ptr<acc_t>(),
+        data_or_null<acc_t>(w), data_or_null<acc_t>(b), mean.numel(), acc_t(eps));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
 }  // namespace
@@ -563,6 +557,7 @@ TORCH_LIBRARY_IMPL(safebn, CUDA, m) {
   m.impl("backward_reduce", &cuda::backward_reduce);
   m.impl("backward_elemt", &cuda::backward_elemt);
   m.impl("update_running_stats", &cuda::update_running_stats);
+  m.impl("check_running_stats", &cuda::check_running_stats);
 }
 
 }  // namespace safebn

@@ -303,6 +303,13 @@ __device__ void check_eval_stats(int64_t* counters, const acc_t* running_mean, c
     record_nonfinite(counters, faults, /*training=*/false);
 }
 
+template <typename acc_t>
+__global__ void __launch_bounds__(kBlockThreads) check_running_stats_kernel(
+    int64_t* counters, const acc_t* running_mean, const acc_t* running_var, const acc_t* weight, const acc_t* bias,
+    int64_t channels, acc_t eps) {
+  check_eval_stats(counters, running_mean, running_var, weight, bias, channels, eps);
+}
+
 // ---- the ops ---------------------------------------------------------------
 // The elementwise ops come in two forms: without an activation (kFused
 // false), the batch norm alone as it always ran, and with one chosen at run

@@ -225,9 +225,10 @@ def _run_model(args: argparse.Namespace, device: torch.device):
         raise _fail(str(error)) from None
     per_impl = args.min_run_time  # the bar counts timed seconds, each implementation's share capped
     # No count or rate: seconds timed per second are no measure of progress anyone needs.
-    with _progress_bar(len(plan) * len(model_bench.IMPLS) * per_impl, "s",
+    impls = [model_bench.impls_for(config) for config in plan]
+    with _progress_bar(sum(map(len, impls)) * per_impl, "s",
                        bar_format="{l_bar}{bar}| [{elapsed}<{remaining}{postfix}]") as bar:
-        timed = [[0.0] * len(model_bench.IMPLS) for _ in plan]
+        timed = [[0.0] * len(config_impls) for config_impls in impls]
 
         def on_phase(text: str) -> None:
             bar.set_postfix_str(text)

@@ -35,16 +35,21 @@ import torch.nn.functional as F
 from torch import nn
 
 import torch_safebn
+from torch_safebn import lowering
 
 from .layer_bench import dtype_label
 from .machine import machine_block, torch_threads
 from .timing import Measurement, time_in_turns
 
-__all__ = ["FORMAT", "IMPLS", "ROW_FIELDS", "VARIANTS", "Config", "NotInstalled", "configs", "create_model", "run"]
+__all__ = ["FORMAT", "IMPLS", "ROW_FIELDS", "VARIANTS", "Config", "NotInstalled", "configs", "create_model", "impls_for",
+           "run"]
 
 FORMAT = "torch_safebn.model/1"
 VARIANTS = ("eager", "compile")
-IMPLS = ("native", "converted")
+# converted-kernels: the converted model compiled with its fused ops kept whole, not
+# lowered to ATen ops (torch_safebn/lowering.py): the compiled path's alternative,
+# timed beside it to choose between them.
+IMPLS = ("native", "converted", "converted-kernels")
 LR, MOMENTUM = 0.01, 0.9  # the step's cost does not depend on them; small enough not to diverge on one batch
 DEFAULT_MIN_RUN_TIME = 10.0  # timed seconds per implementation and config: steps take 0.01 to 10 s
 MIN_RUNS_FOR_IQR = 4
@@ -65,7 +70,8 @@ ROW_FIELDS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "model": (str, "the model's name as given: torchvision's, or timm:<name>"),
     "batch_size": (int, "images per step"),
     "image_size": (int, "height and width of the images"),
-    "impl": (str, "native (the model as built), or converted (convert_model of a copy of it)"),
+    "impl": (str, "native (the model as built), converted (convert_model of a copy of it), or converted-kernels "
+                  "(compile only: the converted model compiled with its fused ops kept, not lowered to ATen ops)"),
     "variant": (str, "eager, or compile (torch.compile(model); compilation is not timed)"),
     "layout": (str, "the model's and the images' memory format: contiguous or channels_last"),
     "dtype": (str, "the activations' dtype: float32, bfloat16 or float64"),
@@ -125,6 +131,11 @@ def configs(variants: Sequence[str], layouts: Sequence[str],
             for variant in variants for layout in layouts for dtype, param_dtype in dtypes]
 
 
+def impls_for(config: Config) -> tuple[str, ...]:
+    """The implementations a config times: converted-kernels only differs from converted when compiled."""
+    return IMPLS if config.variant == "compile" else IMPLS[:2]
+
+
 # -- models ------------------------------------------------------------------------------------
 def _optional(package: str, pin: str) -> object:
     try:
@@ -177,6 +188,23 @@ def compile_model(model: nn.Module) -> Callable:
 
 
 # -- steps -------------------------------------------------------------------------------------
+def _with_fused_ops(step: Callable[[], None], device_type: str) -> Callable[[], None]:
+    """step, compiled and run with the safebn ops kept whole on device_type.
+    Set around every call, not only the compiling one: a later compilation of
+    the same code must see the same choice."""
+    def kept() -> None:
+        lowered = lowering.LOWERED_DEVICE_TYPES
+        was_lowered = device_type in lowered
+        lowered.discard(device_type)
+        try:
+            step()
+        finally:
+            if was_lowered:
+                lowered.add(device_type)
+
+    return kept
+
+
 def _training_step(model: nn.Module, config: Config, images: torch.Tensor, labels: torch.Tensor) -> Callable[[], None]:
     """One training step of model (as configured), on the same batch every time."""
     forward = compile_model(model) if config.variant == "compile" else model
@@ -211,16 +239,19 @@ def _seconds_once(step: Callable[[], None], device: torch.device) -> float:
 def _time_config(config: Config, models: Sequence[nn.Module], images: torch.Tensor, labels: torch.Tensor,
                  threads: int, min_run_time: float, on_phase: Callable[[str], None] | None,
                  on_block: Callable[[int, float], None] | None) -> list[tuple[str, Measurement, float, int]]:
-    """Per implementation (IMPLS, in the order of models): its measurement, the
+    """Per implementation (impls_for(config), in the order of models): its measurement, the
     seconds of its first step (a compilation included) and the steps timed."""
     if config.variant == "compile":
         torch._dynamo.reset()  # each config compiles afresh: no recompilation limit, no earlier graph
     batch = images.to(dtype=config.param_dtype, memory_format=_MEMORY_FORMAT[config.layout])
     steps, first = [], []
-    for impl, model in zip(IMPLS, models):
+    impls = impls_for(config)
+    for impl, model in zip(impls, models):
         if on_phase:
             on_phase(f"{config.label()}: {impl}, first step" + (" (compiling)" if config.variant == "compile" else ""))
         step = _training_step(_prepared(model, config, images.device), config, batch, labels)
+        if impl == "converted-kernels":
+            step = _with_fused_ops(step, images.device.type)
         first.append(_seconds_once(step, images.device))
         steps.append(step)
     if on_phase:
@@ -233,7 +264,7 @@ def _time_config(config: Config, models: Sequence[nn.Module], images: torch.Tens
             on_block(i, block.raw_times[0])
 
     measurements = time_in_turns(steps, threads, min_run_time, count)
-    return list(zip(IMPLS, measurements, first, calls))
+    return list(zip(impls, measurements, first, calls))
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -270,7 +301,8 @@ def run(
         timings = []
         for index, config in enumerate(plan):
             on_block = functools.partial(on_timed, index) if on_timed else None
-            timed = _time_config(config, (native, converted), images, labels, threads, min_run_time, on_phase, on_block)
+            models = (native, converted, converted)
+            timed = _time_config(config, models, images, labels, threads, min_run_time, on_phase, on_block)
             timings.append((config, timed))
     rows = _rows(name, timings, machine, batch_size, image_size)
     return {

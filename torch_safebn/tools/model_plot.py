@@ -8,7 +8,7 @@ from .model_table import batch_norm_summary
 
 __all__ = ["plot_model"]
 
-COLOURS = {"native": "#8c8c8c", "converted": "#1f5fb4"}  # the layer plot's safebn blue
+COLOURS = {"native": "#8c8c8c", "converted": "#1f5fb4", "converted-kernels": "#7fa6d9"}  # the layer plot's safebn blue
 
 
 def plot_model(result: dict, path: str) -> None:

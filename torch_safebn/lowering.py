@@ -1,0 +1,56 @@
+"""The compiled path: what torch.compile traces in place of the fused safebn ops.
+
+Compiled, a native batch norm is decomposed by inductor and fused with its
+neighbours (the ReLU after it, the residual add, the next layer's reads),
+which an opaque op prevents. So while compiling, a guarded batch norm is
+written as native's: aten.native_batch_norm, which inductor decomposes, and
+the fused activation in ATen ops. The guard stays an op of its own over the
+per-channel statistics (safebn::update_running_stats, and in eval
+safebn::check_running_stats): it writes the buffers and the counters in
+place, so they hold what the step found when the observe op after it
+raises, as in eager code. A functional guard would have its writes copied
+back only at the end of the graph, after the raise, and lose them.
+
+torch.export keeps the fused ops (an exported program runs the kernels), and
+so does a device type missing from LOWERED_DEVICE_TYPES (change it before
+compiling). benchmarks/README.md has the model-level measurements behind
+the default."""
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from ._ops import OPS
+from .activations import reference_activation
+
+__all__ = ["LOWERED_DEVICE_TYPES", "lowers", "batch_norm_train", "batch_norm_eval"]
+
+LOWERED_DEVICE_TYPES = {"cpu", "cuda"}
+
+
+def lowers(input: torch.Tensor) -> bool:
+    """Whether this call, being compiled, is written in ATen ops."""
+    return input.device.type in LOWERED_DEVICE_TYPES and not torch.compiler.is_exporting()
+
+
+def batch_norm_train(input, weight, bias, running_mean, running_var, num_batches_tracked, counters, momentum, eps,
+                     activation=0, activation_param=0.0):
+    """safebn::batch_norm_train's result and effects, in ATen ops."""
+    output, mean, invstd = torch.native_batch_norm(input, weight, bias, None, None, True, 0.0, eps)
+    acc = reference.accumulate_dtype(input.dtype)
+    count = input.numel() // input.shape[1] if input.shape[1] else 0
+    with torch.no_grad():
+        OPS.update_running_stats.default(
+            running_mean, running_var, num_batches_tracked, counters, mean.detach().to(acc), invstd.detach().to(acc),
+            None if weight is None else weight.detach(), None if bias is None else bias.detach(), count, eps,
+            momentum, single_sample=input.shape[0] == 1 and count > 1)
+    return reference_activation(output, activation, activation_param)
+
+
+def batch_norm_eval(input, weight, bias, running_mean, running_var, counters, eps, activation=0,
+                    activation_param=0.0):
+    """safebn::batch_norm_eval's result and effects, in ATen ops."""
+    output = torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, eps)
+    if counters is not None:
+        OPS.check_running_stats.default(counters, running_mean, running_var, weight, bias, eps)
+    return reference_activation(output, activation, activation_param)
