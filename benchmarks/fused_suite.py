@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import datetime
 import itertools
 import json
 import os
@@ -72,8 +73,9 @@ def run(device: torch.device, threads: int, min_run_time: float) -> dict:
             print(f"{act} {rows[-1]['dtype']} {layout}: " + ", ".join(
                 f"{impl} {median * 1e6:.0f} us" for impl, median in medians.items()), flush=True)
         machine = machine_block(device, threads)
-    return {"format": "torch_safebn.fused/1", "machine": machine, "settings": {"min_run_time_s": min_run_time},
-            "rows": rows}
+    created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return {"format": "torch_safebn.fused/1", "created": created, "machine": machine,
+            "settings": {"min_run_time_s": min_run_time}, "rows": rows}
 
 
 def table(result: dict) -> str:

@@ -21,6 +21,9 @@ from .safety import NUM_COUNTERS, Event, Policy, SafetyState, validate_eps, vali
 
 __all__ = ["batch_norm", "batch_norm_act"]
 
+# The fused ops, looked up once: on the hot path each attribute costs.
+_TRAIN, _EVAL = OPS.batch_norm_train.default, OPS.batch_norm_eval.default
+
 
 def batch_norm(
     input: torch.Tensor,
@@ -110,7 +113,7 @@ def guarded_batch_norm(
     if compiling and lowering.lowers(input):  # in ATen ops, which inductor fuses with their neighbours
         train, evaluate = lowering.batch_norm_train, lowering.batch_norm_eval
     else:
-        train, evaluate = OPS.batch_norm_train.default, OPS.batch_norm_eval.default
+        train, evaluate = _TRAIN, _EVAL
     # The activation's arguments only where there is one: a plain call parses two fewer.
     fused = (activation, activation_param) if activation else ()
     if not use_batch_stats:
