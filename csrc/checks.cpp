@@ -76,17 +76,35 @@ void check_update_args(const std::optional<at::Tensor>& running_mean, const std:
 void check_guard_tensor(const std::optional<at::Tensor>& t, const at::Tensor& mean, const char* name,
                         bool per_channel) {
   if (!t.has_value()) return;
-  TORCH_CHECK(t->device() == mean.device(), name, " is on ", t->device(), " but the statistics are on ",
-              mean.device(), ". Move the module and the input to the same device.");
-  TORCH_CHECK(!per_channel || t->numel() == mean.numel(), name, " must have one value per channel (",
-              mean.numel(), "), got shape ", t->sizes(), ".");
+  TORCH_CHECK_VALUE(t->device() == mean.device(), name, " is on ", t->device(), " but the statistics are on ",
+                    mean.device(), ". Move the module and the input to the same device.");
+  TORCH_CHECK_VALUE(!per_channel || t->numel() == mean.numel(), name, " must have one value per channel (",
+                    mean.numel(), "), got shape ", t->sizes(), ". Check num_features of the module against the "
+                    "input's dimension 1.");
+}
+
+void check_update_tensors(const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+                          const std::optional<at::Tensor>& num_batches_tracked,
+                          const std::optional<at::Tensor>& counters, const at::Tensor& mean, const at::Tensor& invstd,
+                          const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                          std::optional<double> momentum) {
+  check_update_args(running_mean, running_var, num_batches_tracked, momentum);
+  check_guard_tensor(invstd, mean, "invstd", true);
+  check_guard_tensor(weight, mean, "weight", true);
+  check_guard_tensor(bias, mean, "bias", true);
+  check_guard_tensor(running_mean, mean, "running_mean", true);
+  check_guard_tensor(running_var, mean, "running_var", true);
+  check_guard_tensor(num_batches_tracked, mean, "num_batches_tracked", false);
+  check_counters(counters, mean.device(), "the statistics");
+  TORCH_CHECK(!running_mean.has_value() || running_mean->scalar_type() == running_var->scalar_type(),
+              "running_mean and running_var must have the same dtype, as nn.BatchNorm's buffers do.");
 }
 
 void check_running_stats_args(const at::Tensor& counters, const at::Tensor& running_mean,
                               const at::Tensor& running_var, const std::optional<at::Tensor>& weight,
                               const std::optional<at::Tensor>& bias, double eps) {
   check_eps(eps);
-  check_counters(counters, running_mean.device());
+  check_counters(counters, running_mean.device(), "the running statistics");
   check_guard_tensor(running_var, running_mean, "running_var", true);
   check_guard_tensor(weight, running_mean, "weight", true);
   check_guard_tensor(bias, running_mean, "bias", true);
@@ -104,14 +122,14 @@ double largest_finite_value(at::ScalarType buffer_type, bool accumulate_in_doubl
   return accumulate_in_double ? value : std::min<double>(value, std::numeric_limits<float>::max());
 }
 
-void check_counters(const std::optional<at::Tensor>& counters, const at::Device& device) {
+void check_counters(const std::optional<at::Tensor>& counters, const at::Device& device, const char* device_of) {
   if (!counters.has_value()) return;
   TORCH_CHECK(counters->scalar_type() == at::kLong && counters->numel() == kNumCounters && counters->is_contiguous(),
               "counters must be a contiguous int64 tensor of ", int64_t(kNumCounters),
               " elements (a module's safety_counters), got ", dtype_name(counters->scalar_type()), " of shape ",
               counters->sizes());
-  TORCH_CHECK_VALUE(counters->device() == device, "counters are on ", counters->device(), " but the input is on ", device,
-              ". Move the module and the input to the same device.");
+  TORCH_CHECK_VALUE(counters->device() == device, "counters are on ", counters->device(), " and ", device_of, " on ",
+                    device, ". Move the module and the input to the same device.");
 }
 
 void check_training_buffers(const at::Tensor& input, const std::optional<at::Tensor>& running_mean,

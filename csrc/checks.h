@@ -35,8 +35,19 @@ void check_update_args(const std::optional<at::Tensor>& running_mean, const std:
 void check_guard_tensor(const std::optional<at::Tensor>& t, const at::Tensor& mean, const char* name,
                         bool per_channel);
 
-// A module's counters: kNumCounters contiguous int64 values on `device`.
-void check_counters(const std::optional<at::Tensor>& counters, const at::Device& device);
+// A module's counters: kNumCounters contiguous int64 values on `device`,
+// that of `device_of` (named in the error).
+void check_counters(const std::optional<at::Tensor>& counters, const at::Device& device,
+                    const char* device_of = "the input");
+
+// What every device's update_running_stats requires: the buffers as
+// check_update_args says, and every tensor on the device of the batch's
+// statistics `mean`, the per-channel ones with mean's number of values.
+void check_update_tensors(const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+                          const std::optional<at::Tensor>& num_batches_tracked,
+                          const std::optional<at::Tensor>& counters, const at::Tensor& mean, const at::Tensor& invstd,
+                          const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                          std::optional<double> momentum);
 
 // The counters' values for the kernels; nullptr without counters.
 int64_t* counters_data(const std::optional<at::Tensor>& counters);

@@ -242,25 +242,29 @@ def test_compiled_converted_model_trains_as_compiled_native_to_rounding(act):
 
 def test_a_nan_batch_in_a_compiled_step_leaves_the_buffers_counts_and_raises():
     """The guard inside the compiled graph: the running statistics and num_batches_tracked keep
-    their values, the counters record the skipped update, NonFiniteError names the step; the
+    their values, the counters record the skipped update, NonFiniteError names the step, and no
+    layer after the one that raised has run its guard (every layer's counters are eager's); the
     next clean batch trains as before."""
     torch._dynamo.reset()
-    model = _model()
+    model, eager = _model(), _model()
     compiled = torch.compile(model, fullgraph=True)
-    compiled(torch.randn(4, 3, 10, 10))
+    batches = [torch.randn(4, 3, 10, 10, generator=torch.Generator().manual_seed(seed)) for seed in range(3)]
+    batches[1][1, 2, 3, 4] = float("nan")
+    compiled(batches[0])
+    eager(batches[0])
     before = {name: buffer.clone() for name, buffer in model.named_buffers()}
-    poisoned = torch.randn(4, 3, 10, 10)
-    poisoned[1, 2, 3, 4] = float("nan")
-    with pytest.raises(torch_safebn.NonFiniteError, match="training step 1"):
-        compiled(poisoned)
+    for forward in (compiled, eager):
+        with pytest.raises(torch_safebn.NonFiniteError, match="training step 1"):
+            forward(batches[1])
     for name, buffer in model.named_buffers():
         if name.endswith("safety_counters"):
             continue
         torch.testing.assert_close(buffer, before[name], rtol=0, atol=0, equal_nan=False, msg=name)
+    assert [m.safety_counters.tolist() for m in model[1::3]] == [m.safety_counters.tolist() for m in eager[1::3]]
     counters = model[1].safety_counters
     assert counters[Counter.NONFINITE_EVENTS] == 1
     assert counters[Counter.SKIPPED_UPDATES] == 1
-    compiled(torch.randn(4, 3, 10, 10))
+    compiled(batches[2])
     assert int(model[1].num_batches_tracked) == 2
 
 
@@ -278,3 +282,60 @@ def test_compiled_eval_checks_the_running_statistics():
         eager(torch.randn(2, 3, 10, 10))
     assert str(compiled_error.value) == str(eager_error.value)
     assert model[1].safety_counters.tolist() == eager[1].safety_counters.tolist()
+
+
+@pytest.mark.parametrize("options", [
+    {"momentum": None}, {"track_running_stats": False}, {"affine": False}, {"checks": False},
+    {"on_degenerate": "running_stats"}, {"freeze_stats": True}, {"on_nonfinite": "skip"},
+], ids=lambda options: ",".join(f"{k}={v}" for k, v in options.items()))
+def test_compiled_steps_match_eager_under_every_option(options):
+    """Each option takes its own branch of the lowered path; compiled (aot_eager: the lowering
+    happens while dynamo traces) and eager agree on outputs, input gradients and every buffer,
+    counters included, over steps of changing batch sizes, a single example, one value per
+    channel (where the option allows it), and an eval step."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    native_options = {k: v for k, v in options.items() if k in ("momentum", "track_running_stats", "affine")}
+    safety_options = {k: v for k, v in options.items() if k not in native_options}
+    native = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, **native_options), nn.ReLU()).double()
+    eager = torch_safebn.convert_model(native, **safety_options)
+    model = copy.deepcopy(eager)
+    compiled = torch.compile(model, backend="aot_eager")
+    shapes = [(4, 3, 5, 5), (3, 3, 5, 5), (1, 3, 5, 5)]
+    if options.get("on_degenerate") == "running_stats":
+        shapes.append((1, 3, 1, 1))
+    for step, shape in enumerate(shapes):
+        x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the single example's warning: the same in both
+            outputs = [forward(x.clone().requires_grad_()) for forward in (eager, compiled)]
+        torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-12, atol=1e-12)
+    eager.eval(), model.eval()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    torch.testing.assert_close(compiled(x), eager(x), rtol=1e-12, atol=1e-12)
+    for (name, a), (_, b) in zip(eager.named_buffers(), model.named_buffers(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=0, msg=name)
+
+
+def test_compiled_bfloat16_keeps_float32_statistics():
+    """bfloat16 input, float32 buffers (as under autocast): the compiled guard updates the running
+    statistics from float32 statistics, as the eager op does, not from ones rounded to bfloat16
+    (inductor's CPU decomposition of native_batch_norm returns those)."""
+    torch._dynamo.reset()
+    eager = torch_safebn.SafeBatchNorm2d(8)
+    model = copy.deepcopy(eager)
+    compiled = torch.compile(model, fullgraph=True)
+    x = (torch.randn(16, 8, 6, 6) * 3 + 1).to(torch.bfloat16)
+    eager(x), compiled(x)
+    torch.testing.assert_close(model.running_mean, eager.running_mean, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(model.running_var, eager.running_var, rtol=1e-5, atol=1e-7)
+
+
+def test_compiled_training_refuses_buffers_of_another_size():
+    """A module of 3 channels fed 8: the compiled guard refuses the buffers, as eager does, rather
+    than reading and writing past their end (without affine parameters nothing else checks)."""
+    torch._dynamo.reset()
+    model = torch_safebn.SafeBatchNorm2d(3, affine=False)
+    for forward in (torch.compile(model, backend="aot_eager"), model):
+        with pytest.raises(ValueError, match="one value per channel"):
+            forward(torch.randn(4, 8, 2, 2))

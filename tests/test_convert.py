@@ -439,7 +439,8 @@ def test_convert_model_does_not_import_timm():
 
 @pytest.mark.parametrize("how", list(_NO_TIMM))
 def test_convert_model_works_when_timm_cannot_be_imported(how):
-    """timm is optional: however it fails to import, convert_model converts nn.BatchNorm2d."""
+    """timm is optional: however it fails to import, convert_model converts nn.BatchNorm2d (it looks
+    timm's classes up only once timm is imported; these guard against a lookup that imports it)."""
     result = _run(_NO_TIMM[how])
     assert result.returncode == 0, result.stderr
     assert "timm imported: False" in result.stdout, result.stdout

@@ -304,6 +304,8 @@ def test_opcheck_every_op(shape, dtype, layout):
         (OPS.update_running_stats.default, (*[t.clone() for t in buffers], mean, invstd,
                                             w.detach(), b.detach(), count, eps, None)),
         (OPS.check_running_stats.default, (counters.clone(), mean, var, w.detach(), b.detach(), eps)),
+        (OPS.check_running_stats.default, (counters.clone(), mean, torch.full_like(var, float("nan")), None, None,
+                                           eps)),
     ]
     for op, args in calls:
         torch.library.opcheck(op, args)

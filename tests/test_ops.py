@@ -62,6 +62,8 @@ def test_opcheck_every_op(shape, dtype, layout):
         (OPS.update_running_stats.default, (*_buffers(C, acc), mean, invstd, w.detach(), b.detach(), count, eps, None)),
         (OPS.update_running_stats.default, (*_buffers(C, acc), mean, invstd, None, None, count, eps, 0.1, True)),
         (OPS.check_running_stats.default, (_buffers(C, acc)[3], mean, var, w.detach(), b.detach(), eps)),
+        (OPS.check_running_stats.default, (_buffers(C, acc)[3], mean, torch.full_like(var, float("nan")), None,
+                                           None, eps)),  # one that writes the counters
     ]
     for op, args in calls:
         torch.library.opcheck(op, args)

@@ -186,7 +186,7 @@ def _unconverted_message(counts: collections.Counter) -> str:
 
 def revert_model(model: nn.Module) -> nn.Module:
     """Replaces every torch_safebn batch norm by the class convert_model made
-    it from (timm's for SafeBatchNormAct2d, which needs timm installed)."""
+    it from (timm's for SafeBatchNormAct2d, which needs timm imported)."""
     table = {safe: native for native, safe in _safe_for_native().items()}
     unknown = collections.Counter()
 
@@ -198,5 +198,6 @@ def revert_model(model: nn.Module) -> nn.Module:
     model = _swap(model, choose, collections.Counter())
     if unknown:
         kept = ", ".join(f"{count} {name}" for name, count in sorted(unknown.items()))
-        warn_at_caller(f"revert_model kept {kept}: their native class comes from timm, which is not installed.")
+        warn_at_caller(f"revert_model kept {kept}: their native class comes from timm, which is not imported: "
+                       "import timm first.")
     return model

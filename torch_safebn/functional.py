@@ -17,6 +17,7 @@ import torch
 from . import lowering
 from ._ops import OPS
 from .activations import activation_module, fused_activation
+from .reference import values_per_channel
 from .safety import NUM_COUNTERS, Event, Policy, SafetyState, validate_eps, validate_momentum
 
 __all__ = ["batch_norm", "batch_norm_act"]
@@ -125,8 +126,7 @@ def guarded_batch_norm(
                 state.after_op(counters, input, training=False)
         return output
     if input.shape[0] == 1:
-        values_per_channel = input.numel() // input.shape[1] if input.shape[1] else 0
-        if values_per_channel == 1:
+        if values_per_channel(input) == 1:
             if counters is None:  # checks=False: native's error
                 raise ValueError(
                     f"Expected more than 1 value per channel when training, got input size {input.size()}")

@@ -38,12 +38,16 @@ def batch_norm_train(input, weight, bias, running_mean, running_var, num_batches
     """safebn::batch_norm_train's result and effects, in ATen ops."""
     output, mean, invstd = torch.native_batch_norm(input, weight, bias, None, None, True, 0.0, eps)
     acc = reference.accumulate_dtype(input.dtype)
-    count = input.numel() // input.shape[1] if input.shape[1] else 0
+    count = reference.values_per_channel(input)
     with torch.no_grad():
+        if input.dtype != acc:
+            # The statistics in acc's precision, as the eager op keeps them: on the CPU,
+            # inductor's decomposition rounds native_batch_norm's to the input's dtype.
+            var, mean = torch.var_mean(input.to(acc), [0, *range(2, input.dim())], correction=0)
+            invstd = torch.rsqrt(var + eps)
         OPS.update_running_stats.default(
-            running_mean, running_var, num_batches_tracked, counters, mean.detach().to(acc), invstd.detach().to(acc),
-            None if weight is None else weight.detach(), None if bias is None else bias.detach(), count, eps,
-            momentum, single_sample=input.shape[0] == 1 and count > 1)
+            running_mean, running_var, num_batches_tracked, counters, mean.detach(), invstd.detach(),
+            _detached(weight), _detached(bias), count, eps, momentum, single_sample=input.shape[0] == 1 and count > 1)
     return reference_activation(output, activation, activation_param)
 
 
@@ -52,5 +56,11 @@ def batch_norm_eval(input, weight, bias, running_mean, running_var, counters, ep
     """safebn::batch_norm_eval's result and effects, in ATen ops."""
     output = torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, eps)
     if counters is not None:
-        OPS.check_running_stats.default(counters, running_mean, running_var, weight, bias, eps)
+        with torch.no_grad():
+            OPS.check_running_stats.default(counters, running_mean, running_var, _detached(weight), _detached(bias),
+                                            eps)
     return reference_activation(output, activation, activation_param)
+
+
+def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach()

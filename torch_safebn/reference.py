@@ -11,6 +11,7 @@ from .safety import Counter
 
 __all__ = [
     "accumulate_dtype",
+    "values_per_channel",
     "check_running_stats",
     "forward_train",
     "batch_norm_train",
@@ -22,6 +23,11 @@ __all__ = [
     "backward_elemt",
     "update_running_stats",
 ]
+
+
+def values_per_channel(input: torch.Tensor) -> int:
+    """The values a channel's statistics are computed over: N times the spatial size."""
+    return input.numel() // input.shape[1] if input.shape[1] else 0
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -205,7 +211,7 @@ def forward_train(input, weight, bias, running_mean, running_var, num_batches_tr
                      activation=0, activation_param=0.0):
     output, mean, invstd = _forward_train(input, weight, bias, eps, activation, activation_param)
     mean, invstd = mean.detach(), invstd.detach()  # statistics, not differentiable outputs
-    count = input.numel() // input.shape[1] if input.shape[1] else 0
+    count = values_per_channel(input)
     with torch.no_grad():
         _update(running_mean, running_var, num_batches_tracked, counters, mean, invstd,
                 None if weight is None else weight.detach(), None if bias is None else bias.detach(), count, eps,

@@ -459,7 +459,6 @@ std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& input_arg) {
   return {mean, var};
 }
 
-
 // The constants of y = act((x - mean) * weight * invstd + bias), with invstd
 // given, or derived from the variance when `spread_is_var`. With `faults`,
 // also eval mode's check of those statistics, weight and bias.
@@ -637,8 +636,6 @@ at::Tensor backward_elemt(const at::Tensor& grad_output, const at::Tensor& input
   return grad_input;
 }
 
-
-
 // The guarded update after a training batch of `count` values per channel
 // (the group's, for SafeSyncBatchNorm), its statistics `mean` and `invstd`.
 // Without counters it updates as native batch norm does.
@@ -720,8 +717,8 @@ void update_running_stats(const std::optional<at::Tensor>& running_mean, const s
                           const at::Tensor& invstd, const std::optional<at::Tensor>& weight,
                           const std::optional<at::Tensor>& bias, int64_t count, double eps,
                           std::optional<double> momentum, bool single_sample) {
-  check_update_args(running_mean, running_var, num_batches_tracked, momentum);
-  check_counters(counters, mean.device());
+  check_update_tensors(running_mean, running_var, num_batches_tracked, counters, mean, invstd, weight, bias,
+                       momentum);
   update_after_batch(running_mean, running_var, num_batches_tracked, counters, mean, invstd, weight, bias, count,
                      eps, momentum, single_sample);
 }

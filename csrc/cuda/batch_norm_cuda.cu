@@ -187,7 +187,6 @@ void map_channels(const Op& op, const Geometry& g, const scalar_t* in0, const sc
 
 // ---- the guard's arguments ---------------------------------------------------
 
-
 BufferType buffer_type(at::ScalarType type) {
   switch (type) {
     case at::kDouble: return BufferType::kDouble;
@@ -197,7 +196,6 @@ BufferType buffer_type(at::ScalarType type) {
     default: TORCH_CHECK(false, "running statistics must be float32, float64, float16 or bfloat16, got ", type);
   }
 }
-
 
 // The running buffers the kernels update in place: each as it is, or a
 // contiguous copy (same dtype) that write_back() returns to it.
@@ -495,18 +493,10 @@ void update_running_stats(const std::optional<at::Tensor>& running_mean, const s
                           const at::Tensor& invstd_arg, const std::optional<at::Tensor>& weight,
                           const std::optional<at::Tensor>& bias, int64_t count, double eps,
                           std::optional<double> momentum, bool single_sample) {
-  check_update_args(running_mean, running_var, num_batches_tracked, momentum);
   TORCH_CHECK(mean_arg.is_cuda(), "the batch mean is on ", mean_arg.device(),
               " while other arguments are on a CUDA device. Keep the statistics on the module's device.");
-  check_guard_tensor(invstd_arg, mean_arg, "invstd", true);
-  check_guard_tensor(weight, mean_arg, "weight", true);
-  check_guard_tensor(bias, mean_arg, "bias", true);
-  check_guard_tensor(running_mean, mean_arg, "running_mean", true);
-  check_guard_tensor(running_var, mean_arg, "running_var", true);
-  check_guard_tensor(num_batches_tracked, mean_arg, "num_batches_tracked", false);
-  check_counters(counters, mean_arg.device());
-  TORCH_CHECK(!running_mean.has_value() || running_mean->scalar_type() == running_var->scalar_type(),
-              "running_mean and running_var must have the same dtype, as nn.BatchNorm's buffers do.");
+  check_update_tensors(running_mean, running_var, num_batches_tracked, counters, mean_arg, invstd_arg, weight, bias,
+                       momentum);
   const c10::cuda::CUDAGuard device_guard(mean_arg.device());
   if (count == 0) {
     count_empty_batch(running_mean, num_batches_tracked, counters);

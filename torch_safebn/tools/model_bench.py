@@ -281,8 +281,8 @@ def run(
     on_timed: Callable[[int, int, float], None] | None = None,
 ) -> dict:
     """Times a training step of the native model (create_model(name), or any
-    image classifier) and of its converted copy, in turns, for each config of
-    the plan; returns {"format", "created", "machine", "model", "settings",
+    image classifier) and of its converted copy (compiled, twice: see IMPLS),
+    in turns, for each config of the plan; returns {"format", "created", "machine", "model", "settings",
     "rows"} (rows: ROW_FIELDS). on_phase(text) says what starts (a first step:
     a compilation; the timing); on_timed(config index, implementation index,
     seconds) follows each timed block."""

@@ -1,6 +1,7 @@
 """The PNG of a model benchmark result: per config (variant, layout, dtypes) a
-bar for the native and one for the converted model, in images per second of
-training, the converted bar labelled with its speed-up over native."""
+bar per implementation (native, converted, and compiled, converted-kernels),
+in images per second of training, the converted bars labelled with their
+speed-up over native."""
 from __future__ import annotations
 
 from .layer_bench import dtype_label
