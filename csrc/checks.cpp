@@ -18,6 +18,12 @@ namespace {
 // As Python spells it: torch.float32, not Float.
 std::string dtype_name(at::ScalarType type) { return "torch." + std::string(c10::getDtypeNames(type).first); }
 
+void check_buffer_dtypes(const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var) {
+  TORCH_CHECK(!running_mean.has_value() || running_mean->scalar_type() == running_var->scalar_type(),
+              "running_mean (", dtype_name(running_mean->scalar_type()), ") and running_var (",
+              dtype_name(running_var->scalar_type()), ") must have the same dtype, as nn.BatchNorm's buffers do.");
+}
+
 }  // namespace
 
 void check_input(const at::Tensor& input) {
@@ -96,8 +102,7 @@ void check_update_tensors(const std::optional<at::Tensor>& running_mean, const s
   check_guard_tensor(running_var, mean, "running_var", true);
   check_guard_tensor(num_batches_tracked, mean, "num_batches_tracked", false);
   check_counters(counters, mean.device(), "the statistics");
-  TORCH_CHECK(!running_mean.has_value() || running_mean->scalar_type() == running_var->scalar_type(),
-              "running_mean and running_var must have the same dtype, as nn.BatchNorm's buffers do.");
+  check_buffer_dtypes(running_mean, running_var);
 }
 
 void check_running_stats_args(const at::Tensor& counters, const at::Tensor& running_mean,
@@ -139,10 +144,7 @@ void check_training_buffers(const at::Tensor& input, const std::optional<at::Ten
   check_update_args(running_mean, running_var, num_batches_tracked, momentum);
   check_channel_tensor(running_mean, input, "running_mean");
   check_channel_tensor(running_var, input, "running_var");
-  TORCH_CHECK(!running_mean.has_value() || running_mean->scalar_type() == running_var->scalar_type(),
-              "running_mean (", dtype_name(running_mean->scalar_type()), ") and running_var (",
-              dtype_name(running_var->scalar_type()),
-              ") must have the same dtype, as nn.BatchNorm's buffers do.");
+  check_buffer_dtypes(running_mean, running_var);
   if (num_batches_tracked.has_value()) {
     TORCH_CHECK(num_batches_tracked->scalar_type() == at::kLong && num_batches_tracked->numel() == 1,
                 "num_batches_tracked must be a one-element int64 tensor, got ", dtype_name(num_batches_tracked->scalar_type()),

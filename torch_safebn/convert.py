@@ -23,7 +23,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .distributed import SafeSyncBatchNorm
 from .modules import SAFE_FOR_NATIVE, _SafeBatchNormMixin
 from .norm_act import SafeBatchNormAct2d, SafeSyncBatchNormAct
-from .safety import Policy, name_modules, warn_at_caller
+from .safety import SAFETY_OPTIONS, Policy, name_modules, warn_at_caller
 
 __all__ = ["convert_model", "revert_model", "UnconvertedBatchNormError"]
 
@@ -99,11 +99,16 @@ def _rebuild(module: nn.Module, cls: type, process_group=None, **options) -> nn.
     return new
 
 
+def _unguarded(module: nn.Module) -> bool:
+    """A batch norm that convert_model leaves as it is."""
+    return isinstance(module, _BatchNorm) and not isinstance(module, _SafeBatchNormMixin)
+
+
 def _swap(model: nn.Module, choose, skipped: collections.Counter, **options) -> nn.Module:
     cls = choose(model)
     if cls is not None:
         return _rebuild(model, cls, **options)
-    if isinstance(model, _BatchNorm) and not isinstance(model, _SafeBatchNormMixin):
+    if _unguarded(model):
         skipped[type(model).__qualname__] += 1
     for name, child in model.named_children():
         setattr(model, name, _swap(child, choose, skipped, **options))
@@ -112,10 +117,10 @@ def _swap(model: nn.Module, choose, skipped: collections.Counter, **options) -> 
 
 def _check_options(model: nn.Module, options: dict) -> None:
     """Refuses what the new or updated modules would refuse, before any changes."""
-    unknown = set(options) - {f.name for f in dataclasses.fields(Policy)}
+    unknown = set(options) - set(SAFETY_OPTIONS)
     if unknown:
         raise TypeError(f"convert_model got unknown option(s) {', '.join(map(repr, sorted(unknown)))}; the safety "
-                        f"options are {', '.join(f.name for f in dataclasses.fields(Policy))}")
+                        f"options are {', '.join(SAFETY_OPTIONS)}")
     Policy(**options)  # the values
     if options.get("freeze_stats"):
         for name, module in model.named_modules():
@@ -170,11 +175,13 @@ def convert_model(model: nn.Module, *, distributed: bool = False, process_group=
 
 
 def _count_unconverted(model: nn.Module, choose, counts: collections.Counter) -> None:
-    if choose(model) is None and isinstance(model, _BatchNorm) and not isinstance(model, _SafeBatchNormMixin):
+    """What _swap would count in `skipped`, without changing the model."""
+    if choose(model) is not None:
+        return
+    if _unguarded(model):
         counts[type(model).__qualname__] += 1
-    if choose(model) is None:
-        for child in model.children():
-            _count_unconverted(child, choose, counts)
+    for child in model.children():
+        _count_unconverted(child, choose, counts)
 
 
 def _unconverted_message(counts: collections.Counter) -> str:

@@ -4,13 +4,11 @@ Same constructor (plus keyword-only safety options), same state_dict keys,
 same numbers; the forward goes through functional.guarded_batch_norm."""
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from torch import nn
 
 from . import functional
-from .safety import NUM_COUNTERS, Policy, SafetyState, validate_eps, validate_momentum
+from .safety import NUM_COUNTERS, SAFETY_OPTIONS, Policy, SafetyState, validate_eps, validate_momentum
 
 __all__ = ["SafeBatchNorm1d", "SafeBatchNorm2d", "SafeBatchNorm3d", "SafeLazyBatchNorm1d", "SafeLazyBatchNorm2d",
            "SafeLazyBatchNorm3d"]
@@ -40,9 +38,6 @@ SAFETY_OPTIONS_DOC = """
 
     torch_safebn.report(model) reads the per-module counters.
 """
-
-
-_SAFETY_OPTIONS = tuple(field.name for field in dataclasses.fields(Policy))
 
 
 def _policy(on_degenerate="raise", on_nonfinite="raise", on_single_sample="warn", freeze_stats=False, checks=True,
@@ -171,7 +166,7 @@ class _SafeLazyBatchNormMixin(_SafeBatchNormMixin):
 
     def __init__(self, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, **options) -> None:
-        safety_options = {name: options.pop(name) for name in _SAFETY_OPTIONS if name in options}
+        safety_options = {name: options.pop(name) for name in SAFETY_OPTIONS if name in options}
         policy = _policy(track_running_stats=track_running_stats, **safety_options)
         # nn.LazyBatchNorm's __init__, past the mixin's (which takes num_features); what
         # is left of the options are the installed torch's, e.g. bias=False

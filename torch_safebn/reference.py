@@ -54,19 +54,20 @@ def batch_stats(input):
     return mean, var
 
 
-def normalize(input, weight, bias, mean, invstd):
+def _normalized(input, weight, bias, mean, invstd):
+    """z = (x - mean) * invstd * weight + bias, in the accumulation dtype."""
     acc = accumulate_dtype(input.dtype)
     x = input.to(acc)
     scale = _per_channel(invstd, x, 1, acc) * _per_channel(weight, x, 1, acc)
-    out = (x - _per_channel(mean, x, 0, acc)) * scale + _per_channel(bias, x, 0, acc)
-    return out.to(input.dtype)
+    return (x - _per_channel(mean, x, 0, acc)) * scale + _per_channel(bias, x, 0, acc)
+
+
+def normalize(input, weight, bias, mean, invstd):
+    return _normalized(input, weight, bias, mean, invstd).to(input.dtype)
 
 
 def _normalize_activate(input, weight, bias, mean, invstd, activation, activation_param):
-    acc = accumulate_dtype(input.dtype)
-    x = input.to(acc)
-    scale = _per_channel(invstd, x, 1, acc) * _per_channel(weight, x, 1, acc)
-    z = (x - _per_channel(mean, x, 0, acc)) * scale + _per_channel(bias, x, 0, acc)
+    z = _normalized(input, weight, bias, mean, invstd)
     return reference_activation(z, activation, activation_param).to(input.dtype)
 
 
@@ -105,11 +106,8 @@ def backward_elemt(grad_output, input, weight, mean, invstd, sum_dy, sum_dy_xmu,
 
 def backward(grad_output, input, weight, bias, mean, invstd, train, output_mask, activation=0, activation_param=0.0):
     if activation:  # the gradient with respect to the output before the activation, from z recomputed
-        acc = accumulate_dtype(input.dtype)
-        x = input.to(acc)
-        scale = _per_channel(invstd, x, 1, acc) * _per_channel(weight, x, 1, acc)
-        z = (x - _per_channel(mean, x, 0, acc)) * scale + _per_channel(bias, x, 0, acc)
-        grad_output = (grad_output.to(acc) * reference_derivative(z, activation, activation_param)).to(input.dtype)
+        z = _normalized(input, weight, bias, mean, invstd)
+        grad_output = (grad_output.to(z.dtype) * reference_derivative(z, activation, activation_param)).to(input.dtype)
     sum_dy, sum_dy_xmu = backward_reduce(grad_output, input, mean)
     grad_input = grad_weight = grad_bias = None
     if output_mask[0]:
@@ -208,7 +206,7 @@ def update_running_stats(
 
 
 def forward_train(input, weight, bias, running_mean, running_var, num_batches_tracked, counters, momentum, eps,
-                     activation=0, activation_param=0.0):
+                  activation=0, activation_param=0.0):
     output, mean, invstd = _forward_train(input, weight, bias, eps, activation, activation_param)
     mean, invstd = mean.detach(), invstd.detach()  # statistics, not differentiable outputs
     count = values_per_channel(input)

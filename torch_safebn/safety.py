@@ -25,6 +25,7 @@ __all__ = [
     "DegenerateBatchError",
     "NonFiniteError",
     "Policy",
+    "SAFETY_OPTIONS",
     "SafetyState",
     "Report",
     "report",
@@ -115,6 +116,10 @@ class Policy:
 
     def non_defaults(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) != f.default}
+
+
+# The keyword options of the modules and convert_model that make a Policy.
+SAFETY_OPTIONS = tuple(field.name for field in dataclasses.fields(Policy))
 
 
 def _as_float(value) -> float | None:
