@@ -49,6 +49,15 @@ ACTIVATIONS = {
 # Where each activation's derivative jumps, and the pieces between.
 KINKS = {"relu": (0.0,), "relu6": (0.0, 6.0), "leaky_relu": (0.0,), "hardswish": (-3.0, 3.0)}
 SHAPE = (4, 5, 3, 4)
+# An input for each of the CPU kernels' walks (batch_norm_cpu.cpp, plan_for), at any thread
+# count: the backward of silu and gelu writes dz in each walk's own way (stores_activation_grad).
+WALKS = {
+    "planes": ((2, 3, 24, 24), "contiguous"),  # a channel per task, reduced then written
+    "plane-slices": ((4, 1, 64, 64), "contiguous"),  # one channel in four slices
+    "rows": ((3, 5, 10, 12), "contiguous"),  # reductions over (n, c) rows of 120 values
+    "blocks": (SHAPE, "contiguous"),  # rows of one example's C * S values
+    "channels-last": ((3, 70, 5, 7), "channels_last"),  # rows of 4 pixels, and one left over
+}
 
 
 def _pieces_hit(z: torch.Tensor, name: str) -> bool:
@@ -72,17 +81,17 @@ def _affine(C, dtype, seed=0, scale=3.0):
     return weight, bias
 
 
-def _native_and_fused(name, dtype, param_dtype=None, seed=0):
+def _native_and_fused(name, dtype, param_dtype=None, seed=0, channels=SHAPE[1]):
     """nn.BatchNorm2d with random affine parameters, its activation, and the SafeBatchNormAct2d
     holding the same state."""
     factory, _, _ = ACTIVATIONS[name]
     param_dtype = param_dtype or dtype
-    native = nn.BatchNorm2d(SHAPE[1], dtype=param_dtype)
-    weight, bias = _affine(SHAPE[1], param_dtype, seed)
+    native = nn.BatchNorm2d(channels, dtype=param_dtype)
+    weight, bias = _affine(channels, param_dtype, seed)
     with torch.no_grad():
         native.weight.copy_(weight)
         native.bias.copy_(bias)
-    fused = SafeBatchNormAct2d(SHAPE[1], dtype=param_dtype, act=factory())
+    fused = SafeBatchNormAct2d(channels, dtype=param_dtype, act=factory())
     fused.load_state_dict(native.state_dict())
     return native, factory(), fused
 
@@ -165,16 +174,18 @@ def test_each_code_computes_its_activation(kind):
 
 
 # -- parity with nn.BatchNorm2d followed by the activation ----------------------------------------
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("walk", list(WALKS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("name", list(ACTIVATIONS))
-def test_parity_with_batch_norm_then_the_native_activation(name, dtype, layout):
+def test_parity_with_batch_norm_then_the_native_activation(name, dtype, walk):
     """Training: the output, every gradient and every buffer as nn.BatchNorm2d then the activation
     (conftest's TOLERANCE: summation order only); eval: the output and the input gradient. The
-    data reach every piece of the activation; the output keeps the input's layout."""
-    native, act, fused = _native_and_fused(name, dtype)
-    x = make_input(SHAPE, dtype, layout)
-    dy = make_input(SHAPE, dtype, layout, seed=7)
+    data reach every piece of the activation; the output keeps the input's layout. In every walk
+    of the CPU kernels."""
+    shape, layout = WALKS[walk]
+    native, act, fused = _native_and_fused(name, dtype, channels=shape[1])
+    x = make_input(shape, dtype, layout)
+    dy = make_input(shape, dtype, layout, seed=7)
     for training in (True, False):
         native.train(training), fused.train(training)
         x_native, x_fused = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -254,15 +265,17 @@ def _ulp(value: float) -> float:
     return 2.0 ** (math.frexp(value)[1] - 8)
 
 
+@pytest.mark.parametrize("walk", ["bfloat16-pairs", *WALKS])
 @pytest.mark.parametrize("name", list(ACTIVATIONS))
-def test_bfloat16_is_as_accurate_as_native(name):
+def test_bfloat16_is_as_accurate_as_native(name, walk):
     """bfloat16 input, float32 parameters: the fused output and input gradient are no further
     from act(bn(x)) computed in float64 on the same input than twice native BatchNorm2d + act's
-    own error plus one bfloat16 ulp of the values' scale, in training and in eval."""
-    native, act, fused = _native_and_fused(name, torch.bfloat16, param_dtype=torch.float32)
-    shape = (8, 5, 6, 6)
-    x = make_input(shape, torch.bfloat16)
-    dy = make_input(shape, torch.bfloat16, seed=7)
+    own error plus one bfloat16 ulp of the values' scale, in training and in eval; in every walk,
+    and with an even row length, which the kernels read as pairs of bfloat16."""
+    shape, layout = WALKS.get(walk, ((8, 5, 6, 6), "contiguous"))
+    native, act, fused = _native_and_fused(name, torch.bfloat16, param_dtype=torch.float32, channels=shape[1])
+    x = make_input(shape, torch.bfloat16, layout)
+    dy = make_input(shape, torch.bfloat16, layout, seed=7)
     weight, bias = native.weight.detach().double(), native.bias.detach().double()
     _, code, param = ACTIVATIONS[name]
     for training in (True, False):

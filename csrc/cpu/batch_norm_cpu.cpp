@@ -130,7 +130,7 @@ struct Plan {
 };
 
 Plan plan_for(const Geometry& g) {
-  constexpr int64_t kLongRun = 512, kMinSlice = 4096, kMinBlockWidth = 64, kMinElementwiseRow = 32,
+  constexpr int64_t kLongRun = 512, kMinSlice = 4096, kMinBlockWidth = 256, kMinElementwiseRow = 32,
                     kMinReductionRow = 64, kMinTaskValues = 16384;
   // Rows reduced one by one are written one by one too: the plan leaves no blocks.
   static_assert(kMinReductionRow >= kMinElementwiseRow, "reductions by rows need elementwise passes by rows");
@@ -211,7 +211,9 @@ class Tiled {
       const cpu::Blocks& b = p.blocks[part];
       const cpu::LaneOrder order = cpu::lane_order<T>(b);
       lanes_[part].resize(b.width);
-      b.for_each_lane(0, b.width, [&](int64_t j, int64_t c) { lanes_[part][order.index(j)] = per_channel[c]; });
+      b.for_each_channel_span(0, b.width, [&](int64_t first, int64_t last, int64_t c) {
+        for (int64_t j = first; j < last; ++j) lanes_[part][order.index(j)] = per_channel[c];
+      });
     }
   }
   const acc_t* operator[](int part) const { return lanes_[part].data(); }
@@ -337,7 +339,8 @@ void grad_input_all(const T* dy, const T* x, T* dx, const Geometry& g, const Pla
 // The two sums, of dz = dy * act'(z) with z the forward's output before its
 // activation (`z`: the forward's constants), and, when `dx` is given, the
 // input gradient from the coefficients `coeffs(c, sums)` returns; fused per
-// channel as above.
+// channel as above. Where cpu::stores_activation_grad, dz is written to dx by
+// the reduction and the input gradient is the identity's, from dz in place.
 template <typename T, typename acc_t, typename Coefficients>
 GradSums reduce_grads(const T* dy, const T* x, T* dx, const Geometry& g, const NormalizeParams<acc_t>& z,
                       Coefficients coeffs) {
@@ -346,13 +349,18 @@ GradSums reduce_grads(const T* dy, const T* x, T* dx, const Geometry& g, const N
   const acc_t param = z.param();
   const int64_t C = g.channels;
   const Plan p = plan_for(g);
+  T* dz = dx != nullptr && cpu::stores_activation_grad(z.activation.kind) ? dx : nullptr;
+  // What the input gradient reads as its incoming gradient, and through which activation.
+  const T* grad_in = dz != nullptr ? dz : dy;
+  const ActivationArg input_activation = dz != nullptr ? ActivationArg{} : z.activation;
   GradSums sums(C);
   if (p.fused()) {
+    const auto& input_kernels = cpu::kernels<T>(input_activation.kind);
     at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
-        k.plane_grad_sums(dy, x, g, c, 0, g.per_channel(), mean[c], z.scale[c], z.bias[c], param, &sums.dy[c],
+        k.plane_grad_sums(dy, x, dz, g, c, 0, g.per_channel(), mean[c], z.scale[c], z.bias[c], param, &sums.dy[c],
                           &sums.dy_xmu[c]);
-        if (dx) k.plane_grad_input(dy, x, dx, g, c, 0, g.per_channel(), coeffs(c, sums), param);
+        if (dx) input_kernels.plane_grad_input(grad_in, x, dx, g, c, 0, g.per_channel(), coeffs(c, sums), param);
       }
     });
     return sums;
@@ -361,7 +369,7 @@ GradSums reduce_grads(const T* dy, const T* x, T* dx, const Geometry& g, const N
   GradSums partial(partials);
   if (p.planes) {
     for_each_slice(g, p, [&](int64_t task, int64_t c, int64_t lo, int64_t hi) {
-      k.plane_grad_sums(dy, x, g, c, lo, hi, mean[c], z.scale[c], z.bias[c], param, &partial.dy[task],
+      k.plane_grad_sums(dy, x, dz, g, c, lo, hi, mean[c], z.scale[c], z.bias[c], param, &partial.dy[task],
                         &partial.dy_xmu[task]);
     });
     for (int64_t task = 0; task < partials; ++task) {
@@ -371,13 +379,13 @@ GradSums reduce_grads(const T* dy, const T* x, T* dx, const Geometry& g, const N
   } else {
     if (p.reductions_by_rows) {
       for_each_row_task(g, p, [&](int64_t task, int64_t lo, int64_t hi) {
-        k.rows_grad_sums(dy, x, g, lo, hi, mean.data(), z.scale.data(), z.bias.data(), param,
+        k.rows_grad_sums(dy, x, dz, g, lo, hi, mean.data(), z.scale.data(), z.bias.data(), param,
                          partial.dy.data() + task * C, partial.dy_xmu.data() + task * C);
       });
     } else {
       const Tiled<T, acc_t> lanes(p, mean.data()), scale(p, z.scale.data()), bias(p, z.bias.data());
       for_each_row_range(p, [&](int64_t task, int part, int64_t lo, int64_t hi) {
-        k.blocks_grad_sums(dy, x, p.blocks[part], lo, hi, lanes[part], scale[part], bias[part], param,
+        k.blocks_grad_sums(dy, x, dz, p.blocks[part], lo, hi, lanes[part], scale[part], bias[part], param,
                            partial.dy.data() + task * C, partial.dy_xmu.data() + task * C);
       });
     }
@@ -389,7 +397,7 @@ GradSums reduce_grads(const T* dy, const T* x, T* dx, const Geometry& g, const N
   if (dx) {
     ChannelVector<GradInputCoefficients<acc_t>> all(C);
     for (int64_t c = 0; c < C; ++c) all[c] = coeffs(c, sums);
-    grad_input_all(dy, x, dx, g, p, all, z.activation);
+    grad_input_all(grad_in, x, dx, g, p, all, input_activation);
   }
   return sums;
 }

@@ -21,6 +21,10 @@ constexpr int64_t kMaxStrip = 1024;
 // float32 rounding stays far below the 1e-4 the variance needs.
 constexpr int64_t kFlushEvery = 256;
 
+// Values of a row range written and read back while in L2, as dz
+// (run_grad_sums): float dy, x and dz take 768 KB.
+constexpr int64_t kCachedValues = 65536;
+
 // One or two inputs read in step. The kernels' lambdas take a word's values
 // unpacked, input m's value k at values[m][k] (a lambda compiled for this
 // ISA cannot be inlined into a library template such as std::apply, so the
@@ -122,6 +126,28 @@ inline void map_values(int64_t n, const Inputs<T, N>& in, T* out, F f) {
   for (int64_t r = words * V; r < n; ++r) store(out + r, f(unpack_words<ValueByValue<T>>(in, r), 0));
 }
 
+// The gradient's sums over a run of n values, of dz = dy * act'(z) with z
+// recomputed from x. With `dz`, dz is written there first and the sums read
+// it back while it is in cache, so that the input gradient can read dz
+// instead of evaluating act' a second time.
+template <int64_t Lanes, typename Act, typename T>
+inline void run_grad_sums(int64_t n, const T* dy, const T* x, T* dz, acc_type<T> mean, acc_type<T> scale,
+                          acc_type<T> shift, acc_type<T> param, double& sum_dy, double& sum_dy_xmu) {
+  using acc_t = acc_type<T>;
+  if (dz == nullptr) {
+    sum_values<Lanes>(n, Inputs<T, 2>{dy, x}, [=](const auto& v, int k, acc_t& a, acc_t& b) {
+      add_grad_terms(grad_before_activation<Act>(v[0][k], v[1][k], mean, scale, shift, param), v[1][k], mean, a, b);
+    }, sum_dy, sum_dy_xmu);
+    return;
+  }
+  map_values(n, Inputs<T, 2>{dy, x}, dz, [=](const auto& v, int k) {
+    return grad_before_activation<Act>(v[0][k], v[1][k], mean, scale, shift, param);
+  });
+  sum_values<Lanes>(n, Inputs<T, 2>{dz, x}, [=](const auto& v, int k, acc_t& a, acc_t& b) {
+    add_grad_terms(v[0][k], v[1][k], mean, a, b);
+  }, sum_dy, sum_dy_xmu);
+}
+
 // ---------------------------------------------------------------------------
 // Contiguous layouts with long rows: one channel's "plane" (plane index
 // i = n * S + s) at a time, so that a channel can be reduced and then written
@@ -167,15 +193,12 @@ void plane_normalize(const T* x, T* y, const Geometry& g, int64_t c, int64_t beg
 }
 
 template <typename T, typename Act>
-void plane_grad_sums(const T* dy, const T* x, const Geometry& g, int64_t c, int64_t begin, int64_t end,
+void plane_grad_sums(const T* dy, const T* x, T* dz, const Geometry& g, int64_t c, int64_t begin, int64_t end,
                      acc_type<T> mean, acc_type<T> scale, acc_type<T> bias, acc_type<T> param, double* sum_dy,
                      double* sum_dy_xmu) {
-  using acc_t = acc_type<T>;
   for_each_run(g, c, begin, end, [&](int64_t offset, int64_t len) {
-    sum_values<kLanes>(len, Inputs<T, 2>{dy + offset, x + offset}, [=](const auto& v, int k, acc_t& a, acc_t& b) {
-      const acc_t dz = grad_before_activation<Act>(v[0][k], v[1][k], mean, scale, bias, param);
-      add_grad_terms(dz, v[1][k], mean, a, b);
-    }, *sum_dy, *sum_dy_xmu);
+    run_grad_sums<kLanes, Act>(len, dy + offset, x + offset, dz ? dz + offset : nullptr, mean, scale, bias, param,
+                               *sum_dy, *sum_dy_xmu);
   });
 }
 
@@ -227,17 +250,12 @@ void rows_normalize(const T* x, T* y, const Geometry& g, int64_t begin, int64_t 
 }
 
 template <typename T, typename Act>
-void rows_grad_sums(const T* dy, const T* x, const Geometry& g, int64_t begin, int64_t end,
+void rows_grad_sums(const T* dy, const T* x, T* dz, const Geometry& g, int64_t begin, int64_t end,
                     const acc_type<T>* mean, const acc_type<T>* scale, const acc_type<T>* bias, acc_type<T> param,
                     double* sum_dy, double* sum_dy_xmu) {
-  using acc_t = acc_type<T>;
   for_each_row(g, begin, end, [&](int64_t c, int64_t offset) {
-    const acc_t m = mean[c], s = scale[c], b = bias[c];
-    sum_values<kRowLanes>(g.spatial, Inputs<T, 2>{dy + offset, x + offset},
-                          [=](const auto& v, int k, acc_t& a, acc_t& sum) {
-                            const acc_t dz = grad_before_activation<Act>(v[0][k], v[1][k], m, s, b, param);
-                            add_grad_terms(dz, v[1][k], m, a, sum);
-                          }, sum_dy[c], sum_dy_xmu[c]);
+    run_grad_sums<kRowLanes, Act>(g.spatial, dy + offset, x + offset, dz ? dz + offset : nullptr, mean[c],
+                                  scale[c], bias[c], param, sum_dy[c], sum_dy_xmu[c]);
   });
 }
 
@@ -309,10 +327,18 @@ inline void sum_blocks(const Blocks& b, int64_t begin, int64_t end, const Inputs
             for (int64_t i = 0; i < strip_words; ++i) add(unpack_words<P>(row, i), k, lane + i, a_k[i], s_k[i]);
           }
         }
-        b.for_each_lane(i0 * V, (i0 + strip_words) * V, [&](int64_t j, int64_t c) {
-          const int64_t strip_lane = (j % V) * strip_words + j / V - i0;
-          total_a[c] += a[strip_lane];
-          total_b[c] += s[strip_lane];
+        // A channel's lanes summed in registers, then added once: adding each
+        // lane to its channel's total chains the S lanes of a contiguous
+        // input through memory, which cost more than the sums themselves.
+        b.for_each_channel_span(i0 * V, (i0 + strip_words) * V, [&](int64_t first, int64_t last, int64_t c) {
+          double span_a = 0, span_s = 0;
+          for (int64_t j = first; j < last; ++j) {
+            const int64_t strip_lane = (j % V) * strip_words + j / V - i0;
+            span_a += a[strip_lane];
+            span_s += s[strip_lane];
+          }
+          total_a[c] += span_a;
+          total_b[c] += span_s;
         });
       }
     }
@@ -357,15 +383,29 @@ void blocks_stats(const T* x, const Blocks& b, int64_t begin, int64_t end, const
   }
 }
 
+// With `dz`, as run_grad_sums: a few rows at a time, written and then summed.
 template <typename T, typename Act>
-void blocks_grad_sums(const T* dy, const T* x, const Blocks& b, int64_t begin, int64_t end,
+void blocks_grad_sums(const T* dy, const T* x, T* dz, const Blocks& b, int64_t begin, int64_t end,
                       const acc_type<T>* mean, const acc_type<T>* scale, const acc_type<T>* bias, acc_type<T> param,
                       double* sum_dy, double* sum_dy_xmu) {
   using acc_t = acc_type<T>;
-  sum_blocks(b, begin, end, Inputs<T, 2>{dy, x}, [=](const auto& v, int k, int64_t lane, acc_t& a, acc_t& s) {
-    const acc_t dz = grad_before_activation<Act>(v[0][k], v[1][k], mean[lane], scale[lane], bias[lane], param);
-    add_grad_terms(dz, v[1][k], mean[lane], a, s);
-  }, sum_dy, sum_dy_xmu);
+  if (dz == nullptr) {
+    sum_blocks(b, begin, end, Inputs<T, 2>{dy, x}, [=](const auto& v, int k, int64_t lane, acc_t& a, acc_t& s) {
+      const acc_t dz_k = grad_before_activation<Act>(v[0][k], v[1][k], mean[lane], scale[lane], bias[lane], param);
+      add_grad_terms(dz_k, v[1][k], mean[lane], a, s);
+    }, sum_dy, sum_dy_xmu);
+    return;
+  }
+  const int64_t rows_in_cache = std::max<int64_t>(1, kCachedValues / b.width);
+  for (int64_t lo = begin; lo < end; lo += rows_in_cache) {
+    const int64_t hi = std::min(end, lo + rows_in_cache);
+    map_blocks(b, lo, hi, Inputs<T, 2>{dy, x}, dz, [=](const auto& v, int k, int64_t lane) {
+      return grad_before_activation<Act>(v[0][k], v[1][k], mean[lane], scale[lane], bias[lane], param);
+    });
+    sum_blocks(b, lo, hi, Inputs<T, 2>{dz, x}, [=](const auto& v, int k, int64_t lane, acc_t& a, acc_t& s) {
+      add_grad_terms(v[0][k], v[1][k], mean[lane], a, s);
+    }, sum_dy, sum_dy_xmu);
+  }
 }
 
 template <typename T, typename Act>

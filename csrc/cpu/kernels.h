@@ -3,6 +3,8 @@
 // Parallelism and the per-channel bookkeeping live in batch_norm_cpu.cpp.
 #pragma once
 
+#include <algorithm>
+
 #include "../activation.h"
 #include "../geometry.h"
 #include "../welford.h"
@@ -24,18 +26,17 @@ struct Blocks {
   int64_t per_channel = 1;
   int64_t channels = 1;
 
-  // fn(j, c) for lanes j in [begin, end) with c their channel, stepping the
-  // channel along rather than dividing for every lane.
+  // fn(first, last, c) for each span [first, last) of the lanes in [begin,
+  // end) that belong to one channel c, in order: S lanes of a contiguous
+  // input's row, or one lane of a channels-last one.
   template <typename Fn>
-  void for_each_lane(int64_t begin, int64_t end, Fn fn) const {
-    if (begin >= end) return;
-    int64_t c = (begin / per_channel) % channels, left = per_channel - begin % per_channel;
-    for (int64_t j = begin; j < end; ++j) {
-      fn(j, c);
-      if (--left == 0) {
-        left = per_channel;
-        if (++c == channels) c = 0;
-      }
+  void for_each_channel_span(int64_t begin, int64_t end, Fn fn) const {
+    int64_t c = (begin / per_channel) % channels;
+    for (int64_t first = begin; first < end;) {
+      const int64_t last = std::min(end, (first / per_channel + 1) * per_channel);
+      fn(first, last, c);
+      first = last;
+      if (++c == channels) c = 0;
     }
   }
 };
@@ -98,8 +99,10 @@ struct KernelTable {
   Welford<acc_t> (*plane_stats)(const T* x, const Geometry& g, int64_t c, int64_t begin, int64_t end);
   void (*plane_normalize)(const T* x, T* y, const Geometry& g, int64_t c, int64_t begin, int64_t end,
                           acc_t mean, acc_t scale, acc_t bias, acc_t param);
-  // Adds sum(dz) and sum(dz * (x - mean)) over the slice to the two totals.
-  void (*plane_grad_sums)(const T* dy, const T* x, const Geometry& g, int64_t c, int64_t begin,
+  // Adds sum(dz) and sum(dz * (x - mean)) over the slice to the two totals;
+  // every *_grad_sums also writes dz where `dz` is not null (see
+  // stores_activation_grad).
+  void (*plane_grad_sums)(const T* dy, const T* x, T* dz, const Geometry& g, int64_t c, int64_t begin,
                           int64_t end, acc_t mean, acc_t scale, acc_t bias, acc_t param, double* sum_dy,
                           double* sum_dy_xmu);
   void (*plane_grad_input)(const T* dy, const T* x, T* dx, const Geometry& g, int64_t c, int64_t begin,
@@ -111,7 +114,7 @@ struct KernelTable {
                      ShiftedSums* totals);
   void (*rows_normalize)(const T* x, T* y, const Geometry& g, int64_t begin, int64_t end, const acc_t* mean,
                          const acc_t* scale, const acc_t* bias, acc_t param);
-  void (*rows_grad_sums)(const T* dy, const T* x, const Geometry& g, int64_t begin, int64_t end,
+  void (*rows_grad_sums)(const T* dy, const T* x, T* dz, const Geometry& g, int64_t begin, int64_t end,
                          const acc_t* mean, const acc_t* scale, const acc_t* bias, acc_t param, double* sum_dy,
                          double* sum_dy_xmu);
   void (*rows_grad_input)(const T* dy, const T* x, T* dx, const Geometry& g, int64_t begin, int64_t end,
@@ -123,12 +126,21 @@ struct KernelTable {
                        ShiftedSums* totals);
   void (*blocks_normalize)(const T* x, T* y, const Blocks& b, int64_t begin, int64_t end,
                            const acc_t* mean, const acc_t* scale, const acc_t* bias, acc_t param);
-  void (*blocks_grad_sums)(const T* dy, const T* x, const Blocks& b, int64_t begin, int64_t end,
+  void (*blocks_grad_sums)(const T* dy, const T* x, T* dz, const Blocks& b, int64_t begin, int64_t end,
                            const acc_t* mean, const acc_t* scale, const acc_t* bias, acc_t param, double* sum_dy,
                            double* sum_dy_xmu);
   void (*blocks_grad_input)(const T* dy, const T* x, T* dx, const Blocks& b, int64_t begin, int64_t end,
                             const GradInputLanes<acc_t>& k, acc_t param);
 };
+
+// Whether the backward writes dz = dy * act'(z) into the input gradient's
+// buffer during its reduction and then computes the input gradient from it
+// (the identity's kernels, in place), rather than evaluating act' in both
+// passes. An exp per value costs more than writing and reading dz back from
+// cache or memory; a compare does not.
+inline bool stores_activation_grad(Activation activation) {
+  return activation == Activation::kSilu || activation == Activation::kGelu || activation == Activation::kGeluTanh;
+}
 
 // The table for `activation` and the best instruction set this processor supports.
 template <typename T>
