@@ -383,7 +383,7 @@ void blocks_stats(const T* x, const Blocks& b, int64_t begin, int64_t end, const
   }
 }
 
-// With `dz`, as run_grad_sums: a few rows at a time, written and then summed.
+// With `dz`, as run_grad_sums: kCachedValues values of rows at a time, written and then summed.
 template <typename T, typename Act>
 void blocks_grad_sums(const T* dy, const T* x, T* dz, const Blocks& b, int64_t begin, int64_t end,
                       const acc_type<T>* mean, const acc_type<T>* scale, const acc_type<T>* bias, acc_type<T> param,

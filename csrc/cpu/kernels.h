@@ -137,7 +137,9 @@ struct KernelTable {
 // buffer during its reduction and then computes the input gradient from it
 // (the identity's kernels, in place), rather than evaluating act' in both
 // passes. An exp per value costs more than writing and reading dz back from
-// cache or memory; a compare does not.
+// cache or memory; a compare does not. dz is kept in the input's dtype:
+// for bfloat16 and float16 rounded, as native's activation backward rounds
+// its output and as torch_safebn.reference's backward does.
 inline bool stores_activation_grad(Activation activation) {
   return activation == Activation::kSilu || activation == Activation::kGelu || activation == Activation::kGeluTanh;
 }
