@@ -21,8 +21,8 @@ constexpr int64_t kMaxStrip = 1024;
 // float32 rounding stays far below the 1e-4 the variance needs.
 constexpr int64_t kFlushEvery = 256;
 
-// Values of a row range written and read back while in L2, as dz
-// (run_grad_sums): float dy, x and dz take 768 KB.
+// Values at a time whose dz is written and read back while in L2
+// (run_grad_sums, blocks_grad_sums): float dy, x and dz take 768 KB.
 constexpr int64_t kCachedValues = 65536;
 
 // One or two inputs read in step. The kernels' lambdas take a word's values
@@ -127,9 +127,9 @@ inline void map_values(int64_t n, const Inputs<T, N>& in, T* out, F f) {
 }
 
 // The gradient's sums over a run of n values, of dz = dy * act'(z) with z
-// recomputed from x. With `dz`, dz is written there first and the sums read
-// it back while it is in cache, so that the input gradient can read dz
-// instead of evaluating act' a second time.
+// recomputed from x. With `dz`, dz is written there first, kCachedValues at
+// a time, and the sums read it back while it is in cache, so that the input
+// gradient can read dz instead of evaluating act' a second time.
 template <int64_t Lanes, typename Act, typename T>
 inline void run_grad_sums(int64_t n, const T* dy, const T* x, T* dz, acc_type<T> mean, acc_type<T> scale,
                           acc_type<T> shift, acc_type<T> param, double& sum_dy, double& sum_dy_xmu) {
@@ -140,12 +140,15 @@ inline void run_grad_sums(int64_t n, const T* dy, const T* x, T* dz, acc_type<T>
     }, sum_dy, sum_dy_xmu);
     return;
   }
-  map_values(n, Inputs<T, 2>{dy, x}, dz, [=](const auto& v, int k) {
-    return grad_before_activation<Act>(v[0][k], v[1][k], mean, scale, shift, param);
-  });
-  sum_values<Lanes>(n, Inputs<T, 2>{dz, x}, [=](const auto& v, int k, acc_t& a, acc_t& b) {
-    add_grad_terms(v[0][k], v[1][k], mean, a, b);
-  }, sum_dy, sum_dy_xmu);
+  for (int64_t i = 0; i < n; i += kCachedValues) {
+    const int64_t len = std::min(kCachedValues, n - i);
+    map_values(len, Inputs<T, 2>{dy + i, x + i}, dz + i, [=](const auto& v, int k) {
+      return grad_before_activation<Act>(v[0][k], v[1][k], mean, scale, shift, param);
+    });
+    sum_values<Lanes>(len, Inputs<T, 2>{dz + i, x + i}, [=](const auto& v, int k, acc_t& a, acc_t& b) {
+      add_grad_terms(v[0][k], v[1][k], mean, a, b);
+    }, sum_dy, sum_dy_xmu);
+  }
 }
 
 // ---------------------------------------------------------------------------
