@@ -22,7 +22,7 @@ ifeq ($(shell nvidia-smi -L 2>/dev/null),)
 export TORCH_CUDA_ARCH_LIST ?= 9.0
 endif
 
-SOURCES := setup.py $(shell find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.cuh')
+SOURCES := setup.py torch_safebn/contract.def torch_safebn/ops.def $(shell find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.cuh')
 
 .PHONY: setup build test bench bench-host clean
 

@@ -65,12 +65,14 @@ def _extension():
     cxx_flags = ["-O3", "-Wall", "-Wno-unused-function", "-fopenmp", "-fno-trapping-math",
                  "--param=vect-max-version-for-alias-checks=32"]
     link_flags = ["-fopenmp"]
-    sources = ["csrc/ops.cpp", "csrc/python_module.cpp", "csrc/checks.cpp", "csrc/autograd.cpp",
-               "csrc/cpu/kernels.cpp", "csrc/cpu/batch_norm_cpu.cpp"]
-    include_dirs = [os.path.join(HERE, "csrc")]
+    sources = ["csrc/ops.cpp", "csrc/python_module.cpp", "csrc/checks.cpp", "csrc/layout.cpp", "csrc/guard_args.cpp",
+               "csrc/composite.cpp", "csrc/autograd.cpp", "csrc/sync.cpp", "csrc/cpu/kernels.cpp", "csrc/cpu/batch_norm_cpu.cpp"]
+    # csrc/ and the contract the C++ code shares with the Python layer
+    include_dirs = [os.path.join(HERE, "csrc"), os.path.join(HERE, "torch_safebn")]
     # A new torch in the same environment rebuilds _C (its headers are not
     # among the sources setuptools compares against the built file).
-    depends = [os.path.join(TORCH_DIR, "version.py")]
+    depends = [os.path.join(TORCH_DIR, "version.py"), os.path.join(HERE, "torch_safebn", "contract.def"),
+               os.path.join(HERE, "torch_safebn", "ops.def")]
     if not _cuda_build_possible():
         return cpp_extension.CppExtension(
             "torch_safebn._C", sources, include_dirs=include_dirs, depends=depends,

@@ -59,7 +59,7 @@ from torch import nn
 
 import torch_safebn
 from torch_safebn import reference
-from torch_safebn.safety import Counter
+from torch_safebn.contract import Counter
 from torch_safebn.tools import layer_bench, selfcheck
 from torch_safebn.tools.layer_table import format_compact_table
 from torch_safebn.tools.machine import device_name, torch_threads

@@ -8,23 +8,10 @@
 #include <cstdint>
 
 #include "activation_math.h"
+#include "contract.h"
 #include "welford.h"
 
 namespace safebn {
-
-// The codes of the ops' `activation` argument; torch_safebn/activations.py
-// names them in the same order, and tests/test_activations.py checks that.
-enum class Activation : int64_t {
-  kIdentity = 0,
-  kRelu,
-  kRelu6,
-  kLeakyRelu,  // parameter: the negative slope
-  kSilu,
-  kGelu,      // erf form
-  kGeluTanh,  // tanh approximation
-  kHardswish,
-  kCount
-};
 
 // An op's activation: its `activation` and `activation_param` arguments.
 struct ActivationArg {
@@ -145,18 +132,19 @@ SAFEBN_HOST_DEVICE acc_t grad_before_activation(acc_t dy, acc_t x, acc_t mean, a
   return dy * Act::derivative(normalize_value(x, mean, scale, shift), param);
 }
 
+// The activations by code (contract.def): each case names its struct above.
+#define SAFEBN_COUNTER(name, meaning)
+
 // act(z) and act'(z) for an activation chosen at run time, as the CUDA
 // kernels take it; the CPU kernels are templates, which vectorize.
 template <typename acc_t>
 SAFEBN_HOST_DEVICE acc_t activate(Activation kind, acc_t z, acc_t param) {
   switch (kind) {
-    case Activation::kRelu: return Relu::forward(z, param);
-    case Activation::kRelu6: return Relu6::forward(z, param);
-    case Activation::kLeakyRelu: return LeakyRelu::forward(z, param);
-    case Activation::kSilu: return Silu::forward(z, param);
-    case Activation::kGelu: return Gelu::forward(z, param);
-    case Activation::kGeluTanh: return GeluTanh::forward(z, param);
-    case Activation::kHardswish: return Hardswish::forward(z, param);
+#define SAFEBN_ACTIVATION(name, text) \
+  case Activation::k##name:           \
+    return name::forward(z, param);
+#include "contract.def"
+#undef SAFEBN_ACTIVATION
     default: return z;
   }
 }
@@ -164,13 +152,11 @@ SAFEBN_HOST_DEVICE acc_t activate(Activation kind, acc_t z, acc_t param) {
 template <typename acc_t>
 SAFEBN_HOST_DEVICE acc_t activation_derivative(Activation kind, acc_t z, acc_t param) {
   switch (kind) {
-    case Activation::kRelu: return Relu::derivative(z, param);
-    case Activation::kRelu6: return Relu6::derivative(z, param);
-    case Activation::kLeakyRelu: return LeakyRelu::derivative(z, param);
-    case Activation::kSilu: return Silu::derivative(z, param);
-    case Activation::kGelu: return Gelu::derivative(z, param);
-    case Activation::kGeluTanh: return GeluTanh::derivative(z, param);
-    case Activation::kHardswish: return Hardswish::derivative(z, param);
+#define SAFEBN_ACTIVATION(name, text) \
+  case Activation::k##name:           \
+    return name::derivative(z, param);
+#include "contract.def"
+#undef SAFEBN_ACTIVATION
     default: return acc_t(1);
   }
 }
@@ -179,15 +165,15 @@ SAFEBN_HOST_DEVICE acc_t activation_derivative(Activation kind, acc_t z, acc_t p
 template <typename Fn>
 decltype(auto) with_activation(Activation code, Fn fn) {
   switch (code) {
-    case Activation::kRelu: return fn(Relu{});
-    case Activation::kRelu6: return fn(Relu6{});
-    case Activation::kLeakyRelu: return fn(LeakyRelu{});
-    case Activation::kSilu: return fn(Silu{});
-    case Activation::kGelu: return fn(Gelu{});
-    case Activation::kGeluTanh: return fn(GeluTanh{});
-    case Activation::kHardswish: return fn(Hardswish{});
+#define SAFEBN_ACTIVATION(name, text) \
+  case Activation::k##name:           \
+    return fn(name{});
+#include "contract.def"
+#undef SAFEBN_ACTIVATION
     default: return fn(Identity{});
   }
 }
+
+#undef SAFEBN_COUNTER
 
 }  // namespace safebn

@@ -1,8 +1,9 @@
-// Autograd of forward_train and batch_norm_eval, in C++ on the Autograd key:
-// the forward redispatches below autograd and records one backward node,
-// whose apply is one call of safebn::backward. Everything either direction
-// calls goes through the dispatcher to ops with fake kernels, so that
-// AOTAutograd traces it like any ATen op.
+// Autograd of the forwards (forward_train, batch_norm_eval and
+// sync_batch_norm_train), in C++ on the Autograd key: the forward
+// redispatches below autograd and records one backward node, whose apply is
+// one op call (safebn::backward, or safebn::sync_batch_norm_backward with its
+// all-reduce). Everything either direction calls goes through the dispatcher
+// to ops with fake kernels, so that AOTAutograd traces it like any ATen op.
 //
 // The node is written as ATen's generated ones are (a Node with its saved
 // variables as fields), not as a torch::autograd::Function: on a small batch
@@ -10,16 +11,13 @@
 // metadata vectors, output wrapping) cost more host time per step than the
 // kernels, and took a training step past native batch norm's. Python's
 // torch.library.register_autograd refuses mutable ops.
+//
+// Forward-mode AD (a dual input, weight or bias): the output is the forward
+// recomputed in ATen ops (composite.h), whose tangent autograd computes; the
+// kernels still run below autograd for the guard's update and checks.
 #include <ATen/TensorOperators.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/ops/gelu.h>
-#include <ATen/ops/hardswish.h>
-#include <ATen/ops/hardtanh.h>
-#include <ATen/ops/leaky_relu.h>
-#include <ATen/ops/relu.h>
 #include <ATen/ops/rsqrt.h>
-#include <ATen/ops/silu.h>
-#include <ATen/ops/var_mean.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
@@ -35,6 +33,8 @@
 #include <vector>
 
 #include "checks.h"
+#include "composite.h"
+#include "layout.h"
 
 namespace safebn {
 namespace {
@@ -43,97 +43,74 @@ using at::Tensor;
 using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 using OptionalTensor = std::optional<Tensor>;
+using Grads = std::tuple<Tensor, Tensor, Tensor>;
 
 // ---- the ops below autograd, looked up once -------------------------------------
 
-const auto& train_op() {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("safebn::forward_train", "")
-          .typed<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const OptionalTensor&, const OptionalTensor&,
-                                                    const OptionalTensor&, const OptionalTensor&,
-                                                    const OptionalTensor&, const OptionalTensor&,
-                                                    std::optional<double>, double, int64_t, double)>();
-  return op;
-}
+#define SAFEBN_TYPED_OP(function, name, ...)                                                            \
+  const auto& function() {                                                                              \
+    static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<__VA_ARGS__>(); \
+    return op;                                                                                          \
+  }
 
-const auto& eval_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("safebn::batch_norm_eval", "")
-                             .typed<Tensor(const Tensor&, const OptionalTensor&, const OptionalTensor&,
-                                           const Tensor&, const Tensor&, const OptionalTensor&, double, int64_t,
-                                           double)>();
-  return op;
-}
-
-const auto& backward_op() {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("safebn::backward", "")
-          .typed<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptionalTensor&,
-                                                    const OptionalTensor&, const Tensor&, const Tensor&, bool,
-                                                    std::array<bool, 3>, int64_t, double)>();
-  return op;
-}
-
-// ---- the double backward ----------------------------------------------------
+SAFEBN_TYPED_OP(train_op, "safebn::forward_train",
+                std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const OptionalTensor&, const OptionalTensor&,
+                                                   const OptionalTensor&, const OptionalTensor&, const OptionalTensor&,
+                                                   const OptionalTensor&, std::optional<double>, double, int64_t,
+                                                   double))
+SAFEBN_TYPED_OP(eval_op, "safebn::batch_norm_eval",
+                Tensor(const Tensor&, const OptionalTensor&, const OptionalTensor&, const Tensor&, const Tensor&,
+                       const OptionalTensor&, double, int64_t, double))
+SAFEBN_TYPED_OP(sync_op, "safebn::sync_batch_norm_train",
+                Tensor(const Tensor&, const OptionalTensor&, const OptionalTensor&, const OptionalTensor&,
+                       const OptionalTensor&, const OptionalTensor&, const OptionalTensor&, const Tensor&,
+                       const Tensor&, const Tensor&, std::optional<double>, double, c10::string_view, bool, bool,
+                       int64_t, double))
+SAFEBN_TYPED_OP(sync_stats_op, "safebn::sync_batch_stats",
+                std::tuple<Tensor, Tensor, Tensor>(const Tensor&, double, c10::string_view, int64_t))
+SAFEBN_TYPED_OP(backward_op, "safebn::backward",
+                Grads(const Tensor&, const Tensor&, const OptionalTensor&, const OptionalTensor&, const Tensor&,
+                      const Tensor&, bool, std::array<bool, 3>, int64_t, double))
+SAFEBN_TYPED_OP(sync_backward_op, "safebn::sync_batch_norm_backward",
+                Grads(const Tensor&, const Tensor&, const OptionalTensor&, const OptionalTensor&, const Tensor&,
+                      const Tensor&, const Tensor&, c10::string_view, std::array<bool, 3>, const OptionalTensor&,
+                      const OptionalTensor&, double, int64_t, double))
+#undef SAFEBN_TYPED_OP
 
 OptionalTensor optional(const Tensor& t) { return t.defined() ? OptionalTensor(t) : std::nullopt; }
 
-// act(z) in ATen ops, which autograd differentiates.
-Tensor activate(const Tensor& z, ActivationArg activation) {
-  switch (activation.kind) {
-    case Activation::kRelu: return at::relu(z);
-    case Activation::kRelu6: return at::hardtanh(z, 0, 6);
-    case Activation::kLeakyRelu: return at::leaky_relu(z, activation.param);
-    case Activation::kSilu: return at::silu(z);
-    case Activation::kGelu: return at::gelu(z, "none");
-    case Activation::kGeluTanh: return at::gelu(z, "tanh");
-    case Activation::kHardswish: return at::hardswish(z);
-    default: return z;
-  }
-}
-
-// The forward as ATen ops: with the batch's statistics recomputed from the
-// input (train) or the running ones as constants (eval).
-Tensor composite_forward(const Tensor& input, const Tensor& weight, const Tensor& bias, const Tensor& running_mean,
-                         const Tensor& running_var, double eps, bool train, ActivationArg activation) {
-  const at::ScalarType acc = accumulate_type(input.scalar_type());
-  std::vector<int64_t> dims{0}, shape(input.dim(), 1);
-  for (int64_t d = 2; d < input.dim(); ++d) dims.push_back(d);
-  shape[1] = input.size(1);
-  const Tensor x = input.to(acc);
-  Tensor mean, var;
-  if (train) {
-    std::tie(var, mean) = at::var_mean(x, dims, /*correction=*/0, /*keepdim=*/true);
-  } else {
-    mean = running_mean.to(acc).view(shape);
-    var = running_var.to(acc).view(shape);
-  }
-  Tensor z = (x - mean) * at::rsqrt(var + eps);
-  if (weight.defined()) z = z * weight.to(acc).view(shape);
-  if (bias.defined()) z = z + bias.to(acc).view(shape);
-  return activate(z, activation).to(input.scalar_type());
-}
-
 // ---- the backward node --------------------------------------------------------
 
-// The backward of one forward_train or batch_norm_eval call. Its edges are
-// (input, weight, bias), an absent weight or bias an empty edge.
+// The process group whose statistics a forward took (SafeSyncBatchNorm).
+struct Group {
+  std::string name;
+  SavedVariable batch;  // the forward's group_batch: values per channel and examples by rank
+  // a degenerate group batch normalized with the running statistics: them
+  SavedVariable running_mean, running_var;
+};
+
+// The backward of one forward call. Its edges are (input, weight, bias), an
+// absent weight or bias an empty edge.
 struct BatchNormBackward : public torch::autograd::TraceableFunction {
   SavedVariable input_, weight_, bias_;
-  SavedVariable mean_, invstd_;                 // train: the batch's
+  SavedVariable mean_, invstd_;               // train: the batch's (or the group's)
   SavedVariable running_mean_, running_var_;  // eval: the constants normalized with
   bool train = true;
   double eps = 0;
   ActivationArg activation;
+  std::optional<Group> group;
 
-  std::string name() const override { return train ? "SafeBatchNormTrainBackward" : "SafeBatchNormEvalBackward"; }
+  std::string name() const override {
+    if (group.has_value()) return "SafeSyncBatchNormBackward";
+    return train ? "SafeBatchNormTrainBackward" : "SafeBatchNormEvalBackward";
+  }
 
   void release_variables() override {
     const std::lock_guard<std::mutex> lock(mutex_);
     for (SavedVariable* saved : {&input_, &weight_, &bias_, &mean_, &invstd_, &running_mean_, &running_var_})
       saved->reset_data();
+    if (group.has_value())
+      for (SavedVariable* saved : {&group->batch, &group->running_mean, &group->running_var}) saved->reset_data();
   }
 
   variable_list apply(variable_list&& grads) override {
@@ -155,33 +132,49 @@ struct BatchNormBackward : public torch::autograd::TraceableFunction {
       invstd = at::rsqrt(running_var.to(acc) + eps);
     }
     if (torch::autograd::GradMode::is_enabled()) {
-      // backward(create_graph=True): differentiate the forward recomputed in
-      // ATen ops, so that second derivatives see the batch statistics'
-      // dependence on the input.
-      const std::array<Tensor, 3> arguments{input, weight, bias};
-      variable_list wanted;
-      for (size_t i = 0; i < 3; ++i)
-        if (mask[i]) wanted.push_back(arguments[i]);
-      const Tensor output = composite_forward(input, weight, bias, running_mean, running_var, eps, train, activation);
-      const variable_list found = torch::autograd::grad({output}, wanted, {grad_output}, /*retain_graph=*/true,
-                                                        /*create_graph=*/true, /*allow_unused=*/true);
-      variable_list result(3);
-      for (size_t i = 0, next = 0; i < 3; ++i)
-        if (mask[i]) result[i] = found[next++];
-      return result;
+      TORCH_CHECK(!group.has_value(), "SafeSyncBatchNorm has no double backward (nn.SyncBatchNorm neither): its "
+                  "backward all-reduces across the process group. Call backward() without create_graph=True.");
+      return double_backward(grad_output, input, weight, bias, running_mean, running_var, mask);
     }
-    // safebn::backward has no derivative: skip its autograd fallback.
+    // The backward ops have no derivative: skip their autograd fallback.
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [grad_input, grad_weight, grad_bias] = backward_op().call(
-        grad_output, input, optional(weight), optional(bias), mean, invstd, train, mask,
-        int64_t(activation.kind), activation.param);
+    const int64_t act = int64_t(activation.kind);
+    auto [grad_input, grad_weight, grad_bias] =
+        group.has_value()
+            ? sync_backward_op().call(grad_output, input, optional(weight), optional(bias), mean, invstd,
+                                      group->batch.unpack(), group->name, mask, optional(group->running_mean.unpack()),
+                                      optional(group->running_var.unpack()), eps, act, activation.param)
+            : backward_op().call(grad_output, input, optional(weight), optional(bias), mean, invstd, train, mask,
+                                 act, activation.param);
     return {mask[0] ? grad_input : Tensor(), mask[1] ? grad_weight : Tensor(), mask[2] ? grad_bias : Tensor()};
+  }
+
+  // backward(create_graph=True): differentiate the forward recomputed in ATen
+  // ops, so that second derivatives see the batch statistics' dependence on
+  // the input.
+  variable_list double_backward(const Tensor& grad_output, const Tensor& input, const Tensor& weight,
+                                const Tensor& bias, const Tensor& running_mean, const Tensor& running_var,
+                                const std::array<bool, 3>& mask) const {
+    const std::array<Tensor, 3> arguments{input, weight, bias};
+    variable_list wanted;
+    for (size_t i = 0; i < 3; ++i)
+      if (mask[i]) wanted.push_back(arguments[i]);
+    const Tensor output = composite_forward(input, weight, bias, running_mean, running_var, eps, train, activation);
+    const variable_list found = torch::autograd::grad({output}, wanted, {grad_output}, /*retain_graph=*/true,
+                                                      /*create_graph=*/true, /*allow_unused=*/true);
+    variable_list result(3);
+    for (size_t i = 0, next = 0; i < 3; ++i)
+      if (mask[i]) result[i] = found[next++];
+    return result;
   }
 };
 
 // ---- the autograd kernels ---------------------------------------------------------
 
 bool requires_grad(const OptionalTensor& t) { return t.has_value() && t->requires_grad(); }
+
+bool has_tangent(const Tensor& t) { return t.defined() && t._fw_grad(/*level=*/0).defined(); }
+bool has_tangent(const OptionalTensor& t) { return t.has_value() && has_tangent(*t); }
 
 // As native batch norm: the running statistics are buffers, not something to
 // differentiate against.
@@ -210,11 +203,29 @@ c10::intrusive_ptr<BatchNormBackward> backward_node(const Tensor& input, const O
   return node;
 }
 
-void save_parameters(BatchNormBackward& node, const Tensor& input, const OptionalTensor& weight,
-                     const OptionalTensor& bias) {
+void save_inputs(BatchNormBackward& node, const Tensor& input, const OptionalTensor& weight,
+                 const OptionalTensor& bias) {
   node.input_ = SavedVariable(input, /*is_output=*/false);
   if (weight.has_value()) node.weight_ = SavedVariable(*weight, false);
   if (bias.has_value()) node.bias_ = SavedVariable(*bias, false);
+}
+
+void save_statistics(BatchNormBackward& node, const Tensor& mean, const Tensor& invstd) {
+  node.mean_ = SavedVariable(mean, false);
+  node.invstd_ = SavedVariable(invstd, false);
+}
+
+// A forward with a dual input, weight or bias: the output in ATen ops, which
+// carry the tangent (and their own backward graph).
+Tensor dual_output(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
+                   const Tensor& running_mean, const Tensor& running_var, double eps, bool train,
+                   int64_t activation, double activation_param) {
+  return composite_forward(input, weight.value_or(Tensor()), bias.value_or(Tensor()), running_mean, running_var, eps,
+                           train, activation_arg(activation, activation_param));
+}
+
+bool any_tangent(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias) {
+  return has_tangent(input) || has_tangent(weight) || has_tangent(bias);
 }
 
 std::tuple<Tensor, Tensor, Tensor> forward_train_autograd(
@@ -223,7 +234,8 @@ std::tuple<Tensor, Tensor, Tensor> forward_train_autograd(
     std::optional<double> momentum, double eps, int64_t activation, double activation_param) {
   check_not_differentiated(running_mean, "running_mean");
   check_not_differentiated(running_var, "running_var");
-  const auto node = backward_node(input, weight, bias, eps, activation, activation_param);
+  const bool dual = any_tangent(input, weight, bias);
+  const auto node = dual ? nullptr : backward_node(input, weight, bias, eps, activation, activation_param);
   std::tuple<Tensor, Tensor, Tensor> result;
   {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -231,12 +243,13 @@ std::tuple<Tensor, Tensor, Tensor> forward_train_autograd(
                              momentum, eps, activation, activation_param);
   }
   bump_versions({&running_mean, &running_var, &num_batches_tracked, &counters});
-  if (node) {
-    const auto& [output, mean, invstd] = result;
+  auto& [output, mean, invstd] = result;
+  if (dual) {
+    output = dual_output(input, weight, bias, Tensor(), Tensor(), eps, /*train=*/true, activation, activation_param);
+  } else if (node) {
     torch::autograd::set_history(output, node);  // mean and invstd are not differentiable
-    save_parameters(*node, input, weight, bias);
-    node->mean_ = SavedVariable(mean, false);
-    node->invstd_ = SavedVariable(invstd, false);
+    save_inputs(*node, input, weight, bias);
+    save_statistics(*node, mean, invstd);
   }
   return result;
 }
@@ -246,7 +259,11 @@ Tensor batch_norm_eval_autograd(const Tensor& input, const OptionalTensor& weigh
                                 double eps, int64_t activation, double activation_param) {
   check_not_differentiated(running_mean, "running_mean");
   check_not_differentiated(running_var, "running_var");
-  const auto node = backward_node(input, weight, bias, eps, activation, activation_param);
+  const bool dual = any_tangent(input, weight, bias);
+  TORCH_CHECK(!(dual && (has_tangent(running_mean) || has_tangent(running_var))),
+              "batch_norm is not differentiable wrt running_mean and running_var, they cannot have forward grad "
+              "defined (as for nn.BatchNorm): make them plain tensors, or differentiate in training mode.");
+  const auto node = dual ? nullptr : backward_node(input, weight, bias, eps, activation, activation_param);
   Tensor output;
   {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -254,9 +271,13 @@ Tensor batch_norm_eval_autograd(const Tensor& input, const OptionalTensor& weigh
                             activation_param);
   }
   bump_versions({&counters});
+  if (dual) {
+    return dual_output(input, weight, bias, running_mean, running_var, eps, /*train=*/false, activation,
+                       activation_param);
+  }
   if (node) {
     torch::autograd::set_history(output, node);
-    save_parameters(*node, input, weight, bias);
+    save_inputs(*node, input, weight, bias);
     node->train = false;
     node->running_mean_ = SavedVariable(running_mean, false);
     node->running_var_ = SavedVariable(running_var, false);
@@ -264,22 +285,55 @@ Tensor batch_norm_eval_autograd(const Tensor& input, const OptionalTensor& weigh
   return output;
 }
 
-// forward_train's output alone: see ops.cpp.
-Tensor batch_norm_train(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
-                        const OptionalTensor& running_mean, const OptionalTensor& running_var,
-                        const OptionalTensor& num_batches_tracked, const OptionalTensor& counters,
-                        std::optional<double> momentum, double eps, int64_t activation, double activation_param) {
-  return std::get<0>(train_op().call(input, weight, bias, running_mean, running_var, num_batches_tracked, counters,
-                                     momentum, eps, activation, activation_param));
+// The group's statistics enter sync_batch_norm_train as constants: its
+// backward accounts for their dependence on every rank's input (the
+// all-reduce of its two sums), as native's SyncBatchNorm does.
+std::tuple<Tensor, Tensor, Tensor> sync_batch_stats_autograd(const Tensor& input, double eps,
+                                                             c10::string_view group_name, int64_t group_size) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return sync_stats_op().call(input, eps, group_name, group_size);
+}
+
+Tensor sync_batch_norm_train_autograd(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
+                                      const OptionalTensor& running_mean, const OptionalTensor& running_var,
+                                      const OptionalTensor& num_batches_tracked, const OptionalTensor& counters,
+                                      const Tensor& mean, const Tensor& invstd, const Tensor& group_batch,
+                                      std::optional<double> momentum, double eps, c10::string_view group_name,
+                                      bool degenerate_uses_running_stats, bool refuse_single_sample,
+                                      int64_t activation, double activation_param) {
+  check_not_differentiated(running_mean, "running_mean");
+  check_not_differentiated(running_var, "running_var");
+  TORCH_CHECK(!any_tangent(input, weight, bias), "SafeSyncBatchNorm has no forward-mode AD (nn.SyncBatchNorm "
+              "neither): its statistics come from the process group.");
+  const auto node = backward_node(input, weight, bias, eps, activation, activation_param);
+  Tensor output;
+  {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    output = sync_op().call(input, weight, bias, running_mean, running_var, num_batches_tracked, counters, mean,
+                            invstd, group_batch, momentum, eps, group_name, degenerate_uses_running_stats,
+                            refuse_single_sample, activation, activation_param);
+  }
+  bump_versions({&running_mean, &running_var, &num_batches_tracked, &counters});
+  if (node) {
+    torch::autograd::set_history(output, node);
+    save_inputs(*node, input, weight, bias);
+    save_statistics(*node, mean, invstd);
+    node->group = Group{std::string(group_name), SavedVariable(group_batch, false), SavedVariable(), SavedVariable()};
+    if (degenerate_uses_running_stats && running_mean.has_value()) {
+      node->group->running_mean = SavedVariable(*running_mean, false);
+      node->group->running_var = SavedVariable(*running_var, false);
+    }
+  }
+  return output;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(safebn, CompositeImplicitAutograd, m) { m.impl("batch_norm_train", &batch_norm_train); }
-
 TORCH_LIBRARY_IMPL(safebn, Autograd, m) {
   m.impl("forward_train", &forward_train_autograd);
   m.impl("batch_norm_eval", &batch_norm_eval_autograd);
+  m.impl("sync_batch_stats", &sync_batch_stats_autograd);
+  m.impl("sync_batch_norm_train", &sync_batch_norm_train_autograd);
 }
 
 }  // namespace safebn

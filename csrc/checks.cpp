@@ -1,15 +1,13 @@
-// The argument checks every device's implementation shares (checks.h).
+// The argument checks every device's implementation shares (checks.h). Each
+// raises the class native batch norm raises for the same input
+// (RuntimeError, NotImplementedError for a dtype it has no kernel for), and
+// says what to do.
 #include "checks.h"
 
-#include <ATen/Dispatch.h>
-#include <ATen/ops/empty.h>
-
-#include <algorithm>
 #include <cmath>
-#include <limits>
 #include <string>
 
-#include "guard.h"
+#include "contract.h"
 
 namespace safebn {
 
@@ -17,6 +15,13 @@ namespace {
 
 // As Python spells it: torch.float32, not Float.
 std::string dtype_name(at::ScalarType type) { return "torch." + std::string(c10::getDtypeNames(type).first); }
+
+bool is_reduced_float(at::ScalarType type) { return type == at::kHalf || type == at::kBFloat16; }
+
+void check_same_device(const at::Tensor& t, const at::Device& device, const char* name, const char* device_of) {
+  TORCH_CHECK(t.device() == device, name, " is on ", t.device(), " but ", device_of, " is on ", device,
+              ". Move the module and the input to the same device.");
+}
 
 void check_buffer_dtypes(const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var) {
   TORCH_CHECK(!running_mean.has_value() || running_mean->scalar_type() == running_var->scalar_type(),
@@ -27,30 +32,30 @@ void check_buffer_dtypes(const std::optional<at::Tensor>& running_mean, const st
 }  // namespace
 
 void check_input(const at::Tensor& input) {
-  TORCH_CHECK_TYPE(at::isFloatingType(input.scalar_type()),
-              "batch norm expects a floating-point input (float32, float64, float16 or bfloat16), "
-              "got ", dtype_name(input.scalar_type()), ". Convert the input with .float() first.");
+  TORCH_CHECK_NOT_IMPLEMENTED(at::isFloatingType(input.scalar_type()),
+                              "\"batch_norm\" not implemented for ", dtype_name(input.scalar_type()),
+                              ": batch norm takes a floating-point input (float32, float64, float16 or bfloat16). "
+                              "Convert the input with .float() first.");
   TORCH_CHECK_VALUE(input.dim() >= 2 && input.dim() <= 5,
-              "batch norm expects an input of 2 to 5 dimensions (N, C, ...), got ", input.dim(),
-              " dimensions with shape ", input.sizes(), ".");
+                    "batch norm expects an input of 2 to 5 dimensions (N, C, ...), got ", input.dim(),
+                    " dimensions with shape ", input.sizes(), ".");
 }
-
-bool is_reduced_float(at::ScalarType type) { return type == at::kHalf || type == at::kBFloat16; }
 
 void check_channel_tensor(const at::Tensor& t, const at::Tensor& input, const char* name) {
   const int64_t channels = input.size(1);
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.numel() == channels, name, " must have one value per channel: expected shape [",
-              channels, "] for an input of shape ", input.sizes(), ", got ", t.sizes(),
-              ". Check num_features of the module against the input's dimension 1.");
-  TORCH_CHECK_VALUE(t.device() == input.device(), name, " is on ", t.device(), " but the input is on ",
-              input.device(), ". Move the module and the input to the same device.");
+  TORCH_CHECK(t.dim() == 1 && t.numel() == channels, name, " should contain ", channels, " elements not ", t.numel(),
+              ": one per channel of the input of shape ", input.sizes(), " (got shape ", t.sizes(),
+              "). Check num_features of the module against the input's dimension 1.");
+  check_same_device(t, input.device(), name, "the input");
   // nn.BatchNorm's rule: the input's dtype, or float32 for a half-precision
-  // input (autocast's pairing).
-  TORCH_CHECK_TYPE(t.scalar_type() == input.scalar_type() ||
+  // input (autocast's pairing); native does not look at the dtypes of a batch
+  // without values.
+  TORCH_CHECK(input.numel() == 0 || t.scalar_type() == input.scalar_type() ||
                   (t.scalar_type() == at::kFloat && is_reduced_float(input.scalar_type())),
-              name, " has dtype ", dtype_name(t.scalar_type()), ", which does not go with an input of dtype ",
-              dtype_name(input.scalar_type()), ": use the input's dtype (module.to(", dtype_name(input.scalar_type()),
-              ")), or float32 parameters for a float16 or bfloat16 input, as nn.BatchNorm requires.");
+              "mixed dtype: ", name, " has dtype ", dtype_name(t.scalar_type()), ", which does not go with an input "
+              "of dtype ", dtype_name(input.scalar_type()), ": use the input's dtype (module.to(",
+              dtype_name(input.scalar_type()), ")), or float32 parameters for a float16 or bfloat16 input, as "
+              "nn.BatchNorm requires.");
 }
 
 void check_channel_tensor(const std::optional<at::Tensor>& t, const at::Tensor& input, const char* name) {
@@ -59,7 +64,7 @@ void check_channel_tensor(const std::optional<at::Tensor>& t, const at::Tensor& 
 
 void check_eps(double eps) {
   TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0, "eps must be finite and > 0, got ", eps,
-              ": it keeps 1 / sqrt(var + eps) finite for a constant channel. The usual value is 1e-5.");
+                    ": it keeps 1 / sqrt(var + eps) finite for a constant channel. The usual value is 1e-5.");
 }
 
 ActivationArg activation_arg(int64_t code, double param) {
@@ -72,21 +77,28 @@ ActivationArg activation_arg(int64_t code, double param) {
 void check_update_args(const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
                        const std::optional<at::Tensor>& num_batches_tracked, std::optional<double> momentum) {
   TORCH_CHECK_VALUE(running_mean.has_value() == running_var.has_value(),
-              "running_mean and running_var must be given together");
+                    "running_mean and running_var must be given together");
   TORCH_CHECK_VALUE(momentum.has_value() || num_batches_tracked.has_value() || !running_mean.has_value(),
-              "momentum=None (a cumulative average) needs num_batches_tracked");
+                    "momentum=None (a cumulative average) needs num_batches_tracked");
   TORCH_CHECK_VALUE(!momentum.has_value() || (*momentum >= 0 && *momentum <= 1),
-              "momentum must be None (a cumulative average) or in [0, 1], got ", *momentum);
+                    "momentum must be None (a cumulative average) or in [0, 1], got ", *momentum);
 }
 
 void check_guard_tensor(const std::optional<at::Tensor>& t, const at::Tensor& mean, const char* name,
                         bool per_channel) {
   if (!t.has_value()) return;
-  TORCH_CHECK_VALUE(t->device() == mean.device(), name, " is on ", t->device(), " but the statistics are on ",
-                    mean.device(), ". Move the module and the input to the same device.");
-  TORCH_CHECK_VALUE(!per_channel || t->numel() == mean.numel(), name, " must have one value per channel (",
-                    mean.numel(), "), got shape ", t->sizes(), ". Check num_features of the module against the "
-                    "input's dimension 1.");
+  check_same_device(*t, mean.device(), name, "the statistics");
+  TORCH_CHECK(!per_channel || t->numel() == mean.numel(), name, " should contain ", mean.numel(), " elements not ",
+              t->numel(), ": one per channel. Check num_features of the module against the input's dimension 1.");
+}
+
+void check_counters(const std::optional<at::Tensor>& counters, const at::Device& device, const char* device_of) {
+  if (!counters.has_value()) return;
+  TORCH_CHECK(counters->scalar_type() == at::kLong && counters->numel() == kNumCounters && counters->is_contiguous(),
+              "counters must be a contiguous int64 tensor of ", int64_t(kNumCounters),
+              " elements (a module's safety_counters), got ", dtype_name(counters->scalar_type()), " of shape ",
+              counters->sizes());
+  check_same_device(*counters, device, "counters", device_of);
 }
 
 void check_update_tensors(const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
@@ -115,28 +127,6 @@ void check_running_stats_args(const at::Tensor& counters, const at::Tensor& runn
   check_guard_tensor(bias, running_mean, "bias", true);
 }
 
-int64_t* counters_data(const std::optional<at::Tensor>& counters) {
-  return counters.has_value() ? counters->mutable_data_ptr<int64_t>() : nullptr;
-}
-
-double largest_finite_value(at::ScalarType buffer_type, bool accumulate_in_double) {
-  double value = 0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, buffer_type, "largest_finite", [&] {
-    value = static_cast<double>(std::numeric_limits<scalar_t>::max());
-  });
-  return accumulate_in_double ? value : std::min<double>(value, std::numeric_limits<float>::max());
-}
-
-void check_counters(const std::optional<at::Tensor>& counters, const at::Device& device, const char* device_of) {
-  if (!counters.has_value()) return;
-  TORCH_CHECK(counters->scalar_type() == at::kLong && counters->numel() == kNumCounters && counters->is_contiguous(),
-              "counters must be a contiguous int64 tensor of ", int64_t(kNumCounters),
-              " elements (a module's safety_counters), got ", dtype_name(counters->scalar_type()), " of shape ",
-              counters->sizes());
-  TORCH_CHECK_VALUE(counters->device() == device, "counters are on ", counters->device(), " and ", device_of, " on ",
-                    device, ". Move the module and the input to the same device.");
-}
-
 void check_training_buffers(const at::Tensor& input, const std::optional<at::Tensor>& running_mean,
                             const std::optional<at::Tensor>& running_var,
                             const std::optional<at::Tensor>& num_batches_tracked,
@@ -146,57 +136,11 @@ void check_training_buffers(const at::Tensor& input, const std::optional<at::Ten
   check_channel_tensor(running_var, input, "running_var");
   check_buffer_dtypes(running_mean, running_var);
   if (num_batches_tracked.has_value()) {
-    TORCH_CHECK(num_batches_tracked->scalar_type() == at::kLong && num_batches_tracked->numel() == 1,
-                "num_batches_tracked must be a one-element int64 tensor, got ", dtype_name(num_batches_tracked->scalar_type()),
-                " of shape ", num_batches_tracked->sizes());
-    TORCH_CHECK_VALUE(num_batches_tracked->device() == input.device(), "num_batches_tracked is on ",
-                num_batches_tracked->device(), " but the input is on ", input.device(),
-                ". Move the module and the input to the same device.");
+    TORCH_CHECK(num_batches_tracked->numel() == 1, "num_batches_tracked must be a one-element tensor, got shape ",
+                num_batches_tracked->sizes());
+    check_same_device(*num_batches_tracked, input.device(), "num_batches_tracked", "the input");
   }
   check_counters(counters, input.device());
 }
-
-namespace {
-
-std::optional<at::MemoryFormat> kernel_memory_format(const at::Tensor& input) {
-  if (input.is_contiguous()) return at::MemoryFormat::Contiguous;
-  if (input.dim() == 4 && input.is_contiguous(at::MemoryFormat::ChannelsLast))
-    return at::MemoryFormat::ChannelsLast;
-  if (input.dim() == 5 && input.is_contiguous(at::MemoryFormat::ChannelsLast3d))
-    return at::MemoryFormat::ChannelsLast3d;
-  return std::nullopt;
-}
-
-}  // namespace
-
-at::Tensor with_kernel_layout(const at::Tensor& input) {
-  return kernel_memory_format(input).has_value() ? input : input.contiguous();
-}
-
-at::Tensor with_layout_of(const at::Tensor& t, const at::Tensor& like) {
-  const at::MemoryFormat format = *kernel_memory_format(like);
-  return t.is_contiguous(format) ? t : t.contiguous(format);
-}
-
-Geometry geometry_of(const at::Tensor& input) {
-  Geometry g;
-  g.batch = input.size(0);
-  g.channels = input.size(1);
-  g.spatial = 1;
-  for (int64_t d = 2; d < input.dim(); ++d) g.spatial *= input.size(d);
-  // [N, C] is walked as rows of C channels, the better vectorized of the two.
-  g.channels_last = input.dim() == 2 || *kernel_memory_format(input) != at::MemoryFormat::Contiguous;
-  return g;
-}
-
-at::ScalarType accumulate_type(at::ScalarType input_type) {
-  return input_type == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-at::Tensor channel_stat_tensor(const at::Tensor& input) {
-  return at::empty({input.size(1)}, input.options().dtype(accumulate_type(input.scalar_type())));
-}
-
-at::Tensor undefined_channel_stats(const at::Tensor& input) { return channel_stat_tensor(input).fill_(NAN); }
 
 }  // namespace safebn

@@ -5,10 +5,8 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
-#include <type_traits>
 
 #include "activation.h"
-#include "geometry.h"
 
 namespace safebn {
 
@@ -49,21 +47,10 @@ void check_update_tensors(const std::optional<at::Tensor>& running_mean, const s
                           const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                           std::optional<double> momentum);
 
-// The counters' values for the kernels; nullptr without counters.
-int64_t* counters_data(const std::optional<at::Tensor>& counters);
-
 // What every device's check_running_stats requires of its arguments.
 void check_running_stats_args(const at::Tensor& counters, const at::Tensor& running_mean,
                               const at::Tensor& running_var, const std::optional<at::Tensor>& weight,
                               const std::optional<at::Tensor>& bias, double eps);
-
-// The largest finite value of a buffer dtype that acc_t (float or double)
-// also holds: the bound the guarded update keeps running statistics within.
-double largest_finite_value(at::ScalarType buffer_type, bool accumulate_in_double);
-template <typename acc_t>
-acc_t largest_finite(at::ScalarType buffer_type) {
-  return static_cast<acc_t>(largest_finite_value(buffer_type, std::is_same_v<acc_t, double>));
-}
 
 // What forward_train requires of the buffers it updates, checked before
 // anything is computed: an error leaves every buffer as it was.
@@ -71,26 +58,5 @@ void check_training_buffers(const at::Tensor& input, const std::optional<at::Ten
                             const std::optional<at::Tensor>& running_var,
                             const std::optional<at::Tensor>& num_batches_tracked,
                             const std::optional<at::Tensor>& counters, std::optional<double> momentum);
-
-// The input in a layout the kernels walk directly: contiguous, channels_last
-// or channels_last_3d are returned as they are; any other strides are copied
-// to contiguous (the one case where the activation is copied).
-at::Tensor with_kernel_layout(const at::Tensor& input);
-
-// `t` (a gradient) laid out exactly like `like`, which has a kernel layout.
-at::Tensor with_layout_of(const at::Tensor& t, const at::Tensor& like);
-
-Geometry geometry_of(const at::Tensor& input_with_kernel_layout);
-
-// float32 for float/half/bfloat16 input, float64 for float64 input.
-at::ScalarType accumulate_type(at::ScalarType input_type);
-
-// An uninitialized per-channel statistic (mean, invstd, ...) for `input`, in
-// the accumulation dtype on its device.
-at::Tensor channel_stat_tensor(const at::Tensor& input);
-
-// The statistics of an input with no values, on every device: undefined, NaN
-// in every channel.
-at::Tensor undefined_channel_stats(const at::Tensor& input);
 
 }  // namespace safebn

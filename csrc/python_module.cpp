@@ -7,11 +7,13 @@
 #include <torch/csrc/autograd/python_variable.h>
 
 #ifdef SAFEBN_WITH_CUDA
+#include <ATen/core/CachingHostAllocator.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 #endif
 
-#include "guard.h"
+#include "contract.h"
+#include "cpu/kernels.h"
 
 namespace safebn {
 namespace {
@@ -31,7 +33,7 @@ PyObject* events_pending(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const at::Tensor& counters = counters_argument(args, nargs, 1, "events_pending(counters) takes CPU counters");
   TORCH_CHECK(counters.device().is_cpu(), "events_pending(counters) takes CPU counters");
   const int64_t* values = counters.const_data_ptr<int64_t>();
-  return PyBool_FromLong(values[kNonFiniteEvents] != values[kReportedEvents]);
+  return PyBool_FromLong(values[kNonfiniteEvents] != values[kReportedEvents]);
   END_HANDLE_TH_ERRORS
 }
 
@@ -46,12 +48,23 @@ PyObject* snapshot_counters(PyObject*, PyObject* const* args, Py_ssize_t nargs) 
   TORCH_CHECK(counters.is_cuda() && THPVariable_Check(args[1]), usage);
   const at::Tensor& host = THPVariable_Unpack(args[1]);
   TORCH_CHECK(host.device().is_cpu() && host.is_contiguous() && host.nbytes() == counters.nbytes(), usage);
+  const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(counters.device().index());
   C10_CUDA_CHECK(cudaMemcpyAsync(host.mutable_data_ptr(), counters.const_data_ptr(), counters.nbytes(),
-                                 cudaMemcpyDeviceToHost, c10::cuda::getCurrentCUDAStream(counters.device().index())));
+                                 cudaMemcpyDeviceToHost, stream));
+  // The pinned buffer is in use until the copy lands: recorded with torch's
+  // caching host allocator, as Tensor.copy_(non_blocking=True) records it, so
+  // that a module freed before then does not hand it to another pinned
+  // tensor (a DataLoader's batch) while the copy is in flight.
+  TORCH_CHECK(at::getHostAllocator(at::kCUDA)->record_event(host.mutable_data_ptr(),
+                                                            host.storage().data_ptr().get_context(), stream.unwrap()),
+              usage, ": the host buffer must come from torch's pinned-memory allocator (pin_memory=True)");
   Py_RETURN_NONE;
   END_HANDLE_TH_ERRORS
 }
 #endif
+
+// kernel_isa() -> str: the instruction set of the CPU kernels this processor runs.
+PyObject* kernel_isa(PyObject*, PyObject*) { return PyUnicode_FromString(cpu::kernel_isa()); }
 
 template <auto function>
 PyCFunction fastcall() {
@@ -59,6 +72,7 @@ PyCFunction fastcall() {
 }
 
 PyMethodDef methods[] = {
+    {"kernel_isa", kernel_isa, METH_NOARGS, "The instruction set of the CPU kernels this processor runs."},
     {"events_pending", fastcall<&events_pending>(), METH_FASTCALL,
      "Whether CPU counters count a non-finite event the host has not reported."},
 #ifdef SAFEBN_WITH_CUDA

@@ -444,3 +444,57 @@ def test_convert_model_works_when_timm_cannot_be_imported(how):
     result = _run(_NO_TIMM[how])
     assert result.returncode == 0, result.stderr
     assert "timm imported: False" in result.stdout, result.stdout
+
+
+# -- torchvision's FrozenBatchNorm2d --------------------------------------------------------------
+def _frozen_pair(channels=4):
+    torchvision = pytest.importorskip("torchvision")
+    native = torchvision.ops.misc.FrozenBatchNorm2d(channels)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name in ("weight", "bias", "running_mean"):
+            getattr(native, name).copy_(torch.randn(channels, generator=g))
+        native.running_var.copy_(torch.rand(channels, generator=g) + 0.5)
+    model = nn.Sequential(nn.Conv2d(3, channels, 3), native)
+    return model, torch_safebn.convert_model(copy.deepcopy(model), strict=True)
+
+
+def test_frozen_batch_norm_is_guarded_with_the_same_buffers_and_numbers():
+    native, safe = _frozen_pair()
+    assert type(safe[1]).__name__ == "SafeFrozenBatchNorm2d" and isinstance(safe[1], type(native[1]))
+    assert list(safe.state_dict()) == list(native.state_dict())
+    native.load_state_dict(safe.state_dict(), strict=True)
+    safe.load_state_dict({**native.state_dict(), "1.num_batches_tracked": torch.tensor(3)}, strict=True)
+    x = torch.randn(2, 3, 8, 8)
+    for training in (True, False):  # frozen: training mode changes nothing
+        torch.testing.assert_close(safe.train(training)(x), native.train(training)(x))
+    half = safe[1](x[:, :3].repeat(1, 2, 1, 1)[:, :4].half())
+    assert half.dtype == native[1](x[:, :3].repeat(1, 2, 1, 1)[:, :4].half()).dtype == torch.float32
+    rows = {row["module"]: row for row in torch_safebn.report(safe).rows}
+    assert rows["1"]["class"] == "SafeFrozenBatchNorm2d" and rows["1"]["guarded"]
+
+
+def test_frozen_batch_norm_with_a_negative_variance_raises_where_native_gives_nan():
+    native, safe = _frozen_pair()
+    for model in (native, safe):
+        with torch.no_grad():
+            model[1].running_var[2] = -1.0
+    x = torch.randn(2, 3, 8, 8)
+    assert not torch.isfinite(native(x)).all()
+    with pytest.raises(torch_safebn.NonFiniteError, match=r"'1' in eval mode.*variance in 1 channel"):
+        safe(x)
+
+
+def test_frozen_batch_norm_is_reported_when_unguarded_and_reverts():
+    native, safe = _frozen_pair()
+    rows = torch_safebn.report(native).rows
+    assert [(row["module"], row["class"], row["guarded"]) for row in rows] == [("1", "FrozenBatchNorm2d", False)]
+    torch_safebn.revert_model(safe)
+    assert type(safe[1]) is type(native[1])
+
+
+def test_convert_sync_batchnorm_as_native():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Sequential(nn.BatchNorm1d(2)))
+    converted = torch_safebn.SafeSyncBatchNorm.convert_sync_batchnorm(model, process_group=None)
+    assert converted is model
+    assert [type(m) for m in (model[1], model[2][0])] == [torch_safebn.SafeSyncBatchNorm] * 2

@@ -7,14 +7,17 @@ SAFEBN_TEST_DEVICE=cpu runs the same comparisons CPU against CPU, which checks
 the tests themselves on a machine without a GPU."""
 from __future__ import annotations
 
+import copy
+import gc
 import os
+import threading
 
 import pytest
 import torch
 
 import torch_safebn
 from conftest import forward_eval, forward_train
-from torch_safebn.safety import NUM_COUNTERS, Counter
+from torch_safebn.contract import NUM_COUNTERS, Counter
 
 OPS = torch.ops.safebn
 DEVICE = os.environ.get("SAFEBN_TEST_DEVICE", "cuda")
@@ -333,6 +336,8 @@ def test_launches_per_call(shape, layout):
     bn = module(shape[1], device=DEVICE)
     x = make(shape, torch.float32, layout, seed=10).to(DEVICE).requires_grad_()
     bn(x).sum().backward()  # caches: occupancy, arrival counters, snapshot buffer
+    bn.zero_grad(set_to_none=True)  # else the profiled backward also accumulates into the warm-up's gradients
+    x.grad = None
     outputs = []
     assert _device_work(lambda: outputs.append(bn(x))) == (2, 1)
     grad = torch.ones_like(outputs[0])
@@ -340,3 +345,161 @@ def test_launches_per_call(shape, layout):
     bn.eval()
     with torch.no_grad():
         assert _device_work(lambda: bn(x)) == (1, 1)
+
+
+# -- execution contexts: CUDA graphs, host threads, the counters' snapshot ----------------------
+def _module_twins(C, dtype=torch.float32, momentum=0.1):
+    """A SafeBatchNorm2d on the device under test and its CPU twin."""
+    cpu = torch_safebn.SafeBatchNorm2d(C, momentum=momentum, on_nonfinite="skip")
+    return copy.deepcopy(cpu).to(DEVICE), cpu
+
+
+def _assert_same_state(device_module, cpu_module, what):
+    for (name, a), (_, b) in zip(device_module.named_buffers(), cpu_module.named_buffers()):
+        if a.is_floating_point():
+            torch.testing.assert_close(a.cpu(), b, atol=1e-5, rtol=1e-5, msg=f"{what}: {name}")
+        else:
+            assert torch.equal(a.cpu(), b), f"{what}: {name} {a.cpu().tolist()} != {b.tolist()}"
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs")
+def test_graphs_replayed_alternately_and_concurrently_match_eager_cpu():
+    """Two graphs of different shapes, one with more tiles than an eager set holds at first
+    (C = 2048 channels, contiguous), captured one after the other and replayed alternately, then
+    concurrently on two streams, 200 times: each keeps its own arrival counters."""
+    cases = [((8, 16, 10, 10), "channels_last"), ((2, 2048, 8, 8), "contiguous")]
+    twins = [_module_twins(shape[1]) for shape, _ in cases]
+    inputs = [make(shape, torch.float32, layout, seed=20 + i) for i, (shape, layout) in enumerate(cases)]
+    static = [x.to(DEVICE) for x in inputs]
+    graphs, outputs = [], []
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture, as torch.cuda.graph expects
+        for (module, _), x in zip(twins, static):
+            module(x)
+    torch.cuda.current_stream().wait_stream(side)
+    for (module, cpu), x, x_cpu in zip(twins, static, inputs):
+        cpu(x_cpu)  # the warm-up's update
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs.append(module(x))
+        graphs.append(graph)
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    for step in range(200):
+        if step < 100:
+            for graph in graphs:
+                graph.replay()
+        else:
+            for graph, stream in zip(graphs, streams):
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    graph.replay()
+            for stream in streams:
+                torch.cuda.current_stream().wait_stream(stream)
+        expected = [cpu(x_cpu) for (_, cpu), x_cpu in zip(twins, inputs)]
+    torch.cuda.synchronize()
+    for (module, cpu), output, want in zip(twins, outputs, expected):
+        _assert_same_state(module, cpu, "after 200 replays")
+        torch.testing.assert_close(output.cpu(), want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="host threads on one CUDA stream")
+def test_two_host_threads_on_one_stream_while_the_counters_grow():
+    """One thread loops over C = 64 while the other makes the first C = 4096 call (which grows the
+    stream's arrival counters): every result equals the CPU's."""
+    errors = []
+
+    def loop(C, calls, seed):
+        try:
+            x = make((4, C, 16, 16), torch.float32, "contiguous", seed=seed)
+            expected = forward_train(x)
+            x_d = x.to(DEVICE)
+            for _ in range(calls):
+                got = forward_train(x_d)
+                for a, b in zip(got, expected):
+                    torch.testing.assert_close(a.cpu(), b, atol=5e-5, rtol=2e-5)
+        except BaseException as error:  # noqa: BLE001 (reported by the main thread)
+            errors.append(error)
+
+    threads = [threading.Thread(target=loop, args=(64, 300, 30)), threading.Thread(target=loop, args=(4096, 3, 31))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the CUDA counters' snapshot")
+def test_a_freed_module_with_a_snapshot_in_flight_keeps_its_pinned_buffer():
+    """The snapshot's pinned buffer is recorded as in use on its stream: freed while the copy
+    waits behind a long kernel, it is not handed to the next pinned tensor of its size."""
+    bn = torch_safebn.SafeBatchNorm2d(4, device=DEVICE)
+    x = torch.randn(8, 4, 6, 6, device=DEVICE)
+    bn(x)  # makes the snapshot buffer
+    torch.cuda.synchronize()
+    torch.cuda._sleep(200_000_000)  # the next copy waits behind this
+    bn(x)
+    address = bn.safety_state._snapshot[1].data_ptr()
+    del bn
+    gc.collect()
+    other = torch.empty(NUM_COUNTERS, dtype=torch.int64, pin_memory=True)
+    assert other.data_ptr() != address
+    torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_the_guard_after_a_multi_block_merge_matches_cpu(layout, dtype, momentum):
+    """[32, 64, 56, 56] splits every channel over many blocks, whose last arrival merges the
+    partial totals and runs the guard: a NaN in one channel only skips the update on every
+    device alike, every buffer and counter equal to the CPU's."""
+    device_module, cpu = _module_twins(64, momentum=momentum)
+    if dtype in (torch.float16, torch.bfloat16):
+        device_module, cpu = device_module.float(), cpu.float()
+    else:
+        device_module, cpu = device_module.to(dtype), cpu.to(dtype)
+    for step in range(3):
+        x = make((32, 64, 56, 56), dtype, layout, seed=40 + step)
+        if step == 1:
+            x[5, 17, 3, 4] = float("nan")
+        cpu(x)
+        device_module(x.to(DEVICE))
+        torch.cuda.synchronize() if DEVICE == "cuda" else None
+        _assert_same_state(device_module, cpu, f"step {step}")
+
+
+def test_500_calls_alternating_shapes_dtypes_and_layouts_on_one_stream():
+    g = torch.Generator().manual_seed(50)
+    for call in range(500):
+        shape, layout = CASES[int(torch.randint(len(CASES), (1,), generator=g))]
+        dtype = DTYPES[int(torch.randint(len(DTYPES), (1,), generator=g))]
+        x = make(shape, dtype, layout, seed=call)
+        expected = forward_train(x)
+        got = forward_train(x.to(DEVICE))
+        for a, b, kind in zip(got, expected, (dtype, acc_dtype(dtype), acc_dtype(dtype))):
+            assert_close(a, b, kind, f"call {call}: {shape} {layout} {dtype}")
+
+
+def test_results_are_deterministic_over_500_calls():
+    x = on_device(make((20, 6, 64, 64), torch.float32, "contiguous", seed=5))
+    first = forward_train(x)
+    for _ in range(500):
+        assert all(torch.equal(a, b) for a, b in zip(first, forward_train(x)))
+
+
+def test_empty_eval_and_channelless_training_count_as_on_cpu():
+    """The guard's one home: an empty eval batch still checks the running statistics, and a
+    training batch without channels (no counters) advances num_batches_tracked, on every device."""
+    def run(device):
+        counters = torch.zeros(NUM_COUNTERS, dtype=torch.int64, device=device)
+        nan = torch.full((3,), float("nan"), device=device)
+        OPS.batch_norm_eval(torch.empty(0, 3, 2, 2, device=device), None, None, nan, nan, counters, 1e-5)
+        empty = torch.empty(0, device=device)
+        nbt = torch.tensor(0, device=device)
+        OPS.forward_train(torch.empty(4, 0, 2, 2, device=device), None, None, empty, empty, nbt, None, 0.1, 1e-5)
+        return counters.cpu(), nbt.cpu()
+
+    (counters, nbt), (expected_counters, expected_nbt) = run(DEVICE), run("cpu")
+    assert torch.equal(counters, expected_counters) and counters[Counter.NONFINITE_EVENTS] == 1
+    assert torch.equal(nbt, expected_nbt) and nbt.item() == 1

@@ -6,6 +6,7 @@ test shows that rank's traceback. Every spawned job is bounded in time, so a
 rank left waiting in a collective fails the test instead of hanging it."""
 from __future__ import annotations
 
+import collections
 import importlib.util
 import re
 import time
@@ -17,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import torch_safebn
 from torch_safebn import DegenerateBatchError, NonFiniteError, SafeSyncBatchNorm
@@ -198,6 +200,55 @@ def _check_process_group(rank):
     _check_nonfinite_raises_on_every_rank(rank, bad_rank=2, group=group)
 
 
+class _CountingOps(TorchDispatchMode):
+    """Counts the calls of each safebn op."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _check_checkpointed_recompute_needs_no_collective(rank, world_size):
+    """A checkpointed block of SafeSyncBatchNorm: its recomputation reuses the first pass's group
+    statistics (no second all_gather) and updates nothing; buffers as an unchecked twin's."""
+    for use_reentrant in (False, True):
+        plain = torch_safebn.convert_model(_conv_net(), distributed=True)
+        checked = torch_safebn.convert_model(_conv_net(), distributed=True)
+        for step in range(2):
+            x = torch.randn(2 + rank, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(step),
+                            requires_grad=True)
+            plain(x).sum().backward()
+            with _CountingOps() as counting:
+                torch.utils.checkpoint.checkpoint(checked, x, use_reentrant=use_reentrant).sum().backward()
+            assert counting.calls["safebn.sync_batch_stats"] == 2, counting.calls  # two layers, once each
+        for name, value in plain.state_dict().items():
+            assert torch.equal(checked.state_dict()[name], value), name
+
+
+def _check_accumulated_micro_batches_over_the_group(rank, world_size):
+    """accumulate_stats with SafeSyncBatchNorm: one update, from the group's pooled micro-batches,
+    equal to one process's nn.BatchNorm on the whole batch."""
+    native, safe = _module_pair(3, 4)
+    sizes = [[3, 1, 4], [2, 5, 0], [1, 1, 1]][:world_size]
+    batch = torch.randn(sum(map(sum, sizes)), 3, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    native(batch)
+    start = 0
+    chunks = []
+    for micro in range(3):  # micro-batch m holds sizes[r][m] examples of rank r, in rank order
+        per_rank = [sizes[r][micro] for r in range(world_size)]
+        chunks.append(batch[start + sum(per_rank[:rank]): start + sum(per_rank[:rank + 1])])
+        start += sum(per_rank)
+    with torch_safebn.accumulate_stats(safe):
+        for chunk in chunks:
+            safe(chunk)
+    for name, value in native.state_dict().items():
+        torch.testing.assert_close(safe.state_dict()[name], value, **TIGHT, msg=f"{name} differs")
+
+
 def three_ranks(rank, world_size):
     _check_parity([3, 1, 0], (4, 5))
     _check_parity([1, 0, 4], (4, 5), torch.channels_last)
@@ -209,6 +260,8 @@ def three_ranks(rank, world_size):
     _check_one_value_per_channel_in_the_group(rank, world_size)
     _check_single_example_in_the_group_warns(rank, world_size)
     _check_empty_group_batch_changes_nothing(rank)
+    _check_checkpointed_recompute_needs_no_collective(rank, world_size)
+    _check_accumulated_micro_batches_over_the_group(rank, world_size)
     _check_process_group(rank)
 
 
@@ -237,8 +290,61 @@ def _check_ddp_training_matches_one_process(rank, world_size, data):
         torch.testing.assert_close(model.module.state_dict()[name], value, **TIGHT, msg=f"{name} differs")
 
 
+def _conv_net(dtype=torch.float64) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 5, 3),
+                         nn.BatchNorm2d(5)).to(dtype)
+
+
+def _check_compiled_training_matches_one_process(rank, world_size):
+    """torch.compile(fullgraph=True) of a converted model: three SGD steps, gradients summed over
+    the ranks, unequal and changing per-rank batches, against one process training nn.BatchNorm2d
+    on the whole batch; then NaN on one rank raises on every rank, buffers untouched. (An empty
+    per-rank batch: below, without convolutions, whose compiled backward fails on an empty batch
+    in torch 2.14.1 itself.)"""
+    torch._dynamo.reset()
+    reference, model = _conv_net(), torch_safebn.convert_model(_conv_net(), distributed=True)
+    compiled = torch.compile(model, fullgraph=True)
+    optimizer, reference_optimizer = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, reference))
+    for step, sizes in enumerate([[3, 5], [4, 1], [1, 6]]):
+        g = torch.Generator().manual_seed(step)
+        batch = torch.randn(sum(sizes), 3, 6, 6, generator=g, dtype=torch.float64)
+        (compiled(batch[_shares(sizes, rank)]).square().sum() / 1000).backward()
+        for parameter in model.parameters():
+            dist.all_reduce(parameter.grad)
+        (reference(batch).square().sum() / 1000).backward()
+        for m, o in ((model, optimizer), (reference, reference_optimizer)):
+            o.step()
+            o.zero_grad()
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], value, **TIGHT, msg=f"{name} differs")
+    torch_safebn.name_modules(model)
+    before = _buffers(model)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    if rank == 1:
+        x[1, 0, 2, 2] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"'1', rank \d .* came from rank 1 of the process group"):
+        compiled(x)
+    for name, value in before.items():
+        assert torch.equal(model.state_dict()[name], value), f"{name} changed on rank {rank}"
+    # an empty batch on one rank, compiled
+    torch._dynamo.reset()
+    native, safe = _module_pair(3, 4)
+    compiled = torch.compile(safe, fullgraph=True)
+    for sizes in ([4, 0], [0, 3]):
+        batch = torch.randn(sum(sizes), 3, 5, 5, dtype=torch.float64)
+        x = batch[_shares(sizes, rank)].requires_grad_()
+        expected_input = batch.clone().requires_grad_()
+        compiled(x).sum().backward()
+        native(expected_input).sum().backward()
+        torch.testing.assert_close(x.grad, expected_input.grad[_shares(sizes, rank)], **TIGHT)
+    for name, value in native.state_dict().items():
+        torch.testing.assert_close(safe.state_dict()[name], value, **TIGHT, msg=f"{name} differs")
+
+
 def two_ranks(rank, world_size, data):
     _check_ddp_training_matches_one_process(rank, world_size, data)
+    _check_compiled_training_matches_one_process(rank, world_size)
     _check_nonfinite_raises_on_every_rank(rank, bad_rank=0)
     _check_one_value_per_channel_in_the_group(rank, world_size)
 

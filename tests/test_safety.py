@@ -4,6 +4,7 @@ that leave nothing lost, report() and check()."""
 from __future__ import annotations
 
 import copy
+import sys
 import warnings
 
 import numpy as np
@@ -15,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import torch_safebn
 from conftest import forward_train, make_input, module_pair
 from torch_safebn import DegenerateBatchError, NonFiniteError, SafeBatchNorm1d, SafeBatchNorm2d, SafetyError
-from torch_safebn.safety import NUM_COUNTERS, Counter
+from torch_safebn.contract import NUM_COUNTERS, Counter
 
 OPS = torch.ops.safebn
 
@@ -38,7 +39,7 @@ def _assert_buffers_equal(module, before):
 # -- construction and argument validation ------------------------------------------
 @pytest.mark.parametrize("eps", [0.0, -1e-5, float("nan"), float("inf"), "1e-5", True])
 def test_eps_is_validated_at_construction_and_in_the_functional_form(eps):
-    with pytest.raises(ValueError, match=r"eps must be a finite number > 0, got"):
+    with pytest.raises(ValueError, match=r"eps must be positive \(a finite number > 0\), got"):
         SafeBatchNorm2d(3, eps=eps)
     with pytest.raises(ValueError, match="eps"):
         torch_safebn.batch_norm(torch.randn(4, 3), None, None, training=True, eps=eps)
@@ -64,17 +65,20 @@ def test_freeze_stats_needs_running_stats():
         SafeBatchNorm2d(3, freeze_stats=True, track_running_stats=False)
 
 
-def test_bad_inputs_get_errors_that_say_expected_and_got():
+def test_bad_inputs_get_native_errors_that_say_expected_and_got():
+    """Each of native's classes (code that catches them keeps working), and a message that says
+    what was expected, what came, and what to do."""
     bn = SafeBatchNorm2d(3)
     with pytest.raises(ValueError, match="expected 4D input"):
         bn(torch.randn(4, 3, 5))
-    with pytest.raises(ValueError, match=r"one value per channel: expected shape \[5\].*got \[3\].*num_features"):
+    with pytest.raises(RuntimeError, match=r"weight should contain 5 elements not 3: one per channel of the input "
+                                           r"of shape \[4, 5, 2, 2\].*num_features"):
         bn(torch.randn(4, 5, 2, 2))
-    with pytest.raises(TypeError, match="floating-point input.*got torch.int64"):
+    with pytest.raises(NotImplementedError, match="not implemented for torch.int64.*floating-point input"):
         bn(torch.ones(4, 3, 2, 2, dtype=torch.int64))
-    with pytest.raises(TypeError, match="complex64"):
+    with pytest.raises(NotImplementedError, match="complex64"):
         bn(torch.ones(4, 3, 2, 2, dtype=torch.complex64))
-    with pytest.raises(ValueError, match="weight is on meta but the input is on cpu"):
+    with pytest.raises(RuntimeError, match="weight is on meta but the input is on cpu"):
         torch_safebn.batch_norm(torch.randn(4, 3), None, None, torch.ones(3, device="meta"), training=True)
     with pytest.raises(ValueError, match="eps must be finite and > 0"):
         forward_train(torch.randn(4, 3), eps=0.0)  # the op checks too
@@ -100,7 +104,7 @@ def test_eps_and_momentum_set_later_are_validated_when_set():
     assert bn.momentum is None and bn.eps == pytest.approx(1e-3)
     with pytest.raises(ValueError, match="momentum must be None"):
         bn.momentum = 2.0
-    with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+    with pytest.raises(ValueError, match=r"eps must be positive \(a finite number > 0\)"):
         bn.eps = 0
     assert bn.momentum is None and bn.eps == pytest.approx(1e-3), "a refused value changes nothing"
 
@@ -116,9 +120,9 @@ def test_dtype_pairings_are_those_of_native(training):
     x64 = make_input((4, 3, 2, 2), torch.float64)
     with pytest.raises(RuntimeError):
         native(x64)
-    with pytest.raises(TypeError, match=r"does not go with an input of dtype torch.float64.*module.to\(torch.float64\)"):
+    with pytest.raises(RuntimeError, match=r"does not go with an input of dtype torch.float64.*module.to\(torch.float64\)"):
         safe(x64)
-    with pytest.raises(TypeError, match="does not go with an input of dtype torch.float32"):
+    with pytest.raises(RuntimeError, match="does not go with an input of dtype torch.float32"):
         SafeBatchNorm2d(3, dtype=torch.float64)(make_input((4, 3, 2, 2)))
 
 
@@ -147,7 +151,8 @@ def test_extra_repr_and_convert_model_pass_options_on():
 def test_one_value_per_channel_raises_by_default_and_names_the_module():
     model = torch_safebn.convert_model(nn.Sequential(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))))
     before = _buffers(model[0][1])
-    with pytest.raises(DegenerateBatchError, match=r"'0\.1': expected more than 1 value per channel.*\[1, 4\].*drop_last=True"):
+    with pytest.raises(DegenerateBatchError, match=r"'0\.1': Expected more than 1 value per channel when training, got "
+                                                   r"input size torch.Size\(\[1, 4\]\).*drop_last=True"):
         model(torch.randn(1, 3))
     assert issubclass(DegenerateBatchError, ValueError) and issubclass(DegenerateBatchError, SafetyError)
     _assert_buffers_equal(model[0][1], before)
@@ -191,6 +196,23 @@ def test_on_single_sample(policy):
     assert len(messages) == (1 if policy == "warn" else 0)  # once per module instance
     assert _counters(bn)["single_sample_batches"] == (1 if policy == "raise" else 2)
     assert bn.num_batches_tracked.item() == (0 if policy == "raise" else 2)
+
+
+def test_a_model_warns_once_at_the_line_that_called_it():
+    """A batch of one example through a library's model (torchvision's resnet18, 20 batch norms)
+    gives one warning, which names the first batch norm that saw it and is attributed to the line
+    that called the model, not to the library's code."""
+    torchvision = pytest.importorskip("torchvision")
+    model = torch_safebn.convert_model(torchvision.models.resnet18())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(torch.randn(1, 3, 64, 64)); line = sys._getframe().f_lineno  # noqa: E702 (the same line)
+        model(torch.randn(1, 3, 64, 64))
+    ours = [w for w in caught if "single example" in str(w.message)]
+    assert len(ours) == 1, [str(w.message)[:60] for w in ours]
+    assert "'bn1'" in str(ours[0].message) and "report(model) counts every batch norm" in str(ours[0].message)
+    assert (ours[0].filename, ours[0].lineno) == (__file__, line)
+    assert all(row["single_sample_batches"] == 2 for row in torch_safebn.report(model).rows)
 
 
 # -- non-finite values ------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """torch_safebn: batch normalization for PyTorch with fused C++/CUDA kernels
 that cannot be silently poisoned. See README.md."""
 from ._ops import BACKEND as _BACKEND
-from .convert import UnconvertedBatchNormError, convert_model, revert_model
+from .convert import convert_model, revert_model
 from .distributed import SafeSyncBatchNorm
+from .errors import DegenerateBatchError, NonFiniteError, SafetyError, UnconvertedBatchNormError
 from .functional import batch_norm, batch_norm_act
 from .modules import (
     SafeBatchNorm1d,
@@ -13,15 +14,8 @@ from .modules import (
     SafeLazyBatchNorm3d,
 )
 from .norm_act import SafeBatchNormAct2d, SafeSyncBatchNormAct
-from .safety import (
-    DegenerateBatchError,
-    NonFiniteError,
-    Report,
-    SafetyError,
-    check,
-    name_modules,
-    report,
-)
+from .report import Report, check, name_modules, report
+from .statistics import Recalibration, accumulate_stats, recalibrate
 
 __version__ = "0.1.0"
 
@@ -44,6 +38,9 @@ __all__ = [
     "check",
     "name_modules",
     "Report",
+    "accumulate_stats",
+    "recalibrate",
+    "Recalibration",
     "SafetyError",
     "DegenerateBatchError",
     "NonFiniteError",

@@ -1,46 +1,24 @@
 """Registration glue for the safebn ops: loads the compiled kernels (or
-registers reference.py in their place), the fake kernels, and the Python
-kernel of the observe op. Everything else calls the ops through OPS."""
+registers reference.py in their place), the fake kernels, and how the host
+reads a module's counters. Everything else calls the ops through OPS."""
 from __future__ import annotations
 
 import warnings
 
 import torch
 
-from . import reference, safety
+from . import reference
+from .contract import SCHEMAS, Counter, accumulate_dtype
 
-# The schemas are declared once, in csrc/ops.cpp. These copies are used only
-# when the extension cannot load; tests/test_ops.py checks that they agree.
-SCHEMAS = {
-    "forward_train": "(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
-    "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, Tensor(d!)? counters, float? momentum, "
-    "float eps, int activation=0, float activation_param=0.) -> (Tensor output, Tensor mean, Tensor invstd)",
-    "batch_norm_train": "(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
-    "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, Tensor(d!)? counters, float? momentum, "
-    "float eps, int activation=0, float activation_param=0.) -> Tensor",
-    "batch_norm_eval": "(Tensor input, Tensor? weight, Tensor? bias, Tensor running_mean, Tensor running_var, "
-    "Tensor(a!)? counters, float eps, int activation=0, float activation_param=0.) -> Tensor",
-    "backward": "(Tensor grad_output, Tensor input, Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd, "
-    "bool train, bool[3] output_mask, int activation=0, float activation_param=0.) "
-    "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)",
-    "batch_stats": "(Tensor input) -> (Tensor mean, Tensor var)",
-    "normalize": "(Tensor input, Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd) -> Tensor",
-    "backward_reduce": "(Tensor grad_output, Tensor input, Tensor mean) -> (Tensor sum_dy, Tensor sum_dy_xmu)",
-    "backward_elemt": "(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor invstd, "
-    "Tensor sum_dy, Tensor sum_dy_xmu, SymInt count) -> Tensor",
-    "update_running_stats": "(Tensor(a!)? running_mean, Tensor(b!)? running_var, "
-    "Tensor(c!)? num_batches_tracked, Tensor(d!)? counters, Tensor mean, Tensor invstd, "
-    "Tensor? weight, Tensor? bias, SymInt count, float eps, float? momentum, bool single_sample=False) -> ()",
-    "check_running_stats": "(Tensor(a!) counters, Tensor running_mean, Tensor running_var, Tensor? weight, "
-    "Tensor? bias, float eps) -> ()",
-    "observe": "(Tensor(a!) counters, int module, SymInt[] shape, int event) -> ()",
-}
+__all__ = ["BACKEND", "OPS", "LIBRARY", "events_pending", "snapshot_counters"]
+
 # Composites of other ops, which autograd, fake tensors and compilers see
-# through (CompositeImplicitAutograd): batch_norm_train always, the
-# reference's differentiable forwards when they stand in for the kernels.
-_TRACED_THROUGH = ("forward_train", "batch_norm_eval", "batch_norm_train")
-# Kernels written in Python for every device, extension or not.
-_PYTHON_KERNELS = {"observe": safety.observe_kernel}
+# through (CompositeImplicitAutograd): batch_norm_train and activation always,
+# the reference's differentiable forwards when they stand in for the kernels.
+_TRACED_THROUGH = ("forward_train", "batch_norm_eval", "batch_norm_train", "activation", "sync_batch_stats",
+                   "sync_batch_norm_train")
+# Kernels written in Python for every device, extension or not (state.py).
+_PYTHON_KERNELS = ("observe",)
 
 
 def _load_backend() -> str:
@@ -72,21 +50,27 @@ def _register_reference() -> None:
 
 BACKEND = _load_backend()
 OPS = torch.ops.safebn
-if BACKEND != "reference":
+LIBRARY = torch.library.Library("safebn", "IMPL")  # the Python kernels' registrations
+
+# How every guarded call reads its counters: whether CPU counters count a
+# non-finite event not reported yet, and a CUDA snapshot into a pinned
+# buffer. The extension's functions cost a fraction of the Tensor methods.
+if BACKEND == "reference":
+    def events_pending(counters: torch.Tensor) -> bool:
+        return counters[Counter.NONFINITE_EVENTS].item() != counters[Counter.REPORTED_EVENTS].item()
+
+    def snapshot_counters(counters: torch.Tensor, host: torch.Tensor) -> None:
+        host.copy_(counters, non_blocking=True)
+else:
     from . import _C
 
-    safety.SafetyState.events_pending = _C.events_pending
-    if BACKEND == "cuda+cpu":
-        safety.SafetyState.copy_to_host = _C.snapshot_counters
-
-_PYTHON_KERNEL_LIBRARY = torch.library.Library("safebn", "IMPL")
-for _name, _kernel in _PYTHON_KERNELS.items():
-    _PYTHON_KERNEL_LIBRARY.impl(_name, _kernel, "CompositeExplicitAutograd")
+    events_pending = _C.events_pending
+    snapshot_counters = getattr(_C, "snapshot_counters", None)
 
 
 # -- fake (meta) kernels: shapes and dtypes only -----------------------------------
 def _channel_stats_like(input: torch.Tensor) -> torch.Tensor:
-    return input.new_empty((input.shape[1],), dtype=reference.accumulate_dtype(input.dtype))
+    return input.new_empty((input.shape[1],), dtype=accumulate_dtype(input.dtype))
 
 
 def _output_like(input: torch.Tensor) -> torch.Tensor:
@@ -104,14 +88,13 @@ def _check_devices(input: torch.Tensor, **tensors: torch.Tensor | None) -> None:
     and so lands here (a meta tensor among CPU ones, say)."""
     for name, t in tensors.items():
         if t is not None and t.device != input.device:
-            raise ValueError(f"{name} is on {t.device} but the input is on {input.device}. Move the module and the "
-                             "input to the same device.")
+            raise RuntimeError(f"{name} is on {t.device} but the input is on {input.device}. Move the module and "
+                               "the input to the same device.")
 
 
 def _register_fake(name: str):
-    """register_fake, except for the reference's composite forwards, which
-    fake tensors trace through."""
-    if BACKEND == "reference" and name in _TRACED_THROUGH:
+    """register_fake, except for the ops fake tensors trace through."""
+    if name == "activation" or (BACKEND == "reference" and name in _TRACED_THROUGH):
         return lambda fake: fake
     return torch.library.register_fake(f"safebn::{name}")
 
@@ -146,17 +129,18 @@ def _(input):
 
 
 @_register_fake("normalize")
-def _(input, weight, bias, mean, invstd):
+def _(input, weight, bias, mean, invstd, activation=0, activation_param=0.0):
     return _output_like(input)
 
 
 @_register_fake("backward_reduce")
-def _(grad_output, input, mean):
+def _(grad_output, input, mean, weight=None, bias=None, invstd=None, activation=0, activation_param=0.0):
     return _channel_stats_like(input), _channel_stats_like(input)
 
 
 @_register_fake("backward_elemt")
-def _(grad_output, input, weight, mean, invstd, sum_dy, sum_dy_xmu, count):
+def _(grad_output, input, weight, mean, invstd, sum_dy, sum_dy_xmu, count, bias=None, activation=0,
+      activation_param=0.0):
     return _output_like(input)
 
 
@@ -171,6 +155,31 @@ def _(counters, running_mean, running_var, weight, bias, eps):
     return None
 
 
+@_register_fake("sync_batch_stats")
+def _(input, eps, group_name, group_size):
+    group_batch = torch.empty((group_size, 3), dtype=torch.int64, device="cpu")
+    return _channel_stats_like(input), _channel_stats_like(input), group_batch
+
+
+@_register_fake("sync_batch_norm_train")
+def _(input, weight, bias, running_mean, running_var, num_batches_tracked, counters, mean, invstd, group_batch,
+      momentum, eps, group_name, degenerate_uses_running_stats=False, refuse_single_sample=False, activation=0,
+      activation_param=0.0):
+    _check_devices(input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var,
+                   num_batches_tracked=num_batches_tracked, counters=counters, mean=mean, invstd=invstd)
+    return _output_like(input)
+
+
+@_register_fake("sync_batch_norm_backward")
+def _(grad_output, input, weight, bias, mean, invstd, group_batch, group_name, output_mask, running_mean=None,
+      running_var=None, eps=0.0, activation=0, activation_param=0.0):
+    grad_input = _output_like(input) if output_mask[0] else None
+    grad_weight = torch.empty_like(weight) if weight is not None and output_mask[1] else None
+    grad_bias = (torch.empty_like(weight) if weight is not None else _channel_stats_like(input)) if output_mask[2] else None
+    return grad_input, grad_weight, grad_bias
+
+
 @_register_fake("observe")
-def _(counters, module, shape, event):
+def _(counters, module, shape, event, group_batch=None):
     return None
+

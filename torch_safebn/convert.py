@@ -18,20 +18,19 @@ import sys
 import warnings
 
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
+from .deployment import check_artifact
 from .distributed import SafeSyncBatchNorm
 from .modules import SAFE_FOR_NATIVE, _SafeBatchNormMixin
 from .norm_act import SafeBatchNormAct2d, SafeSyncBatchNormAct
-from .safety import SAFETY_OPTIONS, Policy, name_modules, warn_at_caller
+from .errors import UnconvertedBatchNormError
+from .policy import SAFETY_OPTIONS, Policy
+from .report import name_modules, unguarded
+from .state import warn_at_caller
 
-__all__ = ["convert_model", "revert_model", "UnconvertedBatchNormError"]
+__all__ = ["convert_model", "revert_model", "native_module"]
 
 _LAZY = (nn.LazyBatchNorm1d, nn.LazyBatchNorm2d, nn.LazyBatchNorm3d)
-
-
-class UnconvertedBatchNormError(TypeError):
-    """convert_model(strict=True) met a batch norm it cannot guard."""
 
 
 def _timm_classes() -> dict[type, type]:
@@ -45,8 +44,19 @@ def _timm_classes() -> dict[type, type]:
     return {norm_act.BatchNormAct2d: SafeBatchNormAct2d, norm_act.SyncBatchNormAct: SafeSyncBatchNormAct}
 
 
+def _torchvision_classes() -> dict[type, type]:
+    """torchvision's FrozenBatchNorm2d by its safe counterpart, if torchvision is imported."""
+    if sys.modules.get("torchvision") is None:
+        return {}
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    from .frozen import SafeFrozenBatchNorm2d
+
+    return {FrozenBatchNorm2d: SafeFrozenBatchNorm2d}
+
+
 def _safe_for_native() -> dict[type, type]:
-    return {**SAFE_FOR_NATIVE, nn.SyncBatchNorm: SafeSyncBatchNorm, **_timm_classes()}
+    return {**SAFE_FOR_NATIVE, nn.SyncBatchNorm: SafeSyncBatchNorm, **_timm_classes(), **_torchvision_classes()}
 
 
 def _target(module: nn.Module, table: dict[type, type], distributed: bool) -> type | None:
@@ -55,13 +65,20 @@ def _target(module: nn.Module, table: dict[type, type], distributed: bool) -> ty
     if distributed and cls in _LAZY:
         return None  # synchronized batch norms have no lazy form: run a forward first
     target = table.get(cls)
+    # Frozen statistics have no group to synchronize with: they stay frozen.
+    synchronizes = distributed and not _frozen(cls)
     if isinstance(module, _SafeBatchNormMixin):
         target = None  # converted before: it took the options already (_apply_options)
-        if distributed and not isinstance(module, SafeSyncBatchNorm):
+        if synchronizes and not isinstance(module, SafeSyncBatchNorm):
             target = SafeSyncBatchNormAct if isinstance(module, SafeBatchNormAct2d) else SafeSyncBatchNorm
-    elif distributed and target is not None and not issubclass(target, SafeSyncBatchNorm):
+    elif synchronizes and target is not None and not issubclass(target, SafeSyncBatchNorm):
         target = SafeSyncBatchNormAct if issubclass(target, SafeBatchNormAct2d) else SafeSyncBatchNorm
     return target
+
+
+def _frozen(cls: type) -> bool:
+    """torchvision's FrozenBatchNorm2d or its safe counterpart: batch norms without a training mode."""
+    return not issubclass(cls, nn.modules.batchnorm._NormBase)
 
 
 def _rebuild(module: nn.Module, cls: type, process_group=None, **options) -> nn.Module:
@@ -71,7 +88,7 @@ def _rebuild(module: nn.Module, cls: type, process_group=None, **options) -> nn.
     if isinstance(module, _SafeBatchNormMixin) and issubclass(cls, _SafeBatchNormMixin):
         options = dataclasses.asdict(module.policy)  # the options given now are applied already
     arguments = {}
-    if module.affine and module.bias is None:  # torch's bias=False
+    if getattr(module, "affine", False) and module.bias is None:  # torch's bias=False
         arguments["bias"] = False
     if issubclass(cls, (nn.SyncBatchNorm, SafeSyncBatchNorm)):
         # a synchronized module keeps its group unless another is given
@@ -82,7 +99,10 @@ def _rebuild(module: nn.Module, cls: type, process_group=None, **options) -> nn.
         arguments["drop"] = getattr(module, "drop", None)
     reference = next(iter(module.state_dict().values()), None)
     device = None if reference is None else reference.device
-    if issubclass(cls, _LAZY):  # no num_features until the first input
+    if _frozen(cls):
+        safe = issubclass(cls, _SafeBatchNormMixin)  # torchvision's takes neither a device nor options
+        new = cls(module.weight.numel(), module.eps, **({"device": device, **options} if safe else {}))
+    elif issubclass(cls, _LAZY):  # no num_features until the first input
         new = cls(module.eps, module.momentum, module.affine, module.track_running_stats, device=device,
                   **arguments, **options)
     else:
@@ -99,16 +119,11 @@ def _rebuild(module: nn.Module, cls: type, process_group=None, **options) -> nn.
     return new
 
 
-def _unguarded(module: nn.Module) -> bool:
-    """A batch norm that convert_model leaves as it is."""
-    return isinstance(module, _BatchNorm) and not isinstance(module, _SafeBatchNormMixin)
-
-
 def _swap(model: nn.Module, choose, skipped: collections.Counter, **options) -> nn.Module:
     cls = choose(model)
     if cls is not None:
         return _rebuild(model, cls, **options)
-    if _unguarded(model):
+    if unguarded(model):
         skipped[type(model).__qualname__] += 1
     for name, child in model.named_children():
         setattr(model, name, _swap(child, choose, skipped, **options))
@@ -178,7 +193,7 @@ def _count_unconverted(model: nn.Module, choose, counts: collections.Counter) ->
     """What _swap would count in `skipped`, without changing the model."""
     if choose(model) is not None:
         return
-    if _unguarded(model):
+    if unguarded(model):
         counts[type(model).__qualname__] += 1
     for child in model.children():
         _count_unconverted(child, choose, counts)
@@ -191,9 +206,19 @@ def _unconverted_message(counts: collections.Counter) -> str:
             "forward; replace these modules yourself, or subclass a torch_safebn module instead.")
 
 
-def revert_model(model: nn.Module) -> nn.Module:
+def revert_model(model: nn.Module, *, check: bool = True) -> nn.Module:
     """Replaces every torch_safebn batch norm by the class convert_model made
-    it from (timm's for SafeBatchNormAct2d, which needs timm imported)."""
+    it from (timm's for SafeBatchNormAct2d, which needs timm imported), for
+    tools that know native's classes only (README, "Deploying a converted
+    model"). The native modules run unguarded, so first every running
+    statistic, weight and bias is checked: NaN/Inf, or running_var + eps <=
+    0, raises NonFiniteError naming the layer, and nothing changes;
+    check=False skips that (to inspect a broken checkpoint, say)."""
+    if check:
+        name_modules(model)
+        for module in model.modules():
+            if isinstance(module, _SafeBatchNormMixin):
+                check_artifact(module, "revert it to its native class")
     table = {safe: native for native, safe in _safe_for_native().items()}
     unknown = collections.Counter()
 
@@ -208,3 +233,12 @@ def revert_model(model: nn.Module) -> nn.Module:
         warn_at_caller(f"revert_model kept {kept}: their native class comes from timm, which is not imported: "
                        "import timm first.")
     return model
+
+
+def native_module(module: nn.Module) -> nn.Module:
+    """The class convert_model made `module` (a torch_safebn batch norm) from,
+    as a new module sharing its parameters and buffers, for a tool that knows
+    native's classes only; its statistics checked as revert_model checks them."""
+    check_artifact(module, "hand it to a tool that knows native's classes only")
+    native = {safe: native for native, safe in _safe_for_native().items()}[type(module)]
+    return _rebuild(module, native)

@@ -6,7 +6,8 @@ which an opaque op prevents. So while compiling, a guarded batch norm is
 written as native's: aten.native_batch_norm, which inductor decomposes, and
 the fused activation in ATen ops. The guard stays an op of its own over the
 per-channel statistics (safebn::update_running_stats, and in eval
-safebn::check_running_stats): it writes the buffers and the counters in
+safebn::check_running_stats), and the activation is safebn::activation, which
+decomposes into ATen ops: it writes the buffers and the counters in
 place, so they hold what the step found when the observe op after it
 raises, as in eager code. A functional guard would have its writes copied
 back only at the end of the graph, after the raise, and lose them.
@@ -19,9 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
 from ._ops import OPS
-from .activations import reference_activation
+from .contract import accumulate_dtype, values_per_channel
 
 __all__ = ["LOWERED_DEVICE_TYPES", "lowers", "batch_norm_train", "batch_norm_eval"]
 
@@ -37,8 +37,8 @@ def batch_norm_train(input, weight, bias, running_mean, running_var, num_batches
                      activation=0, activation_param=0.0):
     """safebn::batch_norm_train's result and effects, in ATen ops."""
     output, mean, invstd = torch.native_batch_norm(input, weight, bias, None, None, True, 0.0, eps)
-    acc = reference.accumulate_dtype(input.dtype)
-    count = reference.values_per_channel(input)
+    acc = accumulate_dtype(input.dtype)
+    count = values_per_channel(input)
     with torch.no_grad():
         if input.dtype != acc:
             # The statistics in acc's precision, as the eager op keeps them: on the CPU,
@@ -48,7 +48,7 @@ def batch_norm_train(input, weight, bias, running_mean, running_var, num_batches
         OPS.update_running_stats.default(
             running_mean, running_var, num_batches_tracked, counters, mean.detach(), invstd.detach(),
             _detached(weight), _detached(bias), count, eps, momentum, single_sample=input.shape[0] == 1 and count > 1)
-    return reference_activation(output, activation, activation_param)
+    return OPS.activation.default(output, activation, activation_param) if activation else output
 
 
 def batch_norm_eval(input, weight, bias, running_mean, running_var, counters, eps, activation=0,
@@ -59,7 +59,7 @@ def batch_norm_eval(input, weight, bias, running_mean, running_var, counters, ep
         with torch.no_grad():
             OPS.check_running_stats.default(counters, running_mean, running_var, _detached(weight), _detached(bias),
                                             eps)
-    return reference_activation(output, activation, activation_param)
+    return OPS.activation.default(output, activation, activation_param) if activation else output
 
 
 def _detached(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -1,14 +1,16 @@
 """SafeBatchNorm1d/2d/3d: drop-in subclasses of nn.BatchNorm1d/2d/3d.
 
 Same constructor (plus keyword-only safety options), same state_dict keys,
-same numbers; the forward goes through functional.guarded_batch_norm."""
+same numbers; the forward goes through functional.guarded_forward."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from . import functional
-from .safety import NUM_COUNTERS, SAFETY_OPTIONS, Policy, SafetyState, validate_eps, validate_momentum
+from . import deployment, functional
+from .contract import NUM_COUNTERS
+from .policy import SAFETY_OPTIONS, Policy, validate_eps, validate_momentum
+from .state import SafetyState
 
 __all__ = ["SafeBatchNorm1d", "SafeBatchNorm2d", "SafeBatchNorm3d", "SafeLazyBatchNorm1d", "SafeLazyBatchNorm2d",
            "SafeLazyBatchNorm3d"]
@@ -35,22 +37,26 @@ SAFETY_OPTIONS_DOC = """
     sync (False): on CUDA, raise in the forward that saw the problem, at the
         cost of a host synchronization per call; by default the error comes at
         the next forward of the module, or from torch_safebn.check(model).
+    checkpoint_aware (True): a training forward that recomputes one inside a
+        backward pass (activation checkpointing, torch.utils.checkpoint)
+        normalizes as the first pass did and updates nothing; False updates
+        the running statistics again, as nn.BatchNorm does.
 
     torch_safebn.report(model) reads the per-module counters.
 """
 
 
-def _policy(on_degenerate="raise", on_nonfinite="raise", on_single_sample="warn", freeze_stats=False, checks=True,
-            sync=False, track_running_stats=True) -> Policy:
-    if freeze_stats and not track_running_stats:
+def _policy(track_running_stats=True, **options) -> Policy:
+    if options.get("freeze_stats") and not track_running_stats:
         raise ValueError("freeze_stats=True needs track_running_stats=True: there are no running statistics to use")
-    return Policy(on_degenerate, on_nonfinite, on_single_sample, freeze_stats, checks, sync)
+    return Policy(**options)
 
 
 class _SafeBatchNormMixin:
     """The safe forward, shared by the safe classes; put before the nn class."""
 
     _safety_state_class = SafetyState  # SafeSyncBatchNorm's also speaks for its rank
+    __jit_unused_properties__ = ["policy"]  # TorchScript compiles properties it is not told to skip
 
     def __init__(
         self,
@@ -68,9 +74,12 @@ class _SafeBatchNormMixin:
         freeze_stats: bool = False,
         checks: bool = True,
         sync: bool = False,
+        checkpoint_aware: bool = True,
         **native_options,  # options of the installed torch's class, e.g. bias=False
     ) -> None:
-        policy = _policy(on_degenerate, on_nonfinite, on_single_sample, freeze_stats, checks, sync, track_running_stats)
+        policy = _policy(track_running_stats, on_degenerate=on_degenerate, on_nonfinite=on_nonfinite,
+                         on_single_sample=on_single_sample, freeze_stats=freeze_stats, checks=checks, sync=sync,
+                         checkpoint_aware=checkpoint_aware)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **native_options)
         self._init_safety(policy, device)
 
@@ -98,40 +107,69 @@ class _SafeBatchNormMixin:
         if policy.freeze_stats and not self.track_running_stats:
             raise ValueError("freeze_stats=True needs track_running_stats=True: there are no running statistics to use")
         if policy.checks and self.safety_counters is None:
-            device = next((t.device for t in self.parameters()), None) or next(
-                (t.device for t in self.buffers()), None)
-            self.safety_counters = torch.zeros(NUM_COUNTERS, dtype=torch.int64, device=device)
+            self.safety_counters = torch.zeros(NUM_COUNTERS, dtype=torch.int64, device=self._state_device())
         elif not policy.checks:
             self.safety_counters = None
         self.safety_state.policy = policy
 
-    def forward(self, input: torch.Tensor, *, activation: int = 0, activation_param: float = 0.0) -> torch.Tensor:
-        """`activation`: fused after the batch norm (activations.Activation;
-        SafeBatchNormAct2d passes it), 0 for none."""
+    def _state_device(self) -> torch.device | None:
+        """The device of the module's parameters and buffers, the counters aside."""
+        tensors = (t for name, t in [*self.named_parameters(), *self.named_buffers()] if name != "safety_counters")
+        return next((t.device for t in tensors if t is not None), None)
+
+    # The counters start at zero wherever the module's state comes to life:
+    # a module made on the meta device holds no values, and to_empty() would
+    # give its counters uninitialized memory; load_state_dict(assign=True)
+    # brings every other tensor from the checkpoint but these (not part of it).
+    def _apply(self, fn, recurse=True):
+        counters = self._buffers.get("safety_counters")
+        had_values = counters is not None and not counters.is_meta
+        module = super()._apply(fn, recurse)
+        counters = self._buffers.get("safety_counters")
+        if counters is not None and not had_values and not counters.is_meta:
+            counters.zero_()
+        return module
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        device = self._state_device()
+        if self.safety_counters is not None and self.safety_counters.is_meta and device and device.type != "meta":
+            self.safety_counters = torch.zeros(NUM_COUNTERS, dtype=torch.int64, device=device)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._native_forward(input)
+        return self._guarded_forward(input, 0, 0.0)
+
+    def _native_forward(self, input: torch.Tensor) -> torch.Tensor:
+        """A scripted module's forward: native's (a scripted model loads
+        without torch_safebn), its statistics checked when it was scripted."""
+        self._check_input_dim(input)
+        return deployment.native_batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
+                                            self.num_batches_tracked, self.training, self.track_running_stats,
+                                            self.momentum, self.eps)
+
+    @torch.jit.unused
+    def _guarded_forward(self, input: torch.Tensor, activation: int, activation_param: float) -> torch.Tensor:
+        """The forward with `activation` (activations.Activation, 0: none) fused after it."""
         if isinstance(input, torch.fx.Proxy) and input.tracer.path_of_module(self):
             return _call_as_fx_leaf(self, input)
         self._check_input_dim(input)
-        state = self.safety_state
-        training = self.training and not state.policy.freeze_stats
-        running_mean, running_var, num_batches_tracked = self.running_mean, self.running_var, self.num_batches_tracked
-        if training and not self.track_running_stats:
-            # As nn.BatchNorm: buffers that training does not track stay as they are.
-            running_mean = running_var = num_batches_tracked = None
-        return functional.guarded_batch_norm(
-            input,
-            self.weight,
-            self.bias,
-            running_mean,
-            running_var,
-            num_batches_tracked,
-            self.safety_counters,
-            training or running_mean is None,
-            self.momentum,
-            self.eps,
-            state,
-            activation,
-            activation_param,
-        )
+        return functional.guarded_forward(self, input, activation, activation_param, group=self._synchronizing())
+
+    def _synchronizing(self):
+        """The process group whose statistics a training call takes (SafeSyncBatchNorm), or None."""
+        return None
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """torch.jit.script compiles native's forward (a scripted model loads
+        without torch_safebn); the statistics and parameters it would use are
+        checked now, once."""
+        if self.policy.freeze_stats and self.training:
+            raise RuntimeError(f"{self.safety_state.describe()}: freeze_stats=True has no scripted form in "
+                               "training mode; script the model in eval mode (model.eval()).")
+        deployment.check_artifact(self)
+        return self
 
     def extra_repr(self) -> str:
         options = ", ".join(f"{k}={v!r}" for k, v in self.policy.non_defaults().items())
@@ -143,8 +181,21 @@ def _call_as_fx_leaf(module: nn.Module, input: torch.fx.Proxy) -> torch.fx.Proxy
     all others; a drop-in batch norm records itself as the call its native
     counterpart would be, so that a traced model keeps the module, its
     safety and its name (torchvision's feature extraction relies on both).
-    As the root of a trace it is traced into, and fails as native's does."""
+    As the root of a trace it is traced into, and fails as native's does.
+    FX graph mode quantization matches native's classes: unless it was given
+    torch_safebn.fusion.backend_config(), it would leave this batch norm
+    unfolded, which a warning says."""
     tracer = input.tracer
+    if type(tracer).__name__ == "QuantizationTracer":
+        from . import fusion
+
+        if not fusion.uses_safe_backend_config():
+            module.safety_state.warn_once(
+                "quantization",
+                f"{module.safety_state.describe()}: FX graph mode quantization matches batch norms by their native "
+                "class and would leave torch_safebn's unfolded and in float: pass "
+                "backend_config=torch_safebn.fusion.backend_config() to prepare_fx, prepare_qat_fx, convert_fx and "
+                "fuse_fx, or quantize torch_safebn.revert_model(model).")
     return tracer.create_proxy("call_module", tracer.path_of_module(module), (input,), {})
 
 
@@ -167,7 +218,7 @@ class _SafeLazyBatchNormMixin(_SafeBatchNormMixin):
     def __init__(self, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, **options) -> None:
         safety_options = {name: options.pop(name) for name in SAFETY_OPTIONS if name in options}
-        policy = _policy(track_running_stats=track_running_stats, **safety_options)
+        policy = _policy(track_running_stats, **safety_options)
         # nn.LazyBatchNorm's __init__, past the mixin's (which takes num_features); what
         # is left of the options are the installed torch's, e.g. bias=False
         super(_SafeBatchNormMixin, self).__init__(eps, momentum, affine, track_running_stats, device, dtype,

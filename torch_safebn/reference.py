@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import torch
 
-from .activations import reference_activation, reference_derivative
-from .safety import Counter
+from .contract import Activation, Counter, accumulate_dtype, values_per_channel
 
 __all__ = [
-    "accumulate_dtype",
-    "values_per_channel",
+    "activation",
+    "activation_derivative",
     "check_running_stats",
     "forward_train",
     "batch_norm_train",
@@ -22,17 +21,49 @@ __all__ = [
     "backward_reduce",
     "backward_elemt",
     "update_running_stats",
+    "sync_batch_stats",
+    "sync_batch_norm_train",
+    "sync_batch_norm_backward",
 ]
 
 
-def values_per_channel(input: torch.Tensor) -> int:
-    """The values a channel's statistics are computed over: N times the spatial size."""
-    return input.numel() // input.shape[1] if input.shape[1] else 0
+def activation(z: torch.Tensor, activation: int, activation_param: float = 0.0) -> torch.Tensor:
+    """act(z) in torch's functional forms (differentiable: the composite
+    forwards below rely on it)."""
+    functions = {
+        Activation.IDENTITY: lambda t: t,
+        Activation.RELU: torch.relu,
+        Activation.RELU6: lambda t: torch.nn.functional.hardtanh(t, 0.0, 6.0),
+        Activation.LEAKY_RELU: lambda t: torch.nn.functional.leaky_relu(t, activation_param),
+        Activation.SILU: torch.nn.functional.silu,
+        Activation.GELU: torch.nn.functional.gelu,
+        Activation.GELU_TANH: lambda t: torch.nn.functional.gelu(t, approximate="tanh"),
+        Activation.HARDSWISH: torch.nn.functional.hardswish,
+    }
+    return functions[Activation(activation)](z)
 
 
-def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 for float64 input, float32 otherwise (float16 and bfloat16 included)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def activation_derivative(z: torch.Tensor, kind: int, param: float) -> torch.Tensor:
+    """act'(z), with torch's values at the kinks (csrc/activation.h)."""
+    kind = Activation(kind)
+    if kind == Activation.IDENTITY:
+        return torch.ones_like(z)
+    if kind == Activation.RELU:
+        return (z > 0).to(z.dtype)
+    if kind == Activation.RELU6:
+        return ((z > 0) & (z < 6)).to(z.dtype)
+    if kind == Activation.LEAKY_RELU:
+        return torch.where(z > 0, 1.0, torch.full_like(z, param))  # a tensor: two scalars would give float32
+    if kind == Activation.SILU:
+        s = torch.sigmoid(z)
+        return s * (1 + z * (1 - s))
+    if kind == Activation.GELU:
+        return 0.5 * torch.erfc(-z * 0.5**0.5) + z * torch.exp(-0.5 * z * z) * (2 * torch.pi) ** -0.5
+    if kind == Activation.GELU_TANH:
+        inner = (2 / torch.pi) ** 0.5 * (z + 0.044715 * z**3)
+        s = torch.sigmoid(2 * inner)
+        return s + 2 * z * s * (1 - s) * (2 / torch.pi) ** 0.5 * (1 + 3 * 0.044715 * z * z)
+    return torch.where(z <= -3, 0.0, torch.where(z >= 3, 1.0, z / 3 + 0.5)).to(z.dtype)  # hardswish
 
 
 def _reduce_dims(x: torch.Tensor) -> list[int]:
@@ -62,13 +93,12 @@ def _normalized(input, weight, bias, mean, invstd):
     return (x - _per_channel(mean, x, 0, acc)) * scale + _per_channel(bias, x, 0, acc)
 
 
-def normalize(input, weight, bias, mean, invstd):
-    return _normalized(input, weight, bias, mean, invstd).to(input.dtype)
+def _normalize_activate(input, weight, bias, mean, invstd, kind, param):
+    return activation(_normalized(input, weight, bias, mean, invstd), kind, param).to(input.dtype)
 
 
-def _normalize_activate(input, weight, bias, mean, invstd, activation, activation_param):
-    z = _normalized(input, weight, bias, mean, invstd)
-    return reference_activation(z, activation, activation_param).to(input.dtype)
+def normalize(input, weight, bias, mean, invstd, activation=0, activation_param=0.0):
+    return _normalize_activate(input, weight, bias, mean, invstd, activation, activation_param)
 
 
 def _forward_train(input, weight, bias, eps, activation, activation_param):
@@ -83,7 +113,18 @@ def _forward_eval(input, weight, bias, running_mean, running_var, eps, activatio
                                activation, activation_param)
 
 
-def backward_reduce(grad_output, input, mean):
+def _before_activation(grad_output, input, weight, bias, mean, invstd, kind, param):
+    """The gradient with respect to the batch norm's output before the
+    activation, from z recomputed."""
+    if not kind:
+        return grad_output
+    z = _normalized(input, weight, bias, mean, invstd)
+    return (grad_output.to(z.dtype) * activation_derivative(z, kind, param)).to(input.dtype)
+
+
+def backward_reduce(grad_output, input, mean, weight=None, bias=None, invstd=None, activation=0,
+                    activation_param=0.0):
+    grad_output = _before_activation(grad_output, input, weight, bias, mean, invstd, activation, activation_param)
     acc = accumulate_dtype(input.dtype)
     x, dy = input.to(acc), grad_output.to(acc)
     dims = _reduce_dims(x)
@@ -100,14 +141,14 @@ def _grad_input(grad_output, input, weight, mean, invstd, sum_dy, sum_dy_xmu, co
     return (dy * inv * _per_channel(weight, x, 1, acc)).to(input.dtype)
 
 
-def backward_elemt(grad_output, input, weight, mean, invstd, sum_dy, sum_dy_xmu, count):
+def backward_elemt(grad_output, input, weight, mean, invstd, sum_dy, sum_dy_xmu, count, bias=None, activation=0,
+                   activation_param=0.0):
+    grad_output = _before_activation(grad_output, input, weight, bias, mean, invstd, activation, activation_param)
     return _grad_input(grad_output, input, weight, mean, invstd, sum_dy, sum_dy_xmu, count, True)
 
 
 def backward(grad_output, input, weight, bias, mean, invstd, train, output_mask, activation=0, activation_param=0.0):
-    if activation:  # the gradient with respect to the output before the activation, from z recomputed
-        z = _normalized(input, weight, bias, mean, invstd)
-        grad_output = (grad_output.to(z.dtype) * reference_derivative(z, activation, activation_param)).to(input.dtype)
+    grad_output = _before_activation(grad_output, input, weight, bias, mean, invstd, activation, activation_param)
     sum_dy, sum_dy_xmu = backward_reduce(grad_output, input, mean)
     grad_input = grad_weight = grad_bias = None
     if output_mask[0]:
@@ -239,3 +280,67 @@ def batch_norm_eval(input, weight, bias, running_mean, running_var, counters, ep
     if counters is not None:
         check_running_stats(counters, running_mean, running_var, weight, bias, eps)
     return output
+
+
+def sync_batch_stats(input, eps, group_name, group_size):
+    """The process group's mean and invstd, differentiable: the all_gather's
+    gradient is the gradients' reduce-scatter."""
+    count = values_per_channel(input)
+    channels = input.shape[1]
+    x = input.to(torch.float64)
+    if count:
+        var, mean = torch.var_mean(x, dim=_reduce_dims(x), correction=0)
+    else:
+        mean = var = torch.zeros(channels, dtype=torch.float64, device=input.device)
+    head = torch.tensor([count, input.shape[0]], dtype=torch.float64, device=input.device)
+    gathered = torch.ops._c10d_functional_autograd.all_gather_into_tensor(torch.cat([head, mean, var]), group_size,
+                                                                         group_name)
+    rows = torch.ops._c10d_functional.wait_tensor(gathered).view(group_size, 2 * channels + 2)
+    counts, means, variances = rows[:, :1], rows[:, 2:2 + channels], rows[:, 2 + channels:]
+    finite = torch.isfinite(rows[:, 2:]).all(1, keepdim=True)
+    group_batch = torch.cat([rows[:, :2].detach(), finite.double()], 1).long().cpu()
+    share = counts / max(int(counts.sum()), 1)
+    mean = (share * means).sum(0)
+    var = (share * (variances + (means - mean) ** 2)).sum(0)
+    acc = accumulate_dtype(input.dtype)
+    return mean.to(acc), torch.rsqrt(var.to(acc) + eps), group_batch
+
+
+def sync_batch_norm_train(input, weight, bias, running_mean, running_var, num_batches_tracked, counters, mean, invstd,
+                          group_batch, momentum, eps, group_name, degenerate_uses_running_stats=False,
+                          refuse_single_sample=False, activation=0, activation_param=0.0):
+    count, examples = (int(v) for v in group_batch[:, :2].sum(0))
+    if count == 1:
+        if degenerate_uses_running_stats and running_mean is not None:
+            return batch_norm_eval(input, weight, bias, running_mean, running_var, counters, eps, activation,
+                                   activation_param)
+        return torch.zeros_like(input)
+    single_sample = examples == 1 and count > 1
+    if not (single_sample and refuse_single_sample):
+        with torch.no_grad():
+            _update(running_mean, running_var, num_batches_tracked, counters, mean.detach(), invstd.detach(),
+                    None if weight is None else weight.detach(), None if bias is None else bias.detach(), count, eps,
+                    momentum, single_sample)
+    return _normalize_activate(input, weight, bias, mean, invstd, activation, activation_param)
+
+
+def sync_batch_norm_backward(grad_output, input, weight, bias, mean, invstd, group_batch, group_name, output_mask,
+                             running_mean=None, running_var=None, eps=0.0, activation=0, activation_param=0.0):
+    count = int(group_batch[:, 0].sum())
+    if count == 1:
+        acc = accumulate_dtype(input.dtype)
+        return backward(grad_output, input, weight, bias, running_mean.to(acc), torch.rsqrt(running_var.to(acc) + eps),
+                        False, output_mask, activation, activation_param)
+    sum_dy, sum_dy_xmu = backward_reduce(grad_output, input, mean, weight, bias, invstd, activation, activation_param)
+    param_dtype = sum_dy.dtype if weight is None else weight.dtype
+    grad_weight = (sum_dy_xmu * invstd).to(param_dtype) if weight is not None and output_mask[1] else None
+    grad_bias = sum_dy.to(param_dtype) if output_mask[2] else None
+    grad_input = None
+    if output_mask[0]:
+        sums = torch.ops._c10d_functional.wait_tensor(
+            torch.ops._c10d_functional.all_reduce(torch.cat([sum_dy, sum_dy_xmu]), "sum", group_name))
+        sum_dy, sum_dy_xmu = sums.chunk(2)
+        grad_input = (backward_elemt(grad_output, input, weight, mean, invstd, sum_dy, sum_dy_xmu, count, bias,
+                                     activation, activation_param)
+                      if values_per_channel(input) else torch.empty_like(input))
+    return grad_input, grad_weight, grad_bias

@@ -11,9 +11,10 @@
 #include <array>
 #include <vector>
 
-#include "../checks.h"
 #include "../activation.h"
-#include "../guard.h"
+#include "../checks.h"
+#include "../guard_args.h"
+#include "../layout.h"
 #include "kernels.h"
 #include "large_buffers.h"
 
@@ -49,58 +50,6 @@ using ChannelVector = c10::SmallVector<T, 64>;
 template <typename acc_t>
 at::Tensor channel_tensor(c10::ArrayRef<acc_t> values, const at::Tensor& like) {
   return at::tensor(values, like.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-}
-
-// A contiguous tensor of value_t, whose memory the kernels' vectors can use as is.
-template <typename value_t>
-bool is_plain(const at::Tensor& t) {
-  return t.scalar_type() == c10::CppTypeToScalarType<value_t>::value && t.is_contiguous();
-}
-
-// A per-channel tensor's values as acc_t, `fill` for a missing one. Read in
-// place in the usual case (acc_t, contiguous): on a small batch a conversion's
-// operator calls, or even a copy's allocation, cost more than the kernels.
-template <typename acc_t>
-class ChannelValues {
- public:
-  ChannelValues(const std::optional<at::Tensor>& t, acc_t fill) : fill_(fill) {
-    if (!t.has_value() || !t->defined()) return;
-    if (!is_plain<acc_t>(*t)) converted_ = t->to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
-    data_ = (converted_.defined() ? converted_ : *t).template const_data_ptr<acc_t>();
-  }
-  acc_t operator[](int64_t c) const { return data_ != nullptr ? data_[c] : fill_; }
-  // The values in memory; nullptr for a missing tensor.
-  const acc_t* data() const { return data_; }
-
- private:
-  at::Tensor converted_;
-  const acc_t* data_ = nullptr;
-  acc_t fill_;
-};
-
-// Writes update(c).mean and .var (a RunningUpdate<acc_t>) into running
-// buffers of any floating dtype: in place when they are contiguous acc_t.
-template <typename acc_t, typename Update>
-void write_running_stats(const at::Tensor& running_mean, const at::Tensor& running_var, int64_t channels,
-                         Update update) {
-  if (is_plain<acc_t>(running_mean) && is_plain<acc_t>(running_var)) {
-    acc_t* mean = running_mean.mutable_data_ptr<acc_t>();
-    acc_t* var = running_var.mutable_data_ptr<acc_t>();
-    for (int64_t c = 0; c < channels; ++c) {
-      const RunningUpdate<acc_t> u = update(c);
-      mean[c] = u.mean;
-      var[c] = u.var;
-    }
-    return;
-  }
-  ChannelVector<acc_t> mean(channels), var(channels);
-  for (int64_t c = 0; c < channels; ++c) {
-    const RunningUpdate<acc_t> u = update(c);
-    mean[c] = u.mean;
-    var[c] = u.var;
-  }
-  running_mean.copy_(channel_tensor<acc_t>(mean, running_mean));
-  running_var.copy_(channel_tensor<acc_t>(var, running_var));
 }
 
 // How every pass walks the input. Contiguous inputs with long rows (S of a
@@ -418,6 +367,8 @@ struct Prepared {
   Geometry geometry;
 };
 
+// The input in a kernel layout, its geometry, and the checks of the
+// arguments every op shares.
 Prepared prepare(const at::Tensor& input, const std::optional<at::Tensor>& weight,
                  const std::optional<at::Tensor>& bias) {
   check_input(input);
@@ -429,10 +380,9 @@ Prepared prepare(const at::Tensor& input, const std::optional<at::Tensor>& weigh
 
 // The output, mean and invstd of a training forward.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> normalize_with_batch_stats(
-    const at::Tensor& input_arg, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, double eps, ActivationArg activation) {
-  check_eps(eps);
-  const auto [input, g] = prepare(input_arg, weight, bias);
+    const Prepared& prepared, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    double eps, ActivationArg activation) {
+  const auto& [input, g] = prepared;
   at::Tensor output = empty_output_like(input);
   if (input.numel() == 0) return {output, undefined_channel_stats(input), undefined_channel_stats(input)};
   at::Tensor mean = channel_stat_tensor(input), invstd = channel_stat_tensor(input);
@@ -468,63 +418,65 @@ std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& input_arg) {
 }
 
 // The constants of y = act((x - mean) * weight * invstd + bias), with invstd
-// given, or derived from the variance when `spread_is_var`. With `faults`,
-// also eval mode's check of those statistics, weight and bias.
+// given, or derived from the variance when `spread_is_var`.
 template <typename acc_t>
-NormalizeParams<acc_t> normalize_params(int64_t channels, const std::optional<at::Tensor>& weight,
-                                        const std::optional<at::Tensor>& bias, const at::Tensor& mean_arg,
-                                        const at::Tensor& spread_arg, bool spread_is_var, double eps,
-                                        ActivationArg activation, ChannelFaults* faults = nullptr) {
-  const ChannelValues<acc_t> w(weight, 1), b(bias, 0), mean(mean_arg, 0), spread(spread_arg, 0);
+NormalizeParams<acc_t> normalize_params(int64_t channels, const ChannelValues<acc_t>& w,
+                                        const ChannelValues<acc_t>& b, const ChannelValues<acc_t>& mean,
+                                        const ChannelValues<acc_t>& spread, bool spread_is_var, double eps,
+                                        ActivationArg activation) {
   NormalizeParams<acc_t> params(channels, activation);
   for (int64_t c = 0; c < channels; ++c) {
     const acc_t invstd = spread_is_var ? invstd_from_var(spread[c], acc_t(eps)) : spread[c];
     params.set(c, mean[c], w[c] * invstd, b[c]);
-    if (faults != nullptr) faults->add(eval_faults(mean[c], spread[c], w[c], b[c], acc_t(eps)));
   }
   return params;
 }
 
 at::Tensor normalize(const at::Tensor& input_arg, const std::optional<at::Tensor>& weight,
-                     const std::optional<at::Tensor>& bias, const at::Tensor& mean,
-                     const at::Tensor& invstd) {
+                     const std::optional<at::Tensor>& bias, const at::Tensor& mean_arg,
+                     const at::Tensor& invstd_arg, int64_t activation_code, double activation_param) {
+  const ActivationArg activation = activation_arg(activation_code, activation_param);
   const auto [input, g] = prepare(input_arg, weight, bias);
-  check_channel_tensor(mean, input, "mean");
-  check_channel_tensor(invstd, input, "invstd");
+  check_channel_tensor(mean_arg, input, "mean");
+  check_channel_tensor(invstd_arg, input, "invstd");
   at::Tensor output = empty_output_like(input);
   if (output.numel() == 0) return output;
   SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_normalize", [&] {
+    const ChannelValues<acc_t> w(weight, 1), b(bias, 0), mean(mean_arg), invstd(invstd_arg);
     normalize_all(data_of<T>(input), mutable_data_of<T>(output), g, plan_for(g),
-                  normalize_params<acc_t>(g.channels, weight, bias, mean, invstd, /*spread_is_var=*/false, 0,
-                                          ActivationArg{}));
+                  normalize_params<acc_t>(g.channels, w, b, mean, invstd, /*spread_is_var=*/false, 0, activation));
   });
   return output;
 }
 
-// y = act((x - running_mean) * weight / sqrt(running_var + eps) + bias); with
-// `counts`, the check of what it normalizes with, counted (an empty input's
-// too).
-at::Tensor forward_eval(const at::Tensor& input_arg, const std::optional<at::Tensor>& weight,
-                        const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
-                        const at::Tensor& running_var, double eps, ActivationArg activation, int64_t* counts) {
+// y = act((x - running_mean) * weight / sqrt(running_var + eps) + bias), and,
+// with counters, the guard's check of what it normalizes with (an empty
+// input's too).
+at::Tensor batch_norm_eval(const at::Tensor& input_arg, const std::optional<at::Tensor>& weight,
+                           const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
+                           const at::Tensor& running_var, const std::optional<at::Tensor>& counters, double eps,
+                           int64_t activation_code, double activation_param) {
+  check_eps(eps);
+  const ActivationArg activation = activation_arg(activation_code, activation_param);
   const auto [input, g] = prepare(input_arg, weight, bias);
   check_channel_tensor(running_mean, input, "running_mean");
   check_channel_tensor(running_var, input, "running_var");
+  check_counters(counters, input.device());
   at::Tensor output = empty_output_like(input);
-  SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_forward_eval", [&] {
-    ChannelFaults faults;
-    const NormalizeParams<acc_t> params =
-        normalize_params<acc_t>(g.channels, weight, bias, running_mean, running_var, /*spread_is_var=*/true, eps,
-                                activation, counts != nullptr ? &faults : nullptr);
-    if (counts != nullptr && faults.any_nonfinite()) record_nonfinite(counts, faults, /*training=*/false);
-    if (output.numel() > 0) normalize_all(data_of<T>(input), mutable_data_of<T>(output), g, plan_for(g), params);
+  SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_batch_norm_eval", [&] {
+    const ChannelValues<acc_t> w(weight, 1), b(bias, 0), mean(running_mean), var(running_var);
+    check_eval(eval_check_args(counters, mean, var, w, b, g.channels, eps), SerialTeam{});
+    if (output.numel() > 0)
+      normalize_all(data_of<T>(input), mutable_data_of<T>(output), g, plan_for(g),
+                    normalize_params<acc_t>(g.channels, w, b, mean, var, /*spread_is_var=*/true, eps, activation));
   });
   return output;
 }
 
 Prepared prepare_backward(const at::Tensor& grad_output, const at::Tensor& input_arg,
-                          const std::optional<at::Tensor>& weight, const at::Tensor& mean, at::Tensor* dy) {
-  Prepared p = prepare(input_arg, weight, std::nullopt);
+                          const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                          const at::Tensor& mean, at::Tensor* dy) {
+  Prepared p = prepare(input_arg, weight, bias);
   check_channel_tensor(mean, input_arg, "mean");
   TORCH_CHECK(grad_output.sizes() == input_arg.sizes(), "grad_output has shape ", grad_output.sizes(),
               " but the input has shape ", input_arg.sizes());
@@ -567,8 +519,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     std::array<bool, 3> output_mask, int64_t activation_code, double activation_param) {
   const ActivationArg activation = activation_arg(activation_code, activation_param);
   at::Tensor dy;
-  const auto [input, g] = prepare_backward(grad_output, input_arg, weight, mean_arg, &dy);
-  check_channel_tensor(bias, input, "bias");
+  const auto [input, g] = prepare_backward(grad_output, input_arg, weight, bias, mean_arg, &dy);
   check_channel_tensor(invstd_arg, input, "invstd");
   const bool has_weight = weight.has_value() && weight->defined();
   const bool want_input = output_mask[0], want_weight = output_mask[1] && has_weight, want_bias = output_mask[2];
@@ -601,15 +552,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
 }
 
 std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad_output, const at::Tensor& input_arg,
-                                                   const at::Tensor& mean_arg) {
+                                                   const at::Tensor& mean_arg, const std::optional<at::Tensor>& weight,
+                                                   const std::optional<at::Tensor>& bias,
+                                                   const std::optional<at::Tensor>& invstd_arg,
+                                                   int64_t activation_code, double activation_param) {
+  const ActivationArg activation = activation_arg(activation_code, activation_param);
   at::Tensor dy;
-  const auto [input, g] = prepare_backward(grad_output, input_arg, std::nullopt, mean_arg, &dy);
+  const auto [input, g] = prepare_backward(grad_output, input_arg, weight, bias, mean_arg, &dy);
+  TORCH_CHECK_VALUE(activation.kind == Activation::kIdentity || invstd_arg.has_value(),
+                    "backward_reduce with an activation needs invstd: the activation's derivative is taken at the "
+                    "batch norm's output, recomputed");
+  check_channel_tensor(invstd_arg, input, "invstd");
   GradSums sums(g.channels);
   if (input.numel() > 0) {
     SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_backward_reduce", [&] {
-      const ChannelValues<acc_t> mean(mean_arg, 0);
-      NormalizeParams<acc_t> z(g.channels, ActivationArg{});  // no activation: scale and bias unused
-      for (int64_t c = 0; c < g.channels; ++c) z.set(c, mean[c], 1, 0);
+      const ChannelValues<acc_t> mean(mean_arg), invstd(invstd_arg, 1), w(weight, 1), b(bias, 0);
+      NormalizeParams<acc_t> z(g.channels, activation);
+      for (int64_t c = 0; c < g.channels; ++c) z.set(c, mean[c], w[c] * invstd[c], b[c]);
       sums = reduce_grads<T, acc_t>(data_of<T>(dy), data_of<T>(input), nullptr, g, z,
                                     [](int64_t, const GradSums&) { return GradInputCoefficients<acc_t>{}; });
     });
@@ -622,100 +581,62 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad_output
 at::Tensor backward_elemt(const at::Tensor& grad_output, const at::Tensor& input_arg,
                           const std::optional<at::Tensor>& weight, const at::Tensor& mean_arg,
                           const at::Tensor& invstd_arg, const at::Tensor& sum_dy_arg,
-                          const at::Tensor& sum_dy_xmu_arg, int64_t count) {
+                          const at::Tensor& sum_dy_xmu_arg, int64_t count, const std::optional<at::Tensor>& bias,
+                          int64_t activation_code, double activation_param) {
+  const ActivationArg activation = activation_arg(activation_code, activation_param);
   at::Tensor dy;
-  const auto [input, g] = prepare_backward(grad_output, input_arg, weight, mean_arg, &dy);
+  const auto [input, g] = prepare_backward(grad_output, input_arg, weight, bias, mean_arg, &dy);
   check_channel_tensor(invstd_arg, input, "invstd");
   check_channel_tensor(sum_dy_arg, input, "sum_dy");
   check_channel_tensor(sum_dy_xmu_arg, input, "sum_dy_xmu");
-  TORCH_CHECK(count > 0, "count (values per channel over every process) must be > 0, got ", count);
+  TORCH_CHECK_VALUE(count > 0, "count (values per channel over every process) must be > 0, got ", count);
   at::Tensor grad_input = empty_output_like(input);
   if (grad_input.numel() == 0) return grad_input;
   SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_backward_elemt", [&] {
-    const ChannelValues<acc_t> mean(mean_arg, 0), invstd(invstd_arg, 0), w(weight, 1), sum_dy(sum_dy_arg, 0),
-        sum_dy_xmu(sum_dy_xmu_arg, 0);
+    const ChannelValues<acc_t> mean(mean_arg, 0), invstd(invstd_arg, 0), w(weight, 1), b(bias, 0),
+        sum_dy(sum_dy_arg, 0), sum_dy_xmu(sum_dy_xmu_arg, 0);
     ChannelVector<GradInputCoefficients<acc_t>> k(g.channels);
     for (int64_t c = 0; c < g.channels; ++c)
-      k[c] = grad_input_coefficients<acc_t>(mean[c], invstd[c], w[c], acc_t(0), sum_dy[c], sum_dy_xmu[c],
+      k[c] = grad_input_coefficients<acc_t>(mean[c], invstd[c], w[c], b[c], sum_dy[c], sum_dy_xmu[c],
                                             acc_t(count), true);
     grad_input_all(data_of<T>(dy), data_of<T>(input), mutable_data_of<T>(grad_input), g, plan_for(g), k,
-                   ActivationArg{});
+                   activation);
   });
   return grad_input;
 }
 
-// The guarded update after a training batch of `count` values per channel
-// (the group's, for SafeSyncBatchNorm), its statistics `mean` and `invstd`.
-// Without counters it updates as native batch norm does.
+// The guard (guard.h) after a training batch of `count` values per channel
+// (the group's, for SafeSyncBatchNorm) with statistics `mean` and `invstd`.
 void update_after_batch(const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
                         const std::optional<at::Tensor>& num_batches_tracked,
                         const std::optional<at::Tensor>& counters, const at::Tensor& mean_arg,
                         const at::Tensor& invstd_arg, const std::optional<at::Tensor>& weight,
                         const std::optional<at::Tensor>& bias, int64_t count, double eps,
                         std::optional<double> momentum, bool single_sample) {
-  int64_t* counts = counters_data(counters);
-  const bool guarded = counts != nullptr;
-  int64_t* tracked = num_batches_tracked.has_value() ? num_batches_tracked->mutable_data_ptr<int64_t>() : nullptr;
-  if (count == 0) {
-    // An empty batch changes no buffer; native counts it in
-    // num_batches_tracked, which the unguarded update reproduces.
-    if (!guarded && running_mean.has_value() && tracked != nullptr) *tracked += 1;
-    return;
-  }
-  const int64_t channels = mean_arg.numel();
+  const RunningBuffers buffers(running_mean, running_var, num_batches_tracked);
   AT_DISPATCH_FLOATING_TYPES(mean_arg.scalar_type(), "safebn_update_running_stats", [&] {
     using acc_t = scalar_t;
-    const ChannelValues<acc_t> mean(mean_arg, 0), invstd(invstd_arg, 0);
-    if (guarded) {
-      counts[kBatches] += 1;
-      counts[kSingleSampleBatches] += single_sample;
-      if (count < 2) {  // no variance to learn from one value
-        counts[kSkippedUpdates] += 1;
-        return;
-      }
-      const ChannelValues<acc_t> w(weight, 1), b(bias, 0);
-      ChannelFaults faults;
-      for (int64_t c = 0; c < channels; ++c) faults.add(training_faults(mean[c], invstd[c], w[c], b[c], acc_t(eps)));
-      counts[kLowVarianceChannels] += faults.low_var;
-      if (faults.any_nonfinite()) {
-        record_nonfinite(counts, faults, /*training=*/true);
-        counts[kSkippedUpdates] += 1;
-        return;
-      }
-    }
-    if (!running_mean.has_value()) return;
-    const acc_t factor = momentum.has_value() ? acc_t(*momentum) : acc_t(1) / acc_t(*tracked + 1);
-    const ChannelValues<acc_t> old_mean(running_mean, 0), old_var(running_var, 0);
-    const auto update = [&](int64_t c) {
-      return running_update(old_mean[c], old_var[c], mean[c], invstd[c], acc_t(eps), count, factor);
-    };
-    if (guarded) {  // the update must not overflow the buffers' dtype
-      const acc_t limit = largest_finite<acc_t>(running_mean->scalar_type());
-      ChannelFaults overflow;
-      for (int64_t c = 0; c < channels; ++c) overflow.var += !update(c).fits(limit);
-      if (overflow.any_nonfinite()) {
-        record_nonfinite(counts, overflow, /*training=*/true);
-        counts[kSkippedUpdates] += 1;
-        return;
-      }
-    }
-    write_running_stats<acc_t>(*running_mean, *running_var, channels, update);
-    if (tracked != nullptr) *tracked += 1;
+    const ChannelValues<acc_t> mean(mean_arg), invstd(invstd_arg), w(weight), b(bias);
+    guarded_update(update_args(buffers, counters, mean, invstd, w, b, mean_arg.numel(), count, single_sample, eps,
+                               momentum),
+                   SerialTeam{});
   });
+  buffers.write_back(running_mean, running_var, num_batches_tracked);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train(
-    const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& input_arg, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
     const std::optional<at::Tensor>& num_batches_tracked, const std::optional<at::Tensor>& counters,
     std::optional<double> momentum, double eps, int64_t activation, double activation_param) {
-  check_input(input);
-  check_training_buffers(input, running_mean, running_var, num_batches_tracked, counters, momentum);
+  check_eps(eps);
+  const Prepared prepared = prepare(input_arg, weight, bias);
+  check_training_buffers(prepared.input, running_mean, running_var, num_batches_tracked, counters, momentum);
   auto [output, mean, invstd] =
-      normalize_with_batch_stats(input, weight, bias, eps, activation_arg(activation, activation_param));
-  const int64_t count = input.size(1) > 0 ? input.numel() / input.size(1) : 0;
+      normalize_with_batch_stats(prepared, weight, bias, eps, activation_arg(activation, activation_param));
+  const int64_t count = values_per_channel(prepared.input);
   update_after_batch(running_mean, running_var, num_batches_tracked, counters, mean, invstd, weight, bias, count,
-                     eps, momentum, /*single_sample=*/input.size(0) == 1 && count > 1);
+                     eps, momentum, /*single_sample=*/prepared.geometry.batch == 1 && count > 1);
   return {output, mean, invstd};
 }
 
@@ -737,22 +658,9 @@ void check_running_stats(const at::Tensor& counters, const at::Tensor& running_m
   check_running_stats_args(counters, running_mean, running_var, weight, bias, eps);
   AT_DISPATCH_FLOATING_TYPES(accumulate_type(running_var.scalar_type()), "safebn_check_running_stats", [&] {
     using acc_t = scalar_t;
-    const ChannelValues<acc_t> mean(running_mean, 0), var(running_var, 0), w(weight, 1), b(bias, 0);
-    ChannelFaults faults;
-    for (int64_t c = 0; c < running_mean.numel(); ++c)
-      faults.add(eval_faults(mean[c], var[c], w[c], b[c], acc_t(eps)));
-    if (faults.any_nonfinite()) record_nonfinite(counters.mutable_data_ptr<int64_t>(), faults, /*training=*/false);
+    const ChannelValues<acc_t> mean(running_mean), var(running_var), w(weight), b(bias);
+    check_eval(eval_check_args(counters, mean, var, w, b, running_mean.numel(), eps), SerialTeam{});
   });
-}
-
-at::Tensor batch_norm_eval(const at::Tensor& input, const std::optional<at::Tensor>& weight,
-                           const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
-                           const at::Tensor& running_var, const std::optional<at::Tensor>& counters, double eps,
-                           int64_t activation, double activation_param) {
-  check_eps(eps);
-  check_counters(counters, input.device());
-  return forward_eval(input, weight, bias, running_mean, running_var, eps,
-                      activation_arg(activation, activation_param), counters_data(counters));
 }
 
 }  // namespace

@@ -18,8 +18,14 @@ constexpr int64_t kMaxStrip = 1024;
 // a per-element Welford update is a dependent chain. The shift keeps the sums
 // small for data with a large common offset (1e4 + N(0, 1)); each acc_t lane
 // holds at most kFlushEvery values before it is added to double totals, so
-// float32 rounding stays far below the 1e-4 the variance needs.
+// float32 rounding stays far below the 1e-4 the variance needs. The lanes
+// of a block's strip take a row at a time and are flushed every
+// kFlushRows rows: a narrow block (channels-last C = 3 takes a row of 3
+// lanes) otherwise sums hundreds of values per lane in float32, and its
+// statistics came out 10 times less accurate than native's; the flush
+// costs a double add per lane every kFlushRows rows.
 constexpr int64_t kFlushEvery = 256;
+constexpr int64_t kFlushRows = 32;
 
 // Values at a time whose dz is written and read back while in L2
 // (run_grad_sums, blocks_grad_sums): float dy, x and dz take 768 KB.
@@ -301,7 +307,7 @@ inline void with_lane_packing(const Blocks& b, Fn fn) {
 
 // Adds the sums of rows [begin, end) into per-channel totals: add(values, k,
 // lane, a, b) adds the terms of value k of a word, whose per-lane constants
-// are at `lane`. Lanes are summed in strips of up to kMaxStrip, kFlushEvery
+// are at `lane`. Lanes are summed in strips of up to kMaxStrip, kFlushRows
 // rows at a time, then flushed.
 template <typename T, size_t N, typename Add>
 inline void sum_blocks(const Blocks& b, int64_t begin, int64_t end, const Inputs<T, N>& in, Add add,
@@ -315,10 +321,10 @@ inline void sum_blocks(const Blocks& b, int64_t begin, int64_t end, const Inputs
     acc_type<T> a[kMaxStrip], s[kMaxStrip];
     for (int64_t i0 = 0; i0 < order.words; i0 += kMaxStrip / V) {
       const int64_t strip_words = std::min(kMaxStrip / V, order.words - i0);
-      for (int64_t r0 = begin; r0 < end; r0 += kFlushEvery) {
+      for (int64_t r0 = begin; r0 < end; r0 += kFlushRows) {
         std::fill_n(a, strip_words * V, 0);
         std::fill_n(s, strip_words * V, 0);
-        for (int64_t r = r0; r < std::min(end, r0 + kFlushEvery); ++r) {
+        for (int64_t r = r0; r < std::min(end, r0 + kFlushRows); ++r) {
           const Inputs<T, N> row = advanced(in, b.offset + r * b.stride + i0 * V);
           // A pass over the row per value of a word: one contiguous stream
           // of sums each, which the compiler vectorizes once k is a constant.

@@ -149,7 +149,7 @@ inline bool stores_activation_grad(Activation activation) {
 template <typename T>
 const KernelTable<T>& kernels(Activation activation);
 
-// Name of the instruction set kernels() picked ("avx2" or "baseline").
+// Name of the instruction set kernels() picked: "avx512", "avx2" or "baseline".
 const char* kernel_isa();
 
 }  // namespace cpu

@@ -7,6 +7,7 @@
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -22,7 +23,8 @@
 #include <utility>
 
 #include "../checks.h"
-#include "../guard.h"
+#include "../guard_args.h"
+#include "../layout.h"
 #include "kernels.cuh"
 
 namespace safebn {
@@ -52,20 +54,9 @@ void check_forward_args(const at::Tensor& input, const std::optional<at::Tensor>
   check_on_cuda(input);
 }
 
-// A per-channel tensor as a contiguous tensor of acc_t on the device (the
-// tensor itself when it already is one); undefined when absent.
-at::Tensor channel_values(const std::optional<at::Tensor>& t, at::ScalarType acc) {
-  return t.has_value() && t->defined() ? t->to(acc).contiguous() : at::Tensor();
-}
-
 template <typename T>
 const T* data_or_null(const at::Tensor& t) {
   return t.defined() ? t.const_data_ptr<T>() : nullptr;
-}
-
-template <typename T>
-T* mutable_data_or_null(const at::Tensor& t) {
-  return t.defined() ? t.mutable_data_ptr<T>() : nullptr;
 }
 
 // ---- launches ----------------------------------------------------------------
@@ -96,25 +87,39 @@ State* partials_data(const at::Tensor& partials) {
 }
 
 // The arrival counters of a reduction over `tiles` tiles (kernels.cuh,
-// GridCounters). A stream runs its kernels in order and each leaves them
-// zero, so one set per device and stream serves every launch on it: they are
-// zeroed when made or grown, not per call.
-GridCounters grid_counters(int64_t tiles, cudaStream_t stream) {
-  struct Counters {
-    at::Tensor memory;
-    int64_t tiles = 0;
-  };
-  static std::mutex mutex;
-  static std::map<std::pair<c10::DeviceIndex, cudaStream_t>, Counters> by_stream;
-  const c10::DeviceIndex device = c10::cuda::current_device();
-  const std::lock_guard<std::mutex> lock(mutex);
-  Counters& counters = by_stream[{device, stream}];
-  if (counters.tiles < tiles) {
-    counters.tiles = std::max<int64_t>({tiles, 2 * counters.tiles, 1024});
-    counters.memory = at::zeros({counters.tiles + 1}, at::TensorOptions(at::kInt).device(at::kCUDA, device));
+// GridCounters), zero before a launch, whose last arrivals reset them.
+// Eager launches on one stream run one after another, so one set per device
+// and stream serves them all, zeroed when made or grown, not per call. A
+// launch being captured into a CUDA graph gets a set of its own from the
+// graph's memory pool, zeroed by a node of the graph before it: graphs
+// replay on any stream, concurrently with each other and with eager work,
+// and a set shared with them would race (or start unzeroed). The lease owns
+// the memory until the launch is queued: another host thread on the same
+// stream (autograd's, say) may grow the set meanwhile.
+struct CounterLease {
+  at::Tensor memory;  // tiles arrival counters, then the tiles-done counter
+  int64_t tiles;
+
+  GridCounters counters() const {
+    auto* data = static_cast<unsigned int*>(memory.mutable_data_ptr());
+    return {data, data + tiles};
   }
-  auto* memory = static_cast<unsigned int*>(counters.memory.mutable_data_ptr());
-  return {memory, memory + counters.tiles};
+};
+
+CounterLease grid_counters(int64_t tiles, cudaStream_t stream) {
+  const c10::DeviceIndex device = c10::cuda::current_device();
+  const at::TensorOptions options = at::TensorOptions(at::kInt).device(at::kCUDA, device);
+  if (c10::cuda::captureStatusMayInitCtx(stream) != c10::cuda::CaptureStatus::None)
+    return {at::zeros({tiles + 1}, options), tiles};
+  static std::mutex mutex;
+  static std::map<std::pair<c10::DeviceIndex, cudaStream_t>, CounterLease> by_stream;
+  const std::lock_guard<std::mutex> lock(mutex);
+  CounterLease& set = by_stream.try_emplace({device, stream}, CounterLease{at::Tensor(), 0}).first->second;
+  if (set.tiles < tiles) {
+    set.tiles = std::max<int64_t>({tiles, 2 * set.tiles, 1024});
+    set.memory = at::zeros({set.tiles + 1}, options);
+  }
+  return set;
 }
 
 template <typename Op, typename scalar_t, int V>
@@ -126,14 +131,14 @@ void launch_reduce(const Op& op, const Geometry& g, const scalar_t* in0, const s
     const auto kernel = rows_reduce_kernel<Op, scalar_t, V>;
     const RowsLaunch l = rows_launch(g, V, resident_blocks(kernel));
     const at::Tensor partials = partials_for<State>(l.grid.y, g.channels, options);
-    kernel<<<l.grid, l.block, 0, stream>>>(op, in0, in1, l.shape, partials_data<State>(partials),
-                                           grid_counters(l.grid.x, stream));
+    const CounterLease lease = grid_counters(l.grid.x, stream);
+    kernel<<<l.grid, l.block, 0, stream>>>(op, in0, in1, l.shape, partials_data<State>(partials), lease.counters());
   } else {
     const auto kernel = plane_reduce_kernel<Op, scalar_t, V>;
     const PlaneLaunch l = plane_launch(g, V, resident_blocks(kernel));
     const at::Tensor partials = partials_for<State>(l.grid.y, g.channels, options);
-    kernel<<<l.grid, l.block, 0, stream>>>(op, in0, in1, l.shape, partials_data<State>(partials),
-                                           grid_counters(l.grid.x, stream));
+    const CounterLease lease = grid_counters(l.grid.x, stream);
+    kernel<<<l.grid, l.block, 0, stream>>>(op, in0, in1, l.shape, partials_data<State>(partials), lease.counters());
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -185,70 +190,34 @@ void map_channels(const Op& op, const Geometry& g, const scalar_t* in0, const sc
     launch_map<Op, scalar_t, 1>(op, g, in0, in1, out);
 }
 
-// ---- the guard's arguments ---------------------------------------------------
+// ---- the guard ------------------------------------------------------------------
 
-BufferType buffer_type(at::ScalarType type) {
-  switch (type) {
-    case at::kDouble: return BufferType::kDouble;
-    case at::kHalf: return BufferType::kHalf;
-    case at::kBFloat16: return BufferType::kBFloat16;
-    case at::kFloat: return BufferType::kFloat;
-    default: TORCH_CHECK(false, "running statistics must be float32, float64, float16 or bfloat16, got ", type);
-  }
+// The guarded update (guard.h) with given statistics, as a one-block kernel.
+// Nothing to do without running buffers or counters.
+void launch_update(const RunningBuffers& buffers, const std::optional<at::Tensor>& counters, const at::Tensor& mean_arg,
+                   const at::Tensor& invstd_arg, const std::optional<at::Tensor>& weight,
+                   const std::optional<at::Tensor>& bias, int64_t count, bool single_sample, double eps,
+                   std::optional<double> momentum) {
+  if (!buffers.mean.defined() && !counters.has_value()) return;
+  AT_DISPATCH_FLOATING_TYPES(mean_arg.scalar_type(), "safebn_update_running_stats", [&] {
+    using acc_t = scalar_t;
+    const ChannelValues<acc_t> mean(mean_arg), invstd(invstd_arg), w(weight), b(bias);
+    update_running_stats_kernel<acc_t><<<1, kBlockThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        update_args(buffers, counters, mean, invstd, w, b, mean_arg.numel(), count, single_sample, eps, momentum));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
-// The running buffers the kernels update in place: each as it is, or a
-// contiguous copy (same dtype) that write_back() returns to it.
-struct RunningBuffers {
-  at::Tensor mean, var;
-
-  RunningBuffers(const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var)
-      : mean(running_mean.has_value() ? running_mean->contiguous() : at::Tensor()),
-        var(running_var.has_value() ? running_var->contiguous() : at::Tensor()) {}
-
-  void write_back(const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var) const {
-    if (running_mean.has_value() && !mean.is_same(*running_mean)) running_mean->copy_(mean);
-    if (running_var.has_value() && !var.is_same(*running_var)) running_var->copy_(var);
-  }
-};
-
-// The guarded update after a training batch of `count` > 0 values per
-// channel with statistics `mean` and `invstd` (written by then, or by the
-// same launch before its epilogue), for kernels.cuh's guarded_update.
-// `weight` and `bias` are contiguous in acc_t (channel_values).
-template <typename acc_t>
-RunningStatsArgs<acc_t> running_stats_args(const RunningBuffers& buffers,
-                                           const std::optional<at::Tensor>& num_batches_tracked,
-                                           const std::optional<at::Tensor>& counters, const at::Tensor& mean,
-                                           const at::Tensor& invstd, const at::Tensor& weight,
-                                           const at::Tensor& bias, int64_t count, bool single_sample, double eps,
-                                           std::optional<double> momentum) {
-  const bool has_buffers = buffers.mean.defined();
-  return {/*enabled=*/has_buffers || counters.has_value(),
-          has_buffers ? buffers.mean.mutable_data_ptr() : nullptr,
-          has_buffers ? buffers.var.mutable_data_ptr() : nullptr,
-          buffer_type(has_buffers ? buffers.mean.scalar_type() : mean.scalar_type()),
-          num_batches_tracked.has_value() ? num_batches_tracked->mutable_data_ptr<int64_t>() : nullptr,
-          counters_data(counters),
-          mean.const_data_ptr<acc_t>(),
-          invstd.const_data_ptr<acc_t>(),
-          data_or_null<acc_t>(weight),
-          data_or_null<acc_t>(bias),
-          mean.numel(),
-          count,
-          single_sample,
-          acc_t(eps),
-          momentum.has_value(),
-          acc_t(momentum.value_or(0)),
-          largest_finite<acc_t>(has_buffers ? buffers.mean.scalar_type() : mean.scalar_type())};
-}
-
-// An empty batch changes no buffer; native counts it in num_batches_tracked,
-// which the unguarded update reproduces.
-void count_empty_batch(const std::optional<at::Tensor>& running_mean,
-                       const std::optional<at::Tensor>& num_batches_tracked, const std::optional<at::Tensor>& counters) {
-  if (!counters.has_value() && running_mean.has_value() && num_batches_tracked.has_value())
-    num_batches_tracked->add_(1);
+// The eval check (guard.h) as a one-block kernel.
+void launch_check(const at::Tensor& counters, const at::Tensor& running_mean, const at::Tensor& running_var,
+                  const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps) {
+  AT_DISPATCH_FLOATING_TYPES(accumulate_type(running_var.scalar_type()), "safebn_check_running_stats", [&] {
+    using acc_t = scalar_t;
+    const ChannelValues<acc_t> mean(running_mean), var(running_var), w(weight), b(bias);
+    check_running_stats_kernel<acc_t><<<1, kBlockThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        eval_check_args(counters, mean, var, w, b, running_mean.numel(), eps));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
 // ---- forward ops ---------------------------------------------------------------
@@ -267,32 +236,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train(
   const c10::cuda::CUDAGuard device_guard(input_arg.device());
   const at::Tensor input = with_kernel_layout(input_arg);
   const Geometry g = geometry_of(input);
+  const int64_t count = values_per_channel(input);
+  const bool single_sample = g.batch == 1 && count > 1;
   at::Tensor output = at::empty_like(input);
+  const RunningBuffers buffers(running_mean, running_var, num_batches_tracked);
   if (input.numel() == 0) {
-    if (g.channels > 0) count_empty_batch(running_mean, num_batches_tracked, counters);
-    return {output, undefined_channel_stats(input), undefined_channel_stats(input)};
+    const at::Tensor mean = undefined_channel_stats(input), invstd = undefined_channel_stats(input);
+    launch_update(buffers, counters, mean, invstd, weight, bias, count, single_sample, eps, momentum);
+    buffers.write_back(running_mean, running_var, num_batches_tracked);
+    return {output, mean, invstd};
   }
   at::Tensor mean = channel_stat_tensor(input), invstd = channel_stat_tensor(input);
-  const RunningBuffers buffers(running_mean, running_var);
   SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_forward_train", [&] {
-    const at::Tensor w = channel_values(weight, mean.scalar_type()), b = channel_values(bias, mean.scalar_type());
+    const ChannelValues<acc_t> w(weight), b(bias), mean_values(mean), invstd_values(invstd);
     const scalar_t* x = input.const_data_ptr<scalar_t>();
-    const int64_t count = g.per_channel();
     reduce_channels(MomentsOp<acc_t>{mean.mutable_data_ptr<acc_t>(), invstd.mutable_data_ptr<acc_t>(),
                                      /*spread_is_invstd=*/true, acc_t(eps),
-                                     running_stats_args<acc_t>(buffers, num_batches_tracked, counters, mean, invstd,
-                                                               w, b, count, g.batch == 1 && count > 1, eps,
-                                                               momentum)},
+                                     /*guard=*/buffers.mean.defined() || counters.has_value(),
+                                     update_args(buffers, counters, mean_values, invstd_values, w, b, g.channels,
+                                                 count, single_sample, eps, momentum)},
                     input, g, x, static_cast<const scalar_t*>(nullptr));
     with_fusion(activation, [&](auto fused) {
       map_channels(NormalizeOp<acc_t, decltype(fused)::value>{
                        mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(), /*spread_is_var=*/false,
-                       acc_t(eps), data_or_null<acc_t>(w), data_or_null<acc_t>(b), activation.kind,
-                       acc_t(activation.param), /*counters=*/nullptr, g.channels},
+                       acc_t(eps), w.data(), b.data(), activation.kind, acc_t(activation.param),
+                       /*check=*/{}},
                    g, x, static_cast<const scalar_t*>(nullptr), output.mutable_data_ptr<scalar_t>());
     });
   });
-  buffers.write_back(running_mean, running_var);
+  buffers.write_back(running_mean, running_var, num_batches_tracked);
   return {output, mean, invstd};
 }
 
@@ -305,15 +277,15 @@ std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& input_arg) {
   at::Tensor mean = channel_stat_tensor(input), var = channel_stat_tensor(input);
   SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_batch_stats", [&] {
     reduce_channels(MomentsOp<acc_t>{mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>(),
-                                     /*spread_is_invstd=*/false, acc_t(0), /*update=*/{}},
+                                     /*spread_is_invstd=*/false, acc_t(0), /*guard=*/false, /*update=*/{}},
                     input, g, input.const_data_ptr<scalar_t>(), static_cast<const scalar_t*>(nullptr));
   });
   return {mean, var};
 }
 
-// y = (x - mean) * weight * invstd + bias, with invstd given (normalize) or
-// derived from a variance (batch_norm_eval, which checks the statistics with
-// counters). One launch.
+// y = act((x - mean) * weight * invstd + bias), with invstd given (normalize)
+// or derived from a variance (batch_norm_eval, which checks the statistics with
+// counters, in block (0, 0), an empty input's too). One launch.
 at::Tensor normalize_with(const at::Tensor& input_arg, const std::optional<at::Tensor>& weight,
                           const std::optional<at::Tensor>& bias, const at::Tensor& mean_arg,
                           const at::Tensor& spread_arg, bool spread_is_var, double eps,
@@ -322,16 +294,18 @@ at::Tensor normalize_with(const at::Tensor& input_arg, const std::optional<at::T
   const at::Tensor input = with_kernel_layout(input_arg);
   const Geometry g = geometry_of(input);
   at::Tensor output = at::empty_like(input);
-  if (output.numel() == 0) return output;
-  const at::ScalarType acc = accumulate_type(input.scalar_type());
-  const at::Tensor mean = channel_values(mean_arg, acc), spread = channel_values(spread_arg, acc);
-  const at::Tensor w = channel_values(weight, acc), b = channel_values(bias, acc);
+  if (output.numel() == 0) {
+    if (counters.has_value()) launch_check(*counters, mean_arg, spread_arg, weight, bias, eps);
+    return output;
+  }
   SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_normalize", [&] {
+    const ChannelValues<acc_t> mean(mean_arg), spread(spread_arg), w(weight), b(bias);
+    const EvalCheckArgs<acc_t> check =
+        spread_is_var ? eval_check_args(counters, mean, spread, w, b, g.channels, eps) : EvalCheckArgs<acc_t>{};
     with_fusion(activation, [&](auto fused) {
-      map_channels(NormalizeOp<acc_t, decltype(fused)::value>{
-                       mean.const_data_ptr<acc_t>(), spread.const_data_ptr<acc_t>(), spread_is_var, acc_t(eps),
-                       data_or_null<acc_t>(w), data_or_null<acc_t>(b), activation.kind, acc_t(activation.param),
-                       counters_data(counters), g.channels},
+      map_channels(NormalizeOp<acc_t, decltype(fused)::value>{mean.data(), spread.data(), spread_is_var, acc_t(eps),
+                                                              w.data(), b.data(), activation.kind,
+                                                              acc_t(activation.param), check},
                    g, input.const_data_ptr<scalar_t>(), static_cast<const scalar_t*>(nullptr),
                    output.mutable_data_ptr<scalar_t>());
     });
@@ -340,12 +314,13 @@ at::Tensor normalize_with(const at::Tensor& input_arg, const std::optional<at::T
 }
 
 at::Tensor normalize(const at::Tensor& input, const std::optional<at::Tensor>& weight,
-                     const std::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& invstd) {
+                     const std::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& invstd,
+                     int64_t activation, double activation_param) {
   check_forward_args(input, weight, bias);
   check_channel_tensor(mean, input, "mean");
   check_channel_tensor(invstd, input, "invstd");
   return normalize_with(input, weight, bias, mean, invstd, /*spread_is_var=*/false, /*eps=*/0, std::nullopt,
-                        ActivationArg{});
+                        activation_arg(activation, activation_param));
 }
 
 at::Tensor batch_norm_eval(const at::Tensor& input, const std::optional<at::Tensor>& weight,
@@ -364,8 +339,9 @@ at::Tensor batch_norm_eval(const at::Tensor& input, const std::optional<at::Tens
 // ---- backward ops ----------------------------------------------------------------
 
 void check_backward_args(const at::Tensor& grad_output, const at::Tensor& input,
-                         const std::optional<at::Tensor>& weight, const at::Tensor& mean) {
-  check_forward_args(input, weight, std::nullopt);
+                         const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                         const at::Tensor& mean) {
+  check_forward_args(input, weight, bias);
   check_channel_tensor(mean, input, "mean");
   TORCH_CHECK(grad_output.sizes() == input.sizes(), "grad_output has shape ", grad_output.sizes(),
               " but the input has shape ", input.sizes());
@@ -378,13 +354,28 @@ at::Tensor grad_in_layout_of(const at::Tensor& grad_output, const at::Tensor& in
   return with_layout_of(grad_output.to(input.scalar_type()), input);
 }
 
+// sum(dz) and sum(dz * (x - mean)) per channel into sum_dy and sum_dy_xmu
+// (and sum(dz * xhat) into grad_weight when defined), dz = dy * act'(z).
+template <typename acc_t, typename scalar_t>
+void launch_grad_sums(const at::Tensor& input, const Geometry& g, const scalar_t* dy, const scalar_t* x,
+                      const ChannelValues<acc_t>& mean, const ChannelValues<acc_t>& invstd,
+                      const ChannelValues<acc_t>& w, const ChannelValues<acc_t>& b, ActivationArg activation,
+                      at::Tensor& sum_dy, at::Tensor& sum_dy_xmu, at::Tensor& grad_weight) {
+  with_fusion(activation, [&](auto fused) {
+    reduce_channels(GradSumsOp<acc_t, decltype(fused)::value>{
+                        mean.data(), sum_dy.mutable_data_ptr<acc_t>(), sum_dy_xmu.mutable_data_ptr<acc_t>(),
+                        invstd.data(), grad_weight.defined() ? grad_weight.mutable_data_ptr<acc_t>() : nullptr,
+                        w.data(), b.data(), activation.kind, acc_t(activation.param)},
+                    input, g, dy, x);
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_output, const at::Tensor& input_arg, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& mean_arg, const at::Tensor& invstd_arg, bool train,
     std::array<bool, 3> output_mask, int64_t activation_code, double activation_param) {
   const ActivationArg activation = activation_arg(activation_code, activation_param);
-  check_backward_args(grad_output, input_arg, weight, mean_arg);
-  check_channel_tensor(bias, input_arg, "bias");
+  check_backward_args(grad_output, input_arg, weight, bias, mean_arg);
   check_channel_tensor(invstd_arg, input_arg, "invstd");
   const c10::cuda::CUDAGuard device_guard(input_arg.device());
   const at::Tensor input = with_kernel_layout(input_arg);
@@ -392,38 +383,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   const Geometry g = geometry_of(input);
   const bool has_weight = weight.has_value() && weight->defined();
   const bool want_input = output_mask[0], want_weight = output_mask[1] && has_weight, want_bias = output_mask[2];
-  const at::ScalarType acc = accumulate_type(input.scalar_type());
-  const at::Tensor mean = channel_values(mean_arg, acc), invstd = channel_values(invstd_arg, acc);
-  const at::Tensor w = channel_values(weight, acc), b = channel_values(bias, acc);
+  const at::TensorOptions stats_options = input.options().dtype(accumulate_type(input.scalar_type()));
   at::Tensor grad_input = want_input ? at::empty_like(input) : at::Tensor();
   at::Tensor sum_dy, sum_dy_xmu, grad_weight;
   if (input.numel() == 0) {  // as on the CPU: zero sums and zero parameter gradients, not 0 * NaN
-    sum_dy = at::zeros({g.channels}, mean.options());
+    sum_dy = at::zeros({g.channels}, stats_options);
     grad_weight = want_weight ? at::zeros_like(sum_dy) : at::Tensor();
   } else {
     SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_backward", [&] {
+      const ChannelValues<acc_t> mean(mean_arg), invstd(invstd_arg), w(weight), b(bias);
       const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
       const scalar_t* x = input.const_data_ptr<scalar_t>();
       // Eval mode without parameter gradients needs no reduction at all.
       if (want_weight || want_bias || (want_input && train)) {
-        sum_dy = at::empty({g.channels}, mean.options());
-        sum_dy_xmu = at::empty({g.channels}, mean.options());
-        if (want_weight) grad_weight = at::empty({g.channels}, mean.options());
-        with_fusion(activation, [&](auto fused) {
-          reduce_channels(GradSumsOp<acc_t, decltype(fused)::value>{
-                              mean.const_data_ptr<acc_t>(), sum_dy.mutable_data_ptr<acc_t>(),
-                              sum_dy_xmu.mutable_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
-                              mutable_data_or_null<acc_t>(grad_weight), data_or_null<acc_t>(w),
-                              data_or_null<acc_t>(b), activation.kind, acc_t(activation.param)},
-                          input, g, dy_data, x);
-        });
+        sum_dy = at::empty({g.channels}, stats_options);
+        sum_dy_xmu = at::empty({g.channels}, stats_options);
+        if (want_weight) grad_weight = at::empty({g.channels}, stats_options);
+        launch_grad_sums(input, g, dy_data, x, mean, invstd, w, b, activation, sum_dy, sum_dy_xmu, grad_weight);
       }
       if (want_input) {
         with_fusion(activation, [&](auto fused) {
           map_channels(GradInputOp<acc_t, decltype(fused)::value>{
-                           mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(), data_or_null<acc_t>(w),
-                           data_or_null<acc_t>(b), data_or_null<acc_t>(sum_dy), data_or_null<acc_t>(sum_dy_xmu),
-                           acc_t(g.per_channel()), train, activation.kind, acc_t(activation.param)},
+                           mean.data(), invstd.data(), w.data(), b.data(), data_or_null<acc_t>(sum_dy),
+                           data_or_null<acc_t>(sum_dy_xmu), acc_t(g.per_channel()), train, activation.kind,
+                           acc_t(activation.param)},
                        g, dy_data, x, grad_input.mutable_data_ptr<scalar_t>());
         });
       }
@@ -431,26 +414,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   }
   // Parameter gradients in the weight's dtype (a no-op for float32 weights), the
   // statistics' without a weight (F.batch_norm takes a bias alone).
-  const at::ScalarType param_type = has_weight ? weight->scalar_type() : acc;
+  const at::ScalarType param_type = has_weight ? weight->scalar_type() : accumulate_type(input.scalar_type());
   return {grad_input, want_weight ? grad_weight.to(param_type) : at::Tensor(),
           want_bias ? sum_dy.to(param_type) : at::Tensor()};
 }
 
 std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad_output, const at::Tensor& input_arg,
-                                                   const at::Tensor& mean_arg) {
-  check_backward_args(grad_output, input_arg, std::nullopt, mean_arg);
+                                                   const at::Tensor& mean_arg, const std::optional<at::Tensor>& weight,
+                                                   const std::optional<at::Tensor>& bias,
+                                                   const std::optional<at::Tensor>& invstd_arg,
+                                                   int64_t activation_code, double activation_param) {
+  const ActivationArg activation = activation_arg(activation_code, activation_param);
+  check_backward_args(grad_output, input_arg, weight, bias, mean_arg);
+  TORCH_CHECK_VALUE(activation.kind == Activation::kIdentity || invstd_arg.has_value(),
+                    "backward_reduce with an activation needs invstd: the activation's derivative is taken at the "
+                    "batch norm's output, recomputed");
+  check_channel_tensor(invstd_arg, input_arg, "invstd");
   const c10::cuda::CUDAGuard device_guard(input_arg.device());
   const at::Tensor input = with_kernel_layout(input_arg);
   const at::Tensor dy = grad_in_layout_of(grad_output, input);
   const Geometry g = geometry_of(input);
-  const at::Tensor mean = channel_values(mean_arg, accumulate_type(input.scalar_type()));
-  if (input.numel() == 0) return {at::zeros({g.channels}, mean.options()), at::zeros({g.channels}, mean.options())};
-  at::Tensor sum_dy = at::empty({g.channels}, mean.options()), sum_dy_xmu = at::empty({g.channels}, mean.options());
+  const at::TensorOptions stats_options = input.options().dtype(accumulate_type(input.scalar_type()));
+  if (input.numel() == 0) return {at::zeros({g.channels}, stats_options), at::zeros({g.channels}, stats_options)};
+  at::Tensor sum_dy = at::empty({g.channels}, stats_options), sum_dy_xmu = at::empty({g.channels}, stats_options);
+  at::Tensor no_grad_weight;
   SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_backward_reduce", [&] {
-    reduce_channels(GradSumsOp<acc_t, false>{mean.const_data_ptr<acc_t>(), sum_dy.mutable_data_ptr<acc_t>(),
-                                      sum_dy_xmu.mutable_data_ptr<acc_t>(), nullptr, nullptr, nullptr, nullptr,
-                                      Activation::kIdentity, acc_t(0)},
-                    input, g, dy.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>());
+    const ChannelValues<acc_t> mean(mean_arg), invstd(invstd_arg), w(weight), b(bias);
+    launch_grad_sums(input, g, dy.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(), mean, invstd, w, b,
+                     activation, sum_dy, sum_dy_xmu, no_grad_weight);
   });
   return {sum_dy, sum_dy_xmu};
 }
@@ -458,29 +449,31 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad_output
 at::Tensor backward_elemt(const at::Tensor& grad_output, const at::Tensor& input_arg,
                           const std::optional<at::Tensor>& weight, const at::Tensor& mean_arg,
                           const at::Tensor& invstd_arg, const at::Tensor& sum_dy_arg,
-                          const at::Tensor& sum_dy_xmu_arg, int64_t count) {
-  check_backward_args(grad_output, input_arg, weight, mean_arg);
+                          const at::Tensor& sum_dy_xmu_arg, int64_t count, const std::optional<at::Tensor>& bias,
+                          int64_t activation_code, double activation_param) {
+  const ActivationArg activation = activation_arg(activation_code, activation_param);
+  check_backward_args(grad_output, input_arg, weight, bias, mean_arg);
   check_channel_tensor(invstd_arg, input_arg, "invstd");
   check_channel_tensor(sum_dy_arg, input_arg, "sum_dy");
   check_channel_tensor(sum_dy_xmu_arg, input_arg, "sum_dy_xmu");
-  TORCH_CHECK(count > 0, "count (values per channel over every process) must be > 0, got ", count);
+  TORCH_CHECK_VALUE(count > 0, "count (values per channel over every process) must be > 0, got ", count);
   const c10::cuda::CUDAGuard device_guard(input_arg.device());
   const at::Tensor input = with_kernel_layout(input_arg);
   const at::Tensor dy = grad_in_layout_of(grad_output, input);
   const Geometry g = geometry_of(input);
   at::Tensor grad_input = at::empty_like(input);
   if (grad_input.numel() == 0) return grad_input;
-  const at::ScalarType acc = accumulate_type(input.scalar_type());
-  const at::Tensor mean = channel_values(mean_arg, acc), invstd = channel_values(invstd_arg, acc);
-  const at::Tensor w = channel_values(weight, acc);
-  const at::Tensor sum_dy = channel_values(sum_dy_arg, acc), sum_dy_xmu = channel_values(sum_dy_xmu_arg, acc);
   SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_backward_elemt", [&] {
-    map_channels(GradInputOp<acc_t, false>{mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
-                                    data_or_null<acc_t>(w), /*bias=*/nullptr, sum_dy.const_data_ptr<acc_t>(),
-                                    sum_dy_xmu.const_data_ptr<acc_t>(), acc_t(count), /*train=*/true,
-                                    Activation::kIdentity, acc_t(0)},
-                 g, dy.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
-                 grad_input.mutable_data_ptr<scalar_t>());
+    const ChannelValues<acc_t> mean(mean_arg), invstd(invstd_arg), w(weight), b(bias), sum_dy(sum_dy_arg),
+        sum_dy_xmu(sum_dy_xmu_arg);
+    with_fusion(activation, [&](auto fused) {
+      map_channels(GradInputOp<acc_t, decltype(fused)::value>{mean.data(), invstd.data(), w.data(), b.data(),
+                                                              sum_dy.data(), sum_dy_xmu.data(), acc_t(count),
+                                                              /*train=*/true, activation.kind,
+                                                              acc_t(activation.param)},
+                   g, dy.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
+                   grad_input.mutable_data_ptr<scalar_t>());
+    });
   });
   return grad_input;
 }
@@ -489,33 +482,18 @@ at::Tensor backward_elemt(const at::Tensor& grad_output, const at::Tensor& input
 
 void update_running_stats(const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
                           const std::optional<at::Tensor>& num_batches_tracked,
-                          const std::optional<at::Tensor>& counters, const at::Tensor& mean_arg,
-                          const at::Tensor& invstd_arg, const std::optional<at::Tensor>& weight,
+                          const std::optional<at::Tensor>& counters, const at::Tensor& mean,
+                          const at::Tensor& invstd, const std::optional<at::Tensor>& weight,
                           const std::optional<at::Tensor>& bias, int64_t count, double eps,
                           std::optional<double> momentum, bool single_sample) {
-  TORCH_CHECK(mean_arg.is_cuda(), "the batch mean is on ", mean_arg.device(),
+  TORCH_CHECK(mean.is_cuda(), "the batch mean is on ", mean.device(),
               " while other arguments are on a CUDA device. Keep the statistics on the module's device.");
-  check_update_tensors(running_mean, running_var, num_batches_tracked, counters, mean_arg, invstd_arg, weight, bias,
+  check_update_tensors(running_mean, running_var, num_batches_tracked, counters, mean, invstd, weight, bias,
                        momentum);
-  const c10::cuda::CUDAGuard device_guard(mean_arg.device());
-  if (count == 0) {
-    count_empty_batch(running_mean, num_batches_tracked, counters);
-    return;
-  }
-  const at::ScalarType acc = mean_arg.scalar_type();
-  const at::Tensor mean = channel_values(mean_arg, acc), invstd = channel_values(invstd_arg, acc);
-  const at::Tensor w = channel_values(weight, acc), b = channel_values(bias, acc);
-  const RunningBuffers buffers(running_mean, running_var);
-  AT_DISPATCH_FLOATING_TYPES(acc, "safebn_update_running_stats", [&] {
-    using acc_t = scalar_t;
-    const RunningStatsArgs<acc_t> args = running_stats_args<acc_t>(buffers, num_batches_tracked, counters, mean,
-                                                                   invstd, w, b, count, single_sample, eps,
-                                                                   momentum);
-    if (!args.enabled) return;
-    update_running_stats_kernel<acc_t><<<1, kBlockThreads, 0, at::cuda::getCurrentCUDAStream()>>>(args);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  buffers.write_back(running_mean, running_var);
+  const c10::cuda::CUDAGuard device_guard(mean.device());
+  const RunningBuffers buffers(running_mean, running_var, num_batches_tracked);
+  launch_update(buffers, counters, mean, invstd, weight, bias, count, single_sample, eps, momentum);
+  buffers.write_back(running_mean, running_var, num_batches_tracked);
 }
 
 void check_running_stats(const at::Tensor& counters, const at::Tensor& running_mean, const at::Tensor& running_var,
@@ -523,16 +501,7 @@ void check_running_stats(const at::Tensor& counters, const at::Tensor& running_m
                          double eps) {
   check_running_stats_args(counters, running_mean, running_var, weight, bias, eps);
   const c10::cuda::CUDAGuard device_guard(running_mean.device());
-  const at::ScalarType acc = accumulate_type(running_var.scalar_type());
-  const at::Tensor mean = channel_values(running_mean, acc), var = channel_values(running_var, acc);
-  const at::Tensor w = channel_values(weight, acc), b = channel_values(bias, acc);
-  AT_DISPATCH_FLOATING_TYPES(acc, "safebn_check_running_stats", [&] {
-    using acc_t = scalar_t;
-    check_running_stats_kernel<acc_t><<<1, kBlockThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        counters.mutable_data_ptr<int64_t>(), mean.const_data_ptr<acc_t>(), var.const_data_ptr<acc_t>(),
-        data_or_null<acc_t>(w), data_or_null<acc_t>(b), mean.numel(), acc_t(eps));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  launch_check(counters, running_mean, running_var, weight, bias, eps);
 }
 
 }  // namespace

@@ -38,12 +38,6 @@ __device__ __forceinline__ void store_pack(scalar_t* __restrict__ data, int64_t 
   reinterpret_cast<Pack<scalar_t, V>*>(data)[pack] = p;
 }
 
-// An optional per-channel value: absent weight reads 1, absent bias 0.
-template <typename acc_t>
-__device__ __forceinline__ acc_t value_or(const acc_t* values, int64_t c, acc_t fill) {
-  return values != nullptr ? values[c] : fill;
-}
-
 // ---- reductions inside a block ---------------------------------------------
 
 // sum(dy) and sum(dy * (x - mean)) of a channel.
@@ -154,6 +148,23 @@ struct GridCounters {
   unsigned int* tiles_done;     // one counter
 };
 
+// A partial total that another block stored before it arrived, read at L2
+// (ld.global.cg) past this multiprocessor's L1: arrive_last's fences order
+// the store before the read, and a load that cannot hit a stale L1 line
+// says so in the code rather than leaving it to what the compiler emits.
+template <typename State>
+__device__ __forceinline__ State load_partial(const State* partial) {
+  static_assert(sizeof(State) % sizeof(unsigned int) == 0, "loaded in 32-bit words");
+  constexpr int kWords = sizeof(State) / sizeof(unsigned int);
+  unsigned int words[kWords];
+  const unsigned int* source = reinterpret_cast<const unsigned int*>(partial);
+#pragma unroll
+  for (int i = 0; i < kWords; ++i) words[i] = __ldcg(source + i);
+  State state;
+  memcpy(&state, words, sizeof(State));
+  return state;
+}
+
 // True, in every thread of the block, for the block that arrives last of
 // `expected` at `counter`; every global write the other blocks made before
 // they arrived is then visible to it. Every thread of the block must call it.
@@ -170,144 +181,29 @@ __device__ bool arrive_last(unsigned int* counter, unsigned int expected) {
   return last;
 }
 
-// ---- the guard: one block over the channels --------------------------------
+// ---- the guard (guard.h), by the threads of one block -----------------------
 // C is small next to any activation, and a single block decides for every
 // channel at once (all-or-nothing) without another launch or a host round
-// trip. Thread 0 alone writes counters; every branch on a block-reduced value
-// is taken by the whole block. It runs as the statistics reduction's grid
-// epilogue in a training forward, and as its own one-block kernel for the
-// split ops.
+// trip. It runs as the statistics reduction's grid epilogue in a training
+// forward, in block (0, 0) of eval's normalization, and as a one-block
+// kernel of its own for the split ops.
 
-// A running buffer's element type. The guard touches C values of it, so a
-// switch at run time costs nothing, where a template would double the
-// statistics kernels.
-enum class BufferType : int32_t { kFloat, kDouble, kHalf, kBFloat16 };
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t load_buffer(const void* data, BufferType type, int64_t i) {
-  switch (type) {
-    case BufferType::kDouble: return acc_t(static_cast<const double*>(data)[i]);
-    case BufferType::kHalf: return acc_t(float(static_cast<const c10::Half*>(data)[i]));
-    case BufferType::kBFloat16: return acc_t(float(static_cast<const c10::BFloat16*>(data)[i]));
-    default: return acc_t(static_cast<const float*>(data)[i]);
-  }
-}
-
-template <typename acc_t>
-__device__ __forceinline__ void store_buffer(void* data, BufferType type, int64_t i, acc_t value) {
-  switch (type) {
-    case BufferType::kDouble: static_cast<double*>(data)[i] = double(value); break;
-    case BufferType::kHalf: static_cast<c10::Half*>(data)[i] = c10::Half(float(value)); break;
-    case BufferType::kBFloat16: static_cast<c10::BFloat16*>(data)[i] = c10::BFloat16(float(value)); break;
-    default: static_cast<float*>(data)[i] = float(value);
-  }
-}
-
-template <typename acc_t>
-struct RunningStatsArgs {
-  bool enabled;                  // false: nothing to update or count
-  void* running_mean;            // nullptr: no running statistics
-  void* running_var;
-  BufferType buffer_type;
-  int64_t* num_batches_tracked;  // nullptr: not tracked
-  int64_t* counters;             // nullptr: unguarded (checks=False), as native
-  const acc_t* mean;
-  const acc_t* invstd;
-  const acc_t* weight;  // nullptr: 1
-  const acc_t* bias;    // nullptr: 0
-  int64_t channels;
-  int64_t count;       // values per channel in the batch, > 0
-  bool single_sample;  // the batch is one example (N == 1) with count > 1
-  acc_t eps;
-  bool has_momentum;  // false: cumulative average over num_batches_tracked
-  acc_t momentum;
-  acc_t limit;  // the largest finite value of the buffers' dtype (as acc_t)
+struct BlockTeam {
+  __device__ int64_t first() const { return threadIdx.y * blockDim.x + threadIdx.x; }
+  __device__ int64_t stride() const { return blockDim.x * blockDim.y; }
+  __device__ ChannelFaults total(const ChannelFaults& faults) const { return block_reduce(faults); }
+  __device__ bool leader() const { return threadIdx.x == 0 && threadIdx.y == 0; }
+  __device__ void sync() const { __syncthreads(); }
 };
 
-// The rules of update_after_batch in cpu/batch_norm_cpu.cpp, step by step,
-// by every thread of one block. Not inlined: its registers would weigh on
-// the statistics kernels, which run it once.
 template <typename acc_t>
-__device__ __noinline__ void guarded_update(const RunningStatsArgs<acc_t>& a) {
-  const bool first = threadIdx.x == 0 && threadIdx.y == 0;
-  const int thread = threadIdx.y * blockDim.x + threadIdx.x, threads = blockDim.x * blockDim.y;
-  if (a.counters != nullptr) {
-    if (first) {
-      a.counters[kBatches] += 1;
-      a.counters[kSingleSampleBatches] += a.single_sample;
-    }
-    if (a.count < 2) {  // no variance to learn from one value
-      if (first) a.counters[kSkippedUpdates] += 1;
-      return;
-    }
-    ChannelFaults faults;
-    for (int64_t c = thread; c < a.channels; c += threads)
-      faults.add(training_faults(a.mean[c], a.invstd[c], value_or(a.weight, c, acc_t(1)),
-                                 value_or(a.bias, c, acc_t(0)), a.eps));
-    faults = block_reduce(faults);
-    if (first) a.counters[kLowVarianceChannels] += faults.low_var;
-    if (faults.any_nonfinite()) {
-      if (first) {
-        record_nonfinite(a.counters, faults, /*training=*/true);
-        a.counters[kSkippedUpdates] += 1;
-      }
-      return;
-    }
-  }
-  if (a.running_mean == nullptr) return;
-  const acc_t factor = a.has_momentum ? a.momentum : acc_t(1) / acc_t(*a.num_batches_tracked + 1);
-  auto update = [&](int64_t c) {
-    return running_update(load_buffer<acc_t>(a.running_mean, a.buffer_type, c),
-                          load_buffer<acc_t>(a.running_var, a.buffer_type, c), a.mean[c], a.invstd[c], a.eps,
-                          a.count, factor);
-  };
-  if (a.counters != nullptr) {  // the update must not overflow the buffers' dtype
-    ChannelFaults overflow;
-    for (int64_t c = thread; c < a.channels; c += threads) overflow.var += !update(c).fits(a.limit);
-    overflow = block_reduce(overflow);
-    if (overflow.any_nonfinite()) {
-      if (first) {
-        record_nonfinite(a.counters, overflow, /*training=*/true);
-        a.counters[kSkippedUpdates] += 1;
-      }
-      return;
-    }
-  }
-  // Each channel is read and written by the same thread in every loop.
-  for (int64_t c = thread; c < a.channels; c += threads) {
-    const RunningUpdate<acc_t> u = update(c);
-    store_buffer(a.running_mean, a.buffer_type, c, u.mean);
-    store_buffer(a.running_var, a.buffer_type, c, u.var);
-  }
-  __syncthreads();  // every thread has read num_batches_tracked (factor) before it changes
-  if (first && a.num_batches_tracked != nullptr) *a.num_batches_tracked += 1;
+__global__ void __launch_bounds__(kBlockThreads) update_running_stats_kernel(UpdateArgs<acc_t> args) {
+  guarded_update(args, BlockTeam{});
 }
 
 template <typename acc_t>
-__global__ void __launch_bounds__(kBlockThreads) update_running_stats_kernel(RunningStatsArgs<acc_t> a) {
-  guarded_update(a);
-}
-
-// eval mode's check of the running statistics (and weight, bias) it
-// normalizes with, by every thread of one block; nothing without counters.
-template <typename acc_t>
-__device__ void check_eval_stats(int64_t* counters, const acc_t* running_mean, const acc_t* running_var,
-                                 const acc_t* weight, const acc_t* bias, int64_t channels, acc_t eps) {
-  if (counters == nullptr) return;
-  ChannelFaults faults;
-  for (int64_t c = threadIdx.y * blockDim.x + threadIdx.x; c < channels; c += blockDim.x * blockDim.y)
-    faults.add(eval_faults(running_mean[c], running_var[c], value_or(weight, c, acc_t(1)),
-                           value_or(bias, c, acc_t(0)), eps));
-  faults = block_reduce(faults);
-  if (threadIdx.x == 0 && threadIdx.y == 0 && faults.any_nonfinite())
-    record_nonfinite(counters, faults, /*training=*/false);
-}
-
-template <typename acc_t>
-__global__ void __launch_bounds__(kBlockThreads) check_running_stats_kernel(
-    int64_t* counters, const acc_t* running_mean, const acc_t* running_var, const acc_t* weight, const acc_t* bias,
-    int64_t channels, acc_t eps) {
-  check_eval_stats(counters, running_mean, running_var, weight, bias, channels, eps);
+__global__ void __launch_bounds__(kBlockThreads) check_running_stats_kernel(EvalCheckArgs<acc_t> args) {
+  check_eval(args, BlockTeam{});
 }
 
 // ---- the ops ---------------------------------------------------------------
@@ -357,8 +253,9 @@ struct MomentsOp {
   bool spread_is_invstd;
   acc_t eps;
   // A training forward's guarded update, once every channel is final
-  // (update.enabled false for batch_stats).
-  RunningStatsArgs<acc_t> update;
+  // (guard false for batch_stats).
+  bool guard;
+  UpdateArgs<acc_t> update;
 
   __device__ Channel channel(int64_t, acc_t first) const { return {first}; }
   __device__ void add(State& s, const Channel& k, acc_t x, acc_t) const { s.add(x - k.shift); }
@@ -366,8 +263,8 @@ struct MomentsOp {
     mean[c] = k.shift + s.mean;
     spread[c] = spread_is_invstd ? invstd_from_var(s.variance(), eps) : s.variance();
   }
-  __device__ bool has_epilogue() const { return update.enabled; }
-  __device__ void epilogue() const { guarded_update(update); }
+  __device__ bool has_epilogue() const { return guard; }
+  __device__ void epilogue() const { guarded_update(update, BlockTeam{}); }
 };
 
 // sum(dz) and sum(dz * (x - mean)) (backward, backward_reduce), dz = dy *
@@ -431,9 +328,8 @@ struct NormalizeOp {
   const acc_t* bias;    // nullptr: 0
   Activation activation;
   acc_t activation_param;
-  // eval mode: the running statistics' check, in the same launch
-  int64_t* counters;  // nullptr: none
-  int64_t channels;
+  // eval mode: the running statistics' check, in the same launch (counters nullptr: none)
+  EvalCheckArgs<acc_t> check;
 
   __device__ Channel channel(int64_t c) const {
     const acc_t invstd = spread_is_var ? invstd_from_var(spread[c], eps) : spread[c];
@@ -442,7 +338,7 @@ struct NormalizeOp {
   __device__ acc_t apply(const Channel& k, acc_t x, acc_t) const {
     return fused_activate<kFused>(activation, normalize_value(x, k.mean, k.scale, k.shift), activation_param);
   }
-  __device__ void once() const { check_eval_stats(counters, mean, spread, weight, bias, channels, eps); }
+  __device__ void once() const { check_eval(check, BlockTeam{}); }
 };
 
 // The input gradient (backward, backward_elemt), of dz = dy * act'(z) as
@@ -568,7 +464,7 @@ plane_reduce_kernel(Op op, const scalar_t* __restrict__ in0, const scalar_t* __r
     if (!arrive_last(&counters.tile_arrivals[blockIdx.x], gridDim.y)) return;
     // In a fixed order, whichever block arrives last: deterministic results.
     state = typename Op::State();
-    for (int64_t split = threadIdx.x; split < splits; split += blockDim.x) combine(state, partials[c * splits + split]);
+    for (int64_t split = threadIdx.x; split < splits; split += blockDim.x) combine(state, load_partial(partials + c * splits + split));
     state = block_reduce(state);
   }
   if (threadIdx.x == 0) op.finish(c, channel, state);
@@ -677,7 +573,7 @@ rows_reduce_kernel(Op op, const scalar_t* __restrict__ in0, const scalar_t* __re
     if (active) {
       for (int64_t split = threadIdx.y; split < splits; split += blockDim.y) {
 #pragma unroll
-        for (int v = 0; v < V; ++v) combine(state[v], partials[(first_channel + v) * splits + split]);
+        for (int v = 0; v < V; ++v) combine(state[v], load_partial(partials + (first_channel + v) * splits + split));
       }
     }
     reduce_block_rows(state, shared);

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from torch_safebn import functional
 from torch_safebn._ops import OPS
-from torch_safebn.safety import NUM_COUNTERS
+from torch_safebn.contract import NUM_COUNTERS
 
 __all__ = ["Result", "attempt", "available_devices", "main", "memory_format", "op_samples", "run_checks", "sample"]
 

@@ -1,0 +1,38 @@
+// How an op's tensors are laid out for the kernels and what they allocate:
+// the layouts the kernels walk, the geometry they read, the dtype and shape
+// of the per-channel statistics.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include "geometry.h"
+
+namespace safebn {
+
+// The input in a layout the kernels walk directly: contiguous, channels_last
+// or channels_last_3d are returned as they are; any other strides are copied
+// to contiguous (the one case where the activation is copied).
+at::Tensor with_kernel_layout(const at::Tensor& input);
+
+// `t` (a gradient) laid out exactly like `like`, which has a kernel layout.
+at::Tensor with_layout_of(const at::Tensor& t, const at::Tensor& like);
+
+Geometry geometry_of(const at::Tensor& input_with_kernel_layout);
+
+// The values a channel's statistics are computed over: N times the spatial
+// size (0 without channels).
+int64_t values_per_channel(const at::Tensor& input);
+
+// float32 for float/half/bfloat16 input, float64 for float64 input
+// (torch_safebn/contract.py's accumulate_dtype).
+at::ScalarType accumulate_type(at::ScalarType input_type);
+
+// An uninitialized per-channel statistic (mean, invstd, ...) for `input`, in
+// the accumulation dtype on its device.
+at::Tensor channel_stat_tensor(const at::Tensor& input);
+
+// The statistics of an input with no values, on every device: undefined, NaN
+// in every channel.
+at::Tensor undefined_channel_stats(const at::Tensor& input);
+
+}  // namespace safebn

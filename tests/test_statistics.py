@@ -1,0 +1,166 @@
+"""Running statistics that native batch norm gets wrong, pooled exactly:
+activation checkpointing updates once per step, accumulate_stats pools
+micro-batches, recalibrate sets exact statistics from data. Float64
+parity against what each promises."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import torch_safebn
+from torch_safebn import NonFiniteError
+
+TIGHT = {"atol": 1e-12, "rtol": 1e-12}
+
+
+def _block(seed=0, **options):
+    torch.manual_seed(seed)
+    native = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 3),
+                           nn.BatchNorm2d(4, momentum=None), nn.SiLU()).double()
+    return torch_safebn.convert_model(native, **options)
+
+
+def _state(model):
+    """Every buffer, counters included."""
+    return {name: value.clone() for name, value in model.named_buffers()}
+
+
+class Checkpointed(nn.Module):
+    def __init__(self, block, use_reentrant):
+        super().__init__()
+        self.block, self.use_reentrant = block, use_reentrant
+
+    def forward(self, x):
+        return checkpoint(self.block, x, use_reentrant=self.use_reentrant)
+
+
+def _train(model, steps=3, seed=1):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(5, 3, 7, 7, generator=g, dtype=torch.float64, requires_grad=True)
+        model(x).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_a_checkpointed_block_updates_as_an_unchecked_one(use_reentrant, compiled):
+    if compiled and use_reentrant:
+        pytest.skip("torch.compile supports non-reentrant checkpointing only")
+    torch._dynamo.reset()
+    plain, checked = _block(), Checkpointed(_block(), use_reentrant)
+    for model in (plain, checked):
+        _train(torch.compile(model, fullgraph=True) if compiled else model)
+    for name, value in _state(plain).items():
+        assert torch.equal(_state(checked.block)[name], value), name
+    assert checked.block[1].num_batches_tracked.item() == 3
+    assert torch_safebn.report(checked.block).rows[0]["batches"] == 3
+
+
+def test_checkpoint_aware_false_updates_on_the_recomputation_as_native():
+    native = Checkpointed(_block(), use_reentrant=False)
+    torch_safebn.revert_model(native.block)
+    safe = Checkpointed(_block(checkpoint_aware=False), use_reentrant=False)
+    _train(native, steps=2)
+    _train(safe, steps=2)
+    assert safe.block[1].num_batches_tracked.item() == native.block[1].num_batches_tracked.item() == 4
+    torch.testing.assert_close(safe.block[1].running_var, native.block[1].running_var, **TIGHT)
+
+
+@pytest.mark.parametrize("sizes", [(8, 8, 8, 8), (8, 5, 11, 8)], ids=["even", "uneven"])
+def test_accumulated_micro_batches_update_as_one_batch(sizes):
+    """The first batch norm against one batch of all the micro-batches; every batch norm against
+    the pooled statistics of the inputs it saw (a deeper one sees what the first normalized with
+    each micro-batch's statistics). momentum 0.1 and None."""
+    whole, accumulated = _block(), _block()
+    x = torch.randn(sum(sizes), 3, 7, 7, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    whole(x)
+    seen = {1: [], 4: []}
+    hooks = [accumulated[i].register_forward_pre_hook(lambda m, a, i=i: seen[i].append(a[0].detach()))
+             for i in seen]
+    with torch_safebn.accumulate_stats(accumulated):
+        for chunk in x.split(sizes):
+            accumulated(chunk)
+        assert accumulated[1].num_batches_tracked.item() == 0, "no update before the context exits"
+    for hook in hooks:
+        hook.remove()
+    for name in ("1.running_mean", "1.running_var", "1.num_batches_tracked"):
+        torch.testing.assert_close(_state(accumulated)[name], _state(whole)[name], **TIGHT, msg=name)
+    for i, momentum in ((1, 0.1), (4, 1.0)):  # momentum=None, first batch: a cumulative average of one
+        var, mean = torch.var_mean(torch.cat(seen[i]), dim=[0, 2, 3], correction=1)
+        torch.testing.assert_close(accumulated[i].running_mean, momentum * mean, **TIGHT)
+        torch.testing.assert_close(accumulated[i].running_var, (1 - momentum) + momentum * var, **TIGHT)
+        assert accumulated[i].num_batches_tracked.item() == 1
+    assert torch_safebn.report(accumulated).rows[0]["batches"] == 1
+
+
+def test_accumulate_stats_reports_a_nonfinite_micro_batch_at_the_exit():
+    model = _block()
+    before = _state(model)
+    x = torch.randn(8, 3, 7, 7, dtype=torch.float64)
+    with pytest.raises(NonFiniteError, match="'1' at training step 0"):
+        with torch_safebn.accumulate_stats(model):
+            model(x)
+            x[0, 0, 0, 0] = float("nan")
+            model(x)
+    for name in ("1.running_mean", "1.running_var", "1.num_batches_tracked"):
+        assert torch.equal(_state(model)[name], before[name]), name
+
+
+def test_accumulate_stats_updates_nothing_when_its_body_raises():
+    model = _block()
+    before = _state(model)
+    with pytest.raises(KeyError):
+        with torch_safebn.accumulate_stats(model):
+            model(torch.randn(4, 3, 7, 7, dtype=torch.float64))
+            raise KeyError("the step failed")
+    for name, value in before.items():
+        assert torch.equal(_state(model)[name], value), name
+    model(torch.randn(4, 3, 7, 7, dtype=torch.float64))  # and the model trains as before
+    assert model[1].num_batches_tracked.item() == 1
+
+
+def test_recalibrate_sets_the_exact_pooled_statistics_of_each_input():
+    torch.manual_seed(0)
+    model = torch_safebn.convert_model(nn.Sequential(
+        nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.Dropout(0.5), nn.ReLU(), nn.Conv2d(6, 4, 3),
+        nn.BatchNorm2d(4))).double().train()
+    native_bn = nn.BatchNorm2d(4, dtype=torch.float64)  # a batch norm left native is recalibrated too
+    model.append(native_bn)
+    recorded = {1: [], 5: [], 6: []}
+    dropout_modes = []
+    hooks = [model[i].register_forward_pre_hook(lambda m, a, i=i: recorded[i].append(a[0].detach().clone()))
+             for i in recorded]
+    hooks.append(model[2].register_forward_pre_hook(lambda m, a: dropout_modes.append(m.training)))
+    batches = [(torch.randn(n, 3, 8, 8, dtype=torch.float64), torch.zeros(n)) for n in (4, 7, 3)]
+    report = torch_safebn.recalibrate(model, batches, progress=False)
+    for hook in hooks:
+        hook.remove()
+    assert dropout_modes == [False] * 3 and model.training and model[2].training, "modes restored"
+    for i, inputs in recorded.items():
+        x = torch.cat(inputs)
+        var, mean = torch.var_mean(x, dim=[0, 2, 3], correction=1)
+        torch.testing.assert_close(model[i].running_mean, mean, atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(model[i].running_var, var, atol=1e-10, rtol=1e-10)
+    assert [row["module"] for row in report.rows] == ["1", "5", "6"]
+    assert all(row["shift"] > 0 for row in report.rows) and "max mean shift" in str(report)
+
+
+def test_recalibrate_reads_num_batches_and_a_custom_forward():
+    model = _block()
+    seen = []
+
+    def forward(m, batch):
+        seen.append(batch["x"].shape[0])
+        m(batch["x"])
+
+    torch_safebn.recalibrate(model, ({"x": torch.randn(n, 3, 7, 7, dtype=torch.float64)} for n in (2, 3, 4)),
+                             forward=forward, num_batches=2, progress=False)
+    assert seen == [2, 3]
