@@ -57,7 +57,7 @@ SAFEBN_TYPED_OP(train_op, "safebn::forward_train",
                 std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const OptionalTensor&, const OptionalTensor&,
                                                    const OptionalTensor&, const OptionalTensor&, const OptionalTensor&,
                                                    const OptionalTensor&, std::optional<double>, double, int64_t,
-                                                   double))
+                                                   double, c10::SymInt))
 SAFEBN_TYPED_OP(eval_op, "safebn::batch_norm_eval",
                 Tensor(const Tensor&, const OptionalTensor&, const OptionalTensor&, const Tensor&, const Tensor&,
                        const OptionalTensor&, double, int64_t, double))
@@ -67,10 +67,11 @@ SAFEBN_TYPED_OP(sync_op, "safebn::sync_batch_norm_train",
                        const Tensor&, const Tensor&, std::optional<double>, double, c10::string_view, bool, bool,
                        int64_t, double))
 SAFEBN_TYPED_OP(sync_stats_op, "safebn::sync_batch_stats",
-                std::tuple<Tensor, Tensor, Tensor>(const Tensor&, double, c10::string_view, int64_t))
+                std::tuple<Tensor, Tensor, Tensor>(const Tensor&, double, c10::string_view, int64_t, int64_t,
+                                                   int64_t))
 SAFEBN_TYPED_OP(backward_op, "safebn::backward",
                 Grads(const Tensor&, const Tensor&, const OptionalTensor&, const OptionalTensor&, const Tensor&,
-                      const Tensor&, bool, std::array<bool, 3>, int64_t, double))
+                      const Tensor&, bool, std::array<bool, 3>, int64_t, double, c10::SymInt))
 SAFEBN_TYPED_OP(sync_backward_op, "safebn::sync_batch_norm_backward",
                 Grads(const Tensor&, const Tensor&, const OptionalTensor&, const OptionalTensor&, const Tensor&,
                       const Tensor&, const Tensor&, c10::string_view, std::array<bool, 3>, const OptionalTensor&,
@@ -98,6 +99,7 @@ struct BatchNormBackward : public torch::autograd::TraceableFunction {
   bool train = true;
   double eps = 0;
   ActivationArg activation;
+  int64_t virtual_batch_size = 0;  // a ghost batch norm's chunks (layout.h)
   std::optional<Group> group;
 
   std::string name() const override {
@@ -145,7 +147,7 @@ struct BatchNormBackward : public torch::autograd::TraceableFunction {
                                       group->batch.unpack(), group->name, mask, optional(group->running_mean.unpack()),
                                       optional(group->running_var.unpack()), eps, act, activation.param)
             : backward_op().call(grad_output, input, optional(weight), optional(bias), mean, invstd, train, mask,
-                                 act, activation.param);
+                                 act, activation.param, virtual_batch_size);
     return {mask[0] ? grad_input : Tensor(), mask[1] ? grad_weight : Tensor(), mask[2] ? grad_bias : Tensor()};
   }
 
@@ -159,7 +161,8 @@ struct BatchNormBackward : public torch::autograd::TraceableFunction {
     variable_list wanted;
     for (size_t i = 0; i < 3; ++i)
       if (mask[i]) wanted.push_back(arguments[i]);
-    const Tensor output = composite_forward(input, weight, bias, running_mean, running_var, eps, train, activation);
+    const Tensor output = composite_forward(input, weight, bias, running_mean, running_var, eps, train, activation,
+                                            virtual_batch_size);
     const variable_list found = torch::autograd::grad({output}, wanted, {grad_output}, /*retain_graph=*/true,
                                                       /*create_graph=*/true, /*allow_unused=*/true);
     variable_list result(3);
@@ -219,9 +222,9 @@ void save_statistics(BatchNormBackward& node, const Tensor& mean, const Tensor& 
 // carry the tangent (and their own backward graph).
 Tensor dual_output(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
                    const Tensor& running_mean, const Tensor& running_var, double eps, bool train,
-                   int64_t activation, double activation_param) {
+                   int64_t activation, double activation_param, int64_t virtual_batch_size = 0) {
   return composite_forward(input, weight.value_or(Tensor()), bias.value_or(Tensor()), running_mean, running_var, eps,
-                           train, activation_arg(activation, activation_param));
+                           train, activation_arg(activation, activation_param), virtual_batch_size);
 }
 
 bool any_tangent(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias) {
@@ -231,7 +234,8 @@ bool any_tangent(const Tensor& input, const OptionalTensor& weight, const Option
 std::tuple<Tensor, Tensor, Tensor> forward_train_autograd(
     const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias, const OptionalTensor& running_mean,
     const OptionalTensor& running_var, const OptionalTensor& num_batches_tracked, const OptionalTensor& counters,
-    std::optional<double> momentum, double eps, int64_t activation, double activation_param) {
+    std::optional<double> momentum, double eps, int64_t activation, double activation_param,
+    int64_t virtual_batch_size) {
   check_not_differentiated(running_mean, "running_mean");
   check_not_differentiated(running_var, "running_var");
   const bool dual = any_tangent(input, weight, bias);
@@ -240,16 +244,18 @@ std::tuple<Tensor, Tensor, Tensor> forward_train_autograd(
   {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     result = train_op().call(input, weight, bias, running_mean, running_var, num_batches_tracked, counters,
-                             momentum, eps, activation, activation_param);
+                             momentum, eps, activation, activation_param, virtual_batch_size);
   }
   bump_versions({&running_mean, &running_var, &num_batches_tracked, &counters});
   auto& [output, mean, invstd] = result;
   if (dual) {
-    output = dual_output(input, weight, bias, Tensor(), Tensor(), eps, /*train=*/true, activation, activation_param);
+    output = dual_output(input, weight, bias, Tensor(), Tensor(), eps, /*train=*/true, activation, activation_param,
+                         virtual_batch_size);
   } else if (node) {
     torch::autograd::set_history(output, node);  // mean and invstd are not differentiable
     save_inputs(*node, input, weight, bias);
     save_statistics(*node, mean, invstd);
+    node->virtual_batch_size = virtual_batch_size;
   }
   return result;
 }
@@ -289,9 +295,10 @@ Tensor batch_norm_eval_autograd(const Tensor& input, const OptionalTensor& weigh
 // backward accounts for their dependence on every rank's input (the
 // all-reduce of its two sums), as native's SyncBatchNorm does.
 std::tuple<Tensor, Tensor, Tensor> sync_batch_stats_autograd(const Tensor& input, double eps,
-                                                             c10::string_view group_name, int64_t group_size) {
+                                                             c10::string_view group_name, int64_t group_size,
+                                                             int64_t module, int64_t name) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return sync_stats_op().call(input, eps, group_name, group_size);
+  return sync_stats_op().call(input, eps, group_name, group_size, module, name);
 }
 
 Tensor sync_batch_norm_train_autograd(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "contract.h"
+#include "layout.h"
 
 namespace safebn {
 
@@ -60,6 +61,15 @@ void check_channel_tensor(const at::Tensor& t, const at::Tensor& input, const ch
 
 void check_channel_tensor(const std::optional<at::Tensor>& t, const at::Tensor& input, const char* name) {
   if (t.has_value() && t->defined()) check_channel_tensor(*t, input, name);
+}
+
+void check_statistics(const at::Tensor& t, const at::Tensor& input, int64_t virtual_batch_size, const char* name) {
+  if (virtual_batch_size <= 0) return check_channel_tensor(t, input, name);
+  const int64_t chunks = chunk_count(input.size(0), virtual_batch_size);
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == chunks && t.size(1) == input.size(1), name, " should have shape [",
+              chunks, ", ", input.size(1), "] (chunks of virtual_batch_size ", virtual_batch_size,
+              " examples, channels), got ", t.sizes());
+  check_same_device(t, input.device(), name, "the input");
 }
 
 void check_eps(double eps) {

@@ -21,6 +21,10 @@ void check_channel_tensor(const std::optional<at::Tensor>& t, const at::Tensor& 
 
 void check_eps(double eps);
 
+// A forward's statistics as its backward takes them: per channel ([C]), or
+// a ghost batch norm's per chunk ([chunks, C], layout.h), on the input's device.
+void check_statistics(const at::Tensor& t, const at::Tensor& input, int64_t virtual_batch_size, const char* name);
+
 // An op's `activation` and `activation_param` arguments, checked.
 ActivationArg activation_arg(int64_t code, double param);
 

@@ -3,6 +3,7 @@
 
 #include <ATen/ops/empty.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 
@@ -45,14 +46,28 @@ int64_t values_per_channel(const at::Tensor& input) {
   return input.size(1) > 0 ? input.numel() / input.size(1) : 0;
 }
 
+int64_t chunk_count(int64_t batch, int64_t virtual_batch_size) {
+  return virtual_batch_size > 0 ? std::max<int64_t>(1, (batch + virtual_batch_size - 1) / virtual_batch_size) : 1;
+}
+
+at::Tensor chunk_of(const at::Tensor& t, int64_t index, int64_t virtual_batch_size) {
+  if (virtual_batch_size <= 0) return t;
+  const int64_t start = index * virtual_batch_size;
+  return t.narrow(0, start, std::min(virtual_batch_size, t.size(0) - start));
+}
+
 at::ScalarType accumulate_type(at::ScalarType input_type) {
   return input_type == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-at::Tensor channel_stat_tensor(const at::Tensor& input) {
-  return at::empty({input.size(1)}, input.options().dtype(accumulate_type(input.scalar_type())));
+at::Tensor channel_stat_tensor(const at::Tensor& input, int64_t virtual_batch_size) {
+  const at::TensorOptions options = input.options().dtype(accumulate_type(input.scalar_type()));
+  if (virtual_batch_size <= 0) return at::empty({input.size(1)}, options);
+  return at::empty({chunk_count(input.size(0), virtual_batch_size), input.size(1)}, options);
 }
 
-at::Tensor undefined_channel_stats(const at::Tensor& input) { return channel_stat_tensor(input).fill_(NAN); }
+at::Tensor undefined_channel_stats(const at::Tensor& input, int64_t virtual_batch_size) {
+  return channel_stat_tensor(input, virtual_batch_size).fill_(NAN);
+}
 
 }  // namespace safebn

@@ -23,16 +23,24 @@ Geometry geometry_of(const at::Tensor& input_with_kernel_layout);
 // size (0 without channels).
 int64_t values_per_channel(const at::Tensor& input);
 
+// Ghost batch norm (virtual_batch_size > 0): a training batch is normalized
+// in chunks of at most virtual_batch_size examples, each with its own
+// statistics, as consecutive slices along N (contiguous in every kernel
+// layout). chunk_count is 1 without chunks (virtual_batch_size 0), and
+// chunk_of() the whole tensor.
+int64_t chunk_count(int64_t batch, int64_t virtual_batch_size);
+at::Tensor chunk_of(const at::Tensor& t, int64_t index, int64_t virtual_batch_size);
+
 // float32 for float/half/bfloat16 input, float64 for float64 input
 // (torch_safebn/contract.py's accumulate_dtype).
 at::ScalarType accumulate_type(at::ScalarType input_type);
 
 // An uninitialized per-channel statistic (mean, invstd, ...) for `input`, in
-// the accumulation dtype on its device.
-at::Tensor channel_stat_tensor(const at::Tensor& input);
+// the accumulation dtype on its device: [C], or [chunks, C] for a ghost batch norm.
+at::Tensor channel_stat_tensor(const at::Tensor& input, int64_t virtual_batch_size = 0);
 
 // The statistics of an input with no values, on every device: undefined, NaN
 // in every channel.
-at::Tensor undefined_channel_stats(const at::Tensor& input);
+at::Tensor undefined_channel_stats(const at::Tensor& input, int64_t virtual_batch_size = 0);
 
 }  // namespace safebn

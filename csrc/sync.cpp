@@ -10,7 +10,11 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <map>
+#include <mutex>
 #include <optional>
+#include <sstream>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -68,7 +72,7 @@ SAFEBN_TYPED_OP(update_op, "safebn::update_running_stats",
                      std::optional<double>, bool))
 SAFEBN_TYPED_OP(backward_op, "safebn::backward",
                 Grads(const Tensor&, const Tensor&, const OptionalTensor&, const OptionalTensor&, const Tensor&,
-                      const Tensor&, bool, std::array<bool, 3>, int64_t, double))
+                      const Tensor&, bool, std::array<bool, 3>, int64_t, double, c10::SymInt))
 SAFEBN_TYPED_OP(backward_reduce_op, "safebn::backward_reduce",
                 std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const OptionalTensor&,
                                            const OptionalTensor&, const OptionalTensor&, int64_t, double))
@@ -92,32 +96,118 @@ GroupTotals totals(const Tensor& group_batch) {
   return t;
 }
 
+// ---- the group's protocol ----------------------------------------------------
+// Every rank must make the same synchronized forwards, module by module, in
+// the same order. A rank that does not (one in eval mode or with frozen
+// statistics, with another channel count, on another code path) must end in
+// an error on every rank taking part, never in collectives that pair the rows
+// of different forwards (wrong statistics) or rows of different sizes (gloo
+// aborts the process). So a module registers with its group at its first
+// synchronized forward: a fixed-size all_gather checks that every rank
+// registers the same module (its ordinal in the group, its channels, its
+// qualified name's hash) and agrees on the size every row is padded to, the
+// largest of the group's modules so far; and every row carries a header (the
+// module's ordinal, its forward count, its channels, its name's hash) that
+// every rank checks after the gather.
+
+constexpr double kProtocol = 20261206;  // marks a row of this protocol
+constexpr int64_t kHeader = 5;          // kProtocol, ordinal, forwards, channels, name
+
+struct Registration {
+  int64_t ordinal = 0;
+  int64_t forwards = 0;
+};
+
+struct GroupState {
+  int64_t modules = 0;   // registered so far
+  int64_t row_size = 0;  // every row's length, padding included
+};
+
+std::mutex protocol_mutex;
+std::map<std::string, GroupState> groups;
+std::map<std::pair<std::string, int64_t>, Registration> registrations;
+
+std::string describe_rows(const Tensor& headers, const char* what) {
+  std::ostringstream text;
+  const auto rows = headers.accessor<double, 2>();
+  for (int64_t rank = 0; rank < rows.size(0); ++rank) {
+    text << (rank ? "; " : "") << "rank " << rank << " of the group: ";
+    if (rows[rank][0] != kProtocol) {
+      text << "another collective";
+      continue;
+    }
+    text << "module #" << int64_t(rows[rank][1]) << " (name hash " << int64_t(rows[rank][4]) << "), " << what << " "
+         << int64_t(rows[rank][2]) << ", " << int64_t(rows[rank][3]) << " channels";
+  }
+  return text.str();
+}
+
+constexpr const char* kSameForwards =
+    ". Every rank must hold the same model and make the same synchronized forwards in the same order: the same "
+    "train/eval mode and freeze_stats, the same number of channels, the same code path.";
+
+// The module's registration with its group (registered at its first call).
+Registration& registration(const Tensor& input, c10::string_view group_name, int64_t group_size, int64_t module,
+                           int64_t name) {
+  const std::string group(group_name);
+  std::unique_lock<std::mutex> lock(protocol_mutex);
+  auto found = registrations.find({group, module});
+  if (found != registrations.end()) return found->second;
+  GroupState& state = groups[group];
+  const int64_t channels = input.size(1), needed = kHeader + 2 + 2 * channels;
+  lock.unlock();
+  const Tensor mine =
+      at::tensor({kProtocol, double(state.modules), 0.0, double(channels), double(name), double(needed)}, at::kDouble)
+          .to(input.device());
+  const Tensor all = all_gather(mine, group_size, group_name).view({group_size, kHeader + 1}).cpu();
+  const Tensor headers = all.narrow(1, 0, kHeader);
+  TORCH_CHECK(headers.eq(headers[0]).all().item<bool>(), "the ranks disagree at the first synchronized forward of "
+              "this SafeSyncBatchNorm (", describe_rows(headers, "registration"), ")", kSameForwards);
+  lock.lock();
+  state.row_size = std::max(state.row_size, int64_t(all.select(1, kHeader).max().item<double>()));
+  return registrations[{group, module}] = Registration{state.modules++, 0};
+}
+
 std::tuple<Tensor, Tensor, Tensor> sync_batch_stats(const Tensor& input, double eps, c10::string_view group_name,
-                                                    int64_t group_size) {
+                                                    int64_t group_size, int64_t module, int64_t name) {
   check_eps(eps);
   check_input(input);
   TORCH_CHECK_VALUE(group_size > 0, "group_size must be > 0, got ", group_size);
   const int64_t channels = input.size(1), count = values_per_channel(input);
   const at::ScalarType acc = accumulate_type(input.scalar_type());
-  // This rank's row: [count, examples, mean (C), variance (C)], in float64 so
-  // that counts stay exact and the merge loses nothing. An empty batch sends
-  // zeros, which its count of 0 weighs out of the merge (its statistics are
-  // NaN and would poison every rank).
+  Registration& me = registration(input, group_name, group_size, module, name);
+  int64_t row_size;
+  {
+    const std::lock_guard<std::mutex> lock(protocol_mutex);
+    row_size = groups[std::string(group_name)].row_size;
+  }
+  // This rank's row: the header, then [count, examples, mean (C), variance
+  // (C)], in float64 so that counts stay exact and the merge loses nothing,
+  // padded with zeros. An empty batch sends zero statistics, which its count
+  // of 0 weighs out of the merge (its own are NaN and would poison every rank).
   const at::TensorOptions options = input.options().dtype(at::kDouble);
   Tensor statistics = at::zeros({2 * channels}, options);
   if (count > 0) {
     const auto [mean, var] = batch_stats_op().call(input);
     statistics = at::cat({mean, var}).to(at::kDouble);
   }
-  const Tensor row = at::cat({at::full({1}, double(count), options), at::full({1}, double(input.size(0)), options),
-                              statistics});
-  const Tensor rows = all_gather(row, group_size, group_name).view({group_size, 2 * channels + 2});
-  const Tensor counts = rows.narrow(1, 0, 1), means = rows.narrow(1, 2, channels),
-               variances = rows.narrow(1, 2 + channels, channels);
-  const Tensor finite = at::isfinite(rows.narrow(1, 2, 2 * channels)).all(1, /*keepdim=*/true);
-  // The one host synchronization, as nn.SyncBatchNorm's: the ops take the
-  // group's count as an integer, and the host's messages name ranks.
-  const Tensor group_batch = at::cat({rows.narrow(1, 0, 2), finite.to(at::kDouble)}, 1).to(at::kLong).cpu();
+  const double header[] = {kProtocol, double(me.ordinal), double(me.forwards++), double(channels), double(name),
+                           double(count), double(input.size(0))};
+  const Tensor row = at::cat({at::tensor(c10::ArrayRef<double>(header), at::kDouble).to(input.device(),
+                                                                                       /*non_blocking=*/true),
+                              statistics, at::zeros({row_size - kHeader - 2 - 2 * channels}, options)});
+  const Tensor rows = all_gather(row, group_size, group_name).view({group_size, row_size});
+  // The forward's one host synchronization, as nn.SyncBatchNorm's: the ops
+  // take the group's count as an integer, the host's messages name ranks,
+  // and the headers are checked.
+  const Tensor finite = at::isfinite(rows.narrow(1, kHeader + 2, 2 * channels)).all(1, /*keepdim=*/true);
+  const Tensor host = at::cat({rows.narrow(1, 0, kHeader + 2), finite.to(at::kDouble)}, 1).cpu();
+  const Tensor headers = host.narrow(1, 0, kHeader);
+  TORCH_CHECK(headers.eq(headers[0]).all().item<bool>(), "the ranks are out of step: their all_gather of batch "
+              "statistics paired different forwards (", describe_rows(headers, "forward"), ")", kSameForwards);
+  const Tensor group_batch = host.narrow(1, kHeader, 3).to(at::kLong);
+  const Tensor counts = rows.narrow(1, kHeader, 1), means = rows.narrow(1, kHeader + 2, channels),
+               variances = rows.narrow(1, kHeader + 2 + channels, channels);
   // Chan's merge: the statistics of the concatenated batch. A rank with
   // non-finite statistics and a positive count makes them non-finite on
   // every rank, so that every rank's guarded update skips.
@@ -170,7 +260,7 @@ Grads sync_batch_norm_backward(const Tensor& grad_output, const Tensor& input, c
     const at::ScalarType acc = accumulate_type(input.scalar_type());
     return backward_op().call(grad_output, input, weight, bias, running_mean->to(acc),
                               (running_var->to(acc) + eps).rsqrt(), /*train=*/false, output_mask, activation,
-                              activation_param);
+                              activation_param, /*virtual_batch_size=*/0);
   }
   auto [sum_dy, sum_dy_xmu] =
       backward_reduce_op().call(grad_output, input, mean, weight, bias, invstd, activation, activation_param);

@@ -7,7 +7,9 @@ rank left waiting in a collective fails the test instead of hanging it."""
 from __future__ import annotations
 
 import collections
+import datetime
 import importlib.util
+import os
 import re
 import time
 from collections import OrderedDict
@@ -342,7 +344,64 @@ def _check_compiled_training_matches_one_process(rank, world_size):
         torch.testing.assert_close(safe.state_dict()[name], value, **TIGHT, msg=f"{name} differs")
 
 
+# -- faults: every rank ends in a clear error, within the group's timeout, never a hang ----------
+FAULT_TIMEOUT = datetime.timedelta(seconds=20)
+
+
+def _two_layers(channels: int, group) -> nn.Module:
+    return torch_safebn.name_modules(nn.Sequential(OrderedDict(
+        a=SafeSyncBatchNorm(channels, process_group=group, dtype=torch.float64),
+        b=SafeSyncBatchNorm(channels, process_group=group, dtype=torch.float64))))
+
+
+def _check_ranks_that_disagree(rank, world_size):
+    """Another channel count, or one rank's layer in eval mode (at the first step or a later one):
+    every rank gets an error that says how the ranks differ, instead of collectives that pair
+    different forwards (wrong statistics) or rows of different sizes (gloo aborts the process)."""
+    for disagreement in ("channels", "eval at the first step", "eval at a later step"):
+        group = dist.new_group(timeout=FAULT_TIMEOUT)  # each in a group of its own
+        channels = 4 if disagreement == "channels" and rank == 1 else 3
+        model = _two_layers(channels, group)
+        x = torch.randn(4, channels, 3, 3, dtype=torch.float64)
+        if disagreement == "eval at a later step":
+            model(x).sum().backward()
+        if disagreement.startswith("eval") and rank == 1:
+            model.a.eval()
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match=r"the ranks (disagree at the first synchronized forward|are out of "
+                                               r"step).*same synchronized forwards") as raised:
+            model(x).sum().backward()
+        assert f"rank {rank}" in str(raised.value) and time.monotonic() - start < 60, disagreement
+
+
+def _check_a_rank_that_leaves_mid_step(rank, world_size, how):
+    """Rank 1 stops in the middle of a step (its step raised and it left the group, or its process
+    exited): rank 0, waiting in the all_gather, gets an error that says so, within the timeout."""
+    model = _two_layers(3, None)
+    x = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    model(x).sum().backward()
+    if rank == 1:
+        if how == "exits":
+            os._exit(0)
+        return  # as after an exception: the harness leaves the group
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"'a', rank 0 .*the all_gather of the process group's batch statistics "
+                                           r"failed.*Another rank may have failed, exited or timed out"):
+        model(x).sum().backward()
+    assert time.monotonic() - start < 60
+
+
+def _check_an_empty_batch_on_every_rank(rank, world_size):
+    model = _two_layers(3, None)
+    before = _buffers(model)
+    x = torch.randn(0, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+    model(x).sum().backward()
+    for name, value in before.items():
+        assert torch.equal(model.state_dict()[name], value), f"{name} changed on rank {rank}"
+
+
 def two_ranks(rank, world_size, data):
+    _check_an_empty_batch_on_every_rank(rank, world_size)
     _check_ddp_training_matches_one_process(rank, world_size, data)
     _check_compiled_training_matches_one_process(rank, world_size)
     _check_nonfinite_raises_on_every_rank(rank, bad_rank=0)
@@ -352,6 +411,15 @@ def two_ranks(rank, world_size, data):
 # -- the tests ----------------------------------------------------------------------------
 def test_three_ranks_match_native_and_guard_together(tmp_path):
     run_on_ranks(three_ranks, 3, tmp_path)
+
+
+def test_ranks_that_disagree_get_an_error_on_every_rank(tmp_path):
+    run_on_ranks(_check_ranks_that_disagree, 2, tmp_path)
+
+
+@pytest.mark.parametrize("how", ["raises", "exits"])
+def test_a_rank_that_leaves_mid_step_ends_in_an_error_not_a_hang(tmp_path, how):
+    run_on_ranks(_check_a_rank_that_leaves_mid_step, 2, tmp_path, how)
 
 
 def test_two_ranks_ddp_training_matches_one_process(tmp_path):

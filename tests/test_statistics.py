@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -164,3 +165,71 @@ def test_recalibrate_reads_num_batches_and_a_custom_forward():
     torch_safebn.recalibrate(model, ({"x": torch.randn(n, 3, 7, 7, dtype=torch.float64)} for n in (2, 3, 4)),
                              forward=forward, num_batches=2, progress=False)
     assert seen == [2, 3]
+
+
+# -- ghost batch norm ------------------------------------------------------------------------------
+def _chunkwise(native, x, k, act=None):
+    """Native batch norm applied chunk by chunk, each with its own statistics."""
+    parts = [F.batch_norm(c, None, None, native.weight, native.bias, True, 0.0, native.eps) for c in x.split(k)]
+    y = torch.cat(parts)
+    return act(y) if act is not None else y
+
+
+@pytest.mark.parametrize("k", [4, 5, 16])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("act", [None, "silu"])
+def test_ghost_batches_are_normalized_chunk_by_chunk(k, layout, act):
+    torch.manual_seed(0)
+    native = nn.BatchNorm2d(6, dtype=torch.float64)
+    with torch.no_grad():
+        native.weight.uniform_(0.5, 1.5)
+        native.bias.normal_()
+    safe = torch_safebn.SafeBatchNormAct2d(6, act=act, virtual_batch_size=k, dtype=torch.float64)
+    safe.load_state_dict(native.state_dict())
+    x = torch.randn(18, 6, 5, 5, dtype=torch.float64).contiguous(memory_format=layout)
+    grad = torch.randn_like(x)
+    expected_x, x_safe = x.clone().requires_grad_(), x.clone().requires_grad_()
+    expected = _chunkwise(native, expected_x, k, nn.SiLU() if act else None)
+    output = safe(x_safe)
+    torch.testing.assert_close(output, expected, **TIGHT)
+    assert output.is_contiguous(memory_format=layout)
+    expected.backward(grad)
+    output.backward(grad)
+    torch.testing.assert_close(x_safe.grad, expected_x.grad, **TIGHT)
+    for name in ("weight", "bias"):
+        torch.testing.assert_close(getattr(safe, name).grad, getattr(native, name).grad, **TIGHT)
+    native(x)  # the running statistics: once, from the whole batch
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(safe, name), getattr(native, name), **TIGHT, msg=name)
+    safe.eval(), native.eval()
+    torch.testing.assert_close(safe(x), (nn.SiLU() if act else nn.Identity())(native(x)), **TIGHT)
+
+
+def test_ghost_batch_norm_gradients_and_ops():
+    x = torch.randn(7, 3, 4, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+
+    def ghost(x, w, b):
+        return torch.ops.safebn.forward_train(x, w, b, None, None, None, None, 0.1, 1e-5, 0, 0.0, 3)[0]
+
+    torch.autograd.gradcheck(ghost, (x, w, b))
+    torch.autograd.gradgradcheck(ghost, (x, w, b))
+    buffers = (torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64), torch.tensor(0),
+               torch.zeros(torch_safebn.contract.NUM_COUNTERS, dtype=torch.int64))
+    torch.library.opcheck(torch.ops.safebn.forward_train.default, (x, w, b, *buffers, 0.1, 1e-5, 0, 0.0, 3))
+    _, mean, invstd = torch.ops.safebn.forward_train(x, w, b, None, None, None, None, 0.1, 1e-5, 0, 0.0, 3)
+    assert mean.shape == invstd.shape == (3, 3)
+    torch.library.opcheck(torch.ops.safebn.backward.default,
+                          (torch.randn_like(x), x.detach(), w.detach(), b.detach(), mean, invstd, True,
+                           [True, True, True], 0, 0.0, 3))
+
+
+def test_a_ghost_chunk_of_one_value_per_channel_is_degenerate():
+    safe = torch_safebn.SafeBatchNorm1d(3, virtual_batch_size=4)
+    with pytest.raises(torch_safebn.DegenerateBatchError, match="more than 1 value per channel"):
+        safe(torch.randn(5, 3))  # chunks of 4 and 1
+    with pytest.raises(ValueError, match="virtual_batch_size must be None or a whole number"):
+        torch_safebn.SafeBatchNorm2d(3, virtual_batch_size=0)
+    with pytest.raises(ValueError, match="SafeSyncBatchNorm has no virtual_batch_size"):
+        torch_safebn.SafeSyncBatchNorm(3, virtual_batch_size=4)

@@ -69,8 +69,11 @@ else:
 
 
 # -- fake (meta) kernels: shapes and dtypes only -----------------------------------
-def _channel_stats_like(input: torch.Tensor) -> torch.Tensor:
-    return input.new_empty((input.shape[1],), dtype=accumulate_dtype(input.dtype))
+def _channel_stats_like(input: torch.Tensor, virtual_batch_size: int = 0) -> torch.Tensor:
+    """[C], or a ghost batch norm's [chunks, C] (csrc/layout.h)."""
+    shape = (input.shape[1],) if virtual_batch_size <= 0 else (-(-input.shape[0] // virtual_batch_size) or 1,
+                                                               input.shape[1])
+    return input.new_empty(shape, dtype=accumulate_dtype(input.dtype))
 
 
 def _output_like(input: torch.Tensor) -> torch.Tensor:
@@ -101,10 +104,11 @@ def _register_fake(name: str):
 
 @_register_fake("forward_train")
 def _(input, weight, bias, running_mean, running_var, num_batches_tracked, counters, momentum, eps, activation=0,
-      activation_param=0.0):
+      activation_param=0.0, virtual_batch_size=0):
     _check_devices(input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var,
                    num_batches_tracked=num_batches_tracked, counters=counters)
-    return _output_like(input), _channel_stats_like(input), _channel_stats_like(input)
+    stats = _channel_stats_like(input, virtual_batch_size)
+    return _output_like(input), stats, torch.empty_like(stats)
 
 
 @_register_fake("batch_norm_eval")
@@ -115,7 +119,8 @@ def _(input, weight, bias, running_mean, running_var, counters, eps, activation=
 
 
 @_register_fake("backward")
-def _(grad_output, input, weight, bias, mean, invstd, train, output_mask, activation=0, activation_param=0.0):
+def _(grad_output, input, weight, bias, mean, invstd, train, output_mask, activation=0, activation_param=0.0,
+      virtual_batch_size=0):
     grad_input = _output_like(input) if output_mask[0] else None
     grad_weight = torch.empty_like(weight) if weight is not None and output_mask[1] else None
     # without a weight the bias gradient comes in the statistics' dtype
@@ -156,7 +161,7 @@ def _(counters, running_mean, running_var, weight, bias, eps):
 
 
 @_register_fake("sync_batch_stats")
-def _(input, eps, group_name, group_size):
+def _(input, eps, group_name, group_size, module, name=0):
     group_batch = torch.empty((group_size, 3), dtype=torch.int64, device="cpu")
     return _channel_stats_like(input), _channel_stats_like(input), group_batch
 

@@ -115,6 +115,8 @@ def _rebuild(module: nn.Module, cls: type, process_group=None, **options) -> nn.
             new._buffers[name] = buffer
     for name, child in module.named_children():  # timm's act and drop, when they moved over
         setattr(new, name, child)
+    if getattr(module, "virtual_batch_size", None) and not isinstance(new, SafeSyncBatchNorm):
+        new.virtual_batch_size = module.virtual_batch_size
     new.train(module.training)
     return new
 

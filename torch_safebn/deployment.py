@@ -34,6 +34,9 @@ def forward(bn: nn.Module, input: torch.Tensor, training: bool) -> torch.Tensor:
     exporting_ops = torch.compiler.is_exporting() and not torch.onnx.is_in_onnx_export()
     if exporting_ops and training:
         return _guarded_export(bn, input)
+    if training and bn.virtual_batch_size:
+        raise NotImplementedError(f"{bn.safety_state.describe()}: a ghost batch norm (virtual_batch_size) has no "
+                                  "native training form to record; make the artifact in eval mode (model.eval()).")
     check_artifact(bn)
     return native_forward(bn, input, training)
 
@@ -42,7 +45,8 @@ def _guarded_export(bn: nn.Module, input: torch.Tensor) -> torch.Tensor:
     from .functional import _TRAIN
 
     running = (bn.running_mean, bn.running_var, bn.num_batches_tracked) if bn.track_running_stats else (None,) * 3
-    return _TRAIN(input, bn.weight, bn.bias, *running, bn.safety_counters, bn.momentum, bn.eps)
+    return _TRAIN(input, bn.weight, bn.bias, *running, bn.safety_counters, bn.momentum, bn.eps, 0, 0.0,
+                  bn.virtual_batch_size or 0)
 
 
 def native_forward(bn: nn.Module, input: torch.Tensor, training: bool) -> torch.Tensor:

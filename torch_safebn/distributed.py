@@ -13,6 +13,7 @@ gathered values, which are the same on every rank, so that every rank takes
 the same one and no rank is left waiting in a collective the others skipped."""
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import torch
@@ -41,6 +42,13 @@ class GroupSafetyState(SafetyState):
     def __getstate__(self) -> dict:
         # a process group neither copies nor pickles
         return {**super().__getstate__(), "group": None, "recomputed": RecomputedStatistics()}
+
+    def name_hash(self) -> int:
+        """The module's qualified name as a number the same in every process
+        (0 while unnamed), which the ranks compare in every gather."""
+        if not self.name:
+            return 0
+        return int.from_bytes(hashlib.blake2b(self.name.encode(), digest_size=6).digest(), "little")
 
     def describe(self) -> str:
         if self.group is None:
@@ -85,7 +93,7 @@ def sync_forward(bn, input: torch.Tensor, running_mean, running_var, num_batches
     state.group = group
     statistics = state.recomputed.reuse(input.shape) if recomputing else None
     if statistics is None:
-        statistics = OPS.sync_batch_stats(input, bn.eps, name, size)
+        statistics = _gathered(state, input, bn.eps, name, size, compiling)
     if recomputing or state.pool is not None:
         mean, invstd, group_batch = statistics
         if not recomputing:
@@ -108,6 +116,23 @@ def sync_forward(bn, input: torch.Tensor, running_mean, running_var, num_batches
     elif not torch.compiler.is_exporting():
         OPS.observe.default(counters, state.id, list(input.shape), int(event), group_batch)
     return output
+
+
+def _gathered(state, input: torch.Tensor, eps: float, name: str, size: int, compiling: bool):
+    """safebn::sync_batch_stats; in eager code, a failed gather is explained."""
+    if compiling:
+        return OPS.sync_batch_stats(input, eps, name, size, state.id, state.name_hash())
+    try:
+        return OPS.sync_batch_stats(input, eps, name, size, state.id, state.name_hash())
+    except RuntimeError as error:
+        text = (f"{state.describe()}: the all_gather of the process group's batch statistics failed: {error} (Another "
+                "rank may have failed, exited or timed out, or made other collectives: every rank must make the same "
+                "synchronized forwards, in training mode, in the same order.)")
+        try:  # the same class (a DistBackendError stays one), with the module and what to look for
+            explained = type(error)(text)
+        except TypeError:
+            explained = RuntimeError(text)
+        raise explained from error
 
 
 class RecomputedStatistics:
@@ -166,6 +191,11 @@ class SafeSyncBatchNorm(_SafeBatchNormMixin, _BatchNorm):
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **options)
         self.process_group = process_group
+
+    def _validate_virtual_batch_size(self, value) -> None:
+        if value is not None:
+            raise ValueError("SafeSyncBatchNorm has no virtual_batch_size: its statistics are the process group's "
+                             "batch. For ghost batches, use SafeBatchNorm*d(virtual_batch_size=...) on each rank.")
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2:

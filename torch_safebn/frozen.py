@@ -31,6 +31,7 @@ class SafeFrozenBatchNorm2d(_SafeBatchNormMixin, FrozenBatchNorm2d):
     momentum = None
     num_batches_tracked = None
     track_running_stats = True
+    virtual_batch_size = None
 
     def __init__(self, num_features: int, eps: float = 1e-5, *, device=None, **options) -> None:
         options["freeze_stats"] = True

@@ -107,6 +107,7 @@ class _FunctionalCall:
     """A functional call's arguments, as the attributes a module has."""
 
     track_running_stats = True
+    virtual_batch_size = None
 
     def __init__(self, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps,
                  policy: Policy, device):
@@ -149,10 +150,8 @@ def guarded_forward(bn: nn.Module, input: torch.Tensor, activation: int = 0, act
     compiling = torch.compiler.is_compiling()
     # The activation's arguments only where there is one: a plain call parses two fewer.
     fused = (activation, activation_param) if activation else ()
-    if compiling and lowering.lowers(input):
-        evaluate, train = lowering.batch_norm_eval, lowering.batch_norm_train
-    else:
-        evaluate, train = _EVAL, _TRAIN
+    lowered = compiling and lowering.lowers(input)
+    evaluate = lowering.batch_norm_eval if lowered else _EVAL
 
     if not (training or running_mean is None):
         output = evaluate(input, weight, bias, running_mean, running_var, counters, eps, *fused)
@@ -170,8 +169,15 @@ def guarded_forward(bn: nn.Module, input: torch.Tensor, activation: int = 0, act
 
         return sync_forward(bn, input, running_mean, running_var, num_batches_tracked, group, compiling,
                             recomputing, *fused)
-    if input.shape[0] == 1:
-        if values_per_channel(input) == 1:
+    # A ghost batch norm normalizes chunks of virtual_batch_size examples, each
+    # with its own statistics: the op takes it after the activation's arguments.
+    chunk = bn.virtual_batch_size
+    train = lowering.batch_norm_train if lowered and not chunk else _TRAIN
+    chunked = (activation, activation_param, chunk) if chunk else fused
+    # The decisions about the smallest batch normalized: the whole batch, or the last chunk.
+    examples = input.shape[0] if not chunk or not input.shape[0] else (input.shape[0] - 1) % chunk + 1
+    if examples == 1:
+        if values_per_channel(input) == input.shape[0]:  # one value per channel and example
             if counters is None:  # checks=False: native's error
                 raise ValueError(
                     f"Expected more than 1 value per channel when training, got input size {input.size()}")
@@ -186,12 +192,12 @@ def guarded_forward(bn: nn.Module, input: torch.Tensor, activation: int = 0, act
     if recomputing or state.pool is not None:
         # the micro-batch's statistics pooled (statistics.accumulate_stats), or nothing
         output, mean, invstd = OPS.forward_train(input, weight, bias, None, None, None, None, bn.momentum, eps,
-                                                 *fused)
+                                                 *chunked)
         if not recomputing:
-            state.pool.add_invstd(mean, invstd, eps, values_per_channel(input), input.shape[0])
+            state.pool.add_batch(input, mean, invstd, eps, chunk)
         return output
     output = train(input, weight, bias, running_mean, running_var, num_batches_tracked, counters, bn.momentum, eps,
-                   *fused)
+                   *chunked)
     if counters is not None:
         if compiling:
             _observe(state, counters, input, Event.TRAINING_BATCH, compiling)

@@ -16,6 +16,11 @@ __all__ = ["SafeBatchNorm1d", "SafeBatchNorm2d", "SafeBatchNorm3d", "SafeLazyBat
            "SafeLazyBatchNorm3d"]
 
 SAFETY_OPTIONS_DOC = """
+    virtual_batch_size (None): a ghost batch norm: in training, each chunk of
+        that many examples (the last may be smaller) is normalized with its own
+        statistics, in the fused kernels; the running statistics are updated
+        once per call from the whole batch's. Eval mode is unchanged.
+
     Safety options (keyword-only; torch_safebn.convert_model passes them on):
 
     on_degenerate ("raise" | "running_stats"): a training batch with one value
@@ -75,6 +80,7 @@ class _SafeBatchNormMixin:
         checks: bool = True,
         sync: bool = False,
         checkpoint_aware: bool = True,
+        virtual_batch_size: int | None = None,
         **native_options,  # options of the installed torch's class, e.g. bias=False
     ) -> None:
         policy = _policy(track_running_stats, on_degenerate=on_degenerate, on_nonfinite=on_nonfinite,
@@ -82,6 +88,7 @@ class _SafeBatchNormMixin:
                          checkpoint_aware=checkpoint_aware)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **native_options)
         self._init_safety(policy, device)
+        self.virtual_batch_size = virtual_batch_size
 
     def _init_safety(self, policy: Policy, device) -> None:
         self.safety_state = self._safety_state_class(policy, owner=f"{type(self).__name__}({self.num_features})")
@@ -96,7 +103,15 @@ class _SafeBatchNormMixin:
             value = validate_eps(value)
         elif name == "momentum":
             value = validate_momentum(value)
+        elif name == "virtual_batch_size":
+            value = self._validate_virtual_batch_size(value)
         super().__setattr__(name, value)
+
+    def _validate_virtual_batch_size(self, value) -> int | None:
+        """A ghost batch norm's chunk size: None, or a whole number of examples >= 1."""
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"virtual_batch_size must be None or a whole number of examples >= 1, got {value!r}")
+        return value
 
     @property
     def policy(self) -> Policy:
@@ -172,7 +187,9 @@ class _SafeBatchNormMixin:
         return self
 
     def extra_repr(self) -> str:
-        options = ", ".join(f"{k}={v!r}" for k, v in self.policy.non_defaults().items())
+        settings = {**self.policy.non_defaults(), **({"virtual_batch_size": self.virtual_batch_size}
+                                                     if self.virtual_batch_size else {})}
+        options = ", ".join(f"{k}={v!r}" for k, v in settings.items())
         return super().extra_repr() + (", " + options if options else "")
 
 
@@ -218,12 +235,14 @@ class _SafeLazyBatchNormMixin(_SafeBatchNormMixin):
     def __init__(self, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, **options) -> None:
         safety_options = {name: options.pop(name) for name in SAFETY_OPTIONS if name in options}
+        virtual_batch_size = options.pop("virtual_batch_size", None)
         policy = _policy(track_running_stats, **safety_options)
         # nn.LazyBatchNorm's __init__, past the mixin's (which takes num_features); what
         # is left of the options are the installed torch's, e.g. bias=False
         super(_SafeBatchNormMixin, self).__init__(eps, momentum, affine, track_running_stats, device, dtype,
                                                   **options)
         self._init_safety(policy, device)
+        self.virtual_batch_size = virtual_batch_size
 
     def initialize_parameters(self, input: torch.Tensor) -> None:
         super().initialize_parameters(input)

@@ -147,7 +147,19 @@ def backward_elemt(grad_output, input, weight, mean, invstd, sum_dy, sum_dy_xmu,
     return _grad_input(grad_output, input, weight, mean, invstd, sum_dy, sum_dy_xmu, count, True)
 
 
-def backward(grad_output, input, weight, bias, mean, invstd, train, output_mask, activation=0, activation_param=0.0):
+def _chunks(t, virtual_batch_size):
+    """A ghost batch norm's chunks of `t` along N (one chunk without)."""
+    return list(t.split(virtual_batch_size)) if virtual_batch_size > 0 and t.shape[0] else [t]
+
+
+def backward(grad_output, input, weight, bias, mean, invstd, train, output_mask, activation=0, activation_param=0.0,
+             virtual_batch_size=0):
+    if virtual_batch_size > 0:  # each chunk with its statistics; the parameters' gradients summed
+        parts = [backward(dy, x, weight, bias, m, i, train, output_mask, activation, activation_param)
+                 for dy, x, m, i in zip(_chunks(grad_output, virtual_batch_size), _chunks(input, virtual_batch_size),
+                                        mean, invstd)]
+        grad_input = torch.cat([p[0] for p in parts]) if output_mask[0] else None
+        return (grad_input, *(sum(p[k] for p in parts) if parts[0][k] is not None else None for k in (1, 2)))
     grad_output = _before_activation(grad_output, input, weight, bias, mean, invstd, activation, activation_param)
     sum_dy, sum_dy_xmu = backward_reduce(grad_output, input, mean)
     grad_input = grad_weight = grad_bias = None
@@ -247,21 +259,31 @@ def update_running_stats(
 
 
 def forward_train(input, weight, bias, running_mean, running_var, num_batches_tracked, counters, momentum, eps,
-                  activation=0, activation_param=0.0):
-    output, mean, invstd = _forward_train(input, weight, bias, eps, activation, activation_param)
-    mean, invstd = mean.detach(), invstd.detach()  # statistics, not differentiable outputs
+                  activation=0, activation_param=0.0, virtual_batch_size=0):
+    parts = [_forward_train(x, weight, bias, eps, activation, activation_param)
+             for x in _chunks(input, virtual_batch_size)]
+    output = torch.cat([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
+    # statistics, not differentiable outputs; a ghost batch norm's per chunk
+    mean, invstd = (torch.stack([p[k].detach() for p in parts]) if virtual_batch_size > 0 else parts[0][k].detach()
+                    for k in (1, 2))
     count = values_per_channel(input)
+    batch_mean, batch_invstd = mean, invstd
+    if virtual_batch_size > 0 and count:  # the whole batch's statistics, for the update
+        x = input.to(accumulate_dtype(input.dtype))
+        var, batch_mean = torch.var_mean(x, dim=_reduce_dims(x), correction=0)
+        batch_invstd = torch.rsqrt(var + eps)
     with torch.no_grad():
-        _update(running_mean, running_var, num_batches_tracked, counters, mean, invstd,
+        _update(running_mean, running_var, num_batches_tracked, counters, batch_mean.detach(), batch_invstd.detach(),
                 None if weight is None else weight.detach(), None if bias is None else bias.detach(), count, eps,
                 momentum, single_sample=input.shape[0] == 1 and count > 1)
     return output, mean, invstd
 
 
 def batch_norm_train(input, weight, bias, running_mean, running_var, num_batches_tracked, counters, momentum, eps,
-                     activation=0, activation_param=0.0):
+                     activation=0, activation_param=0.0, virtual_batch_size=0):
     return torch.ops.safebn.forward_train(input, weight, bias, running_mean, running_var, num_batches_tracked,
-                                          counters, momentum, eps, activation, activation_param)[0]
+                                          counters, momentum, eps, activation, activation_param,
+                                          virtual_batch_size)[0]
 
 
 def check_running_stats(counters, running_mean, running_var, weight, bias, eps):
@@ -282,9 +304,10 @@ def batch_norm_eval(input, weight, bias, running_mean, running_var, counters, ep
     return output
 
 
-def sync_batch_stats(input, eps, group_name, group_size):
+def sync_batch_stats(input, eps, group_name, group_size, module, name=0):
     """The process group's mean and invstd, differentiable: the all_gather's
-    gradient is the gradients' reduce-scatter."""
+    gradient is the gradients' reduce-scatter. (The ranks' check that they
+    make the same forwards is the extension's.)"""
     count = values_per_channel(input)
     channels = input.shape[1]
     x = input.to(torch.float64)

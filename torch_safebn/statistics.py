@@ -56,6 +56,16 @@ class StatisticsPool:
         """add() for statistics given as invstd = 1 / sqrt(var + eps), as the ops return them."""
         self.add(mean, (1.0 / (invstd.detach() * invstd.detach()) - eps).clamp_min(0), count, examples)
 
+    def add_batch(self, input: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, eps: float,
+                  virtual_batch_size: int | None) -> None:
+        """Adds a training batch from forward_train's statistics: a ghost batch
+        norm's ([chunks, C]) chunk by chunk."""
+        if not virtual_batch_size:
+            self.add_invstd(mean, invstd, eps, values_per_channel(input), input.shape[0])
+            return
+        for rows, chunk_mean, chunk_invstd in zip(input.split(virtual_batch_size), mean, invstd):
+            self.add_invstd(chunk_mean, chunk_invstd, eps, values_per_channel(rows), rows.shape[0])
+
     def merge(self, other: StatisticsPool) -> None:
         if other.count:
             self.add(other.mean, other.m2 / other.count, other.count, other.examples)

@@ -35,6 +35,10 @@ def forward(bn: nn.Module, input: torch.Tensor, training: bool, running_mean, ru
     fused here, is the caller's module)."""
     state, eps = bn.safety_state, bn.eps
     use_batch_stats = training or running_mean is None
+    if use_batch_stats and bn.virtual_batch_size:
+        raise NotImplementedError(f"{state.describe()}: a ghost batch norm (virtual_batch_size) has no form under "
+                                  "torch.func's transforms in training; use it in eval mode, or without "
+                                  "virtual_batch_size.")
     if use_batch_stats and running_mean is not None:
         return native_batch_norm(input, running_mean, running_var, bn.weight, bn.bias, num_batches_tracked, True,
                                  True, bn.momentum, eps)

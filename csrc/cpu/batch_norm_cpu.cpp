@@ -13,6 +13,7 @@
 
 #include "../activation.h"
 #include "../checks.h"
+#include "../composite.h"
 #include "../guard_args.h"
 #include "../layout.h"
 #include "kernels.h"
@@ -378,14 +379,12 @@ Prepared prepare(const at::Tensor& input, const std::optional<at::Tensor>& weigh
   return {laid_out, geometry_of(laid_out)};
 }
 
-// The output, mean and invstd of a training forward.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> normalize_with_batch_stats(
-    const Prepared& prepared, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-    double eps, ActivationArg activation) {
+// A training forward's output, mean and invstd of one (chunk of a) batch
+// with values, written into `output`, `mean` and `invstd` (contiguous, acc_t).
+void normalize_into(const Prepared& prepared, const std::optional<at::Tensor>& weight,
+                    const std::optional<at::Tensor>& bias, double eps, ActivationArg activation, at::Tensor output,
+                    at::Tensor mean, at::Tensor invstd) {
   const auto& [input, g] = prepared;
-  at::Tensor output = empty_output_like(input);
-  if (input.numel() == 0) return {output, undefined_channel_stats(input), undefined_channel_stats(input)};
-  at::Tensor mean = channel_stat_tensor(input), invstd = channel_stat_tensor(input);
   SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_forward_train", [&] {
     const ChannelValues<acc_t> w(weight, 1), b(bias, 0);
     acc_t* mean_out = mean.mutable_data_ptr<acc_t>();
@@ -398,6 +397,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> normalize_with_batch_stats(
                       params.set(c, s.mean, w[c] * invstd_out[c], b[c]);
                     });
   });
+}
+
+// The output, mean and invstd of a training forward; a ghost batch norm's
+// statistics are per chunk ([chunks, C]).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> normalize_with_batch_stats(
+    const Prepared& prepared, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    double eps, ActivationArg activation, int64_t virtual_batch_size) {
+  const at::Tensor& input = prepared.input;
+  at::Tensor output = empty_output_like(input);
+  if (input.numel() == 0) {
+    return {output, undefined_channel_stats(input, virtual_batch_size),
+            undefined_channel_stats(input, virtual_batch_size)};
+  }
+  at::Tensor mean = channel_stat_tensor(input, virtual_batch_size),
+             invstd = channel_stat_tensor(input, virtual_batch_size);
+  if (virtual_batch_size <= 0) {
+    normalize_into(prepared, weight, bias, eps, activation, output, mean, invstd);
+    return {output, mean, invstd};
+  }
+  for (int64_t part = 0; part < mean.size(0); ++part) {
+    const at::Tensor slice = chunk_of(input, part, virtual_batch_size);
+    normalize_into({slice, geometry_of(slice)}, weight, bias, eps, activation,
+                   chunk_of(output, part, virtual_batch_size), mean[part], invstd[part]);
+  }
   return {output, mean, invstd};
 }
 
@@ -484,71 +507,79 @@ Prepared prepare_backward(const at::Tensor& grad_output, const at::Tensor& input
   return p;
 }
 
-// grad_weight = sum(dy * xhat) and grad_bias = sum(dy), in the weight's dtype
-// (the statistics' without a weight: F.batch_norm takes a bias alone). An
-// empty batch's are zero, where sum * invstd would be 0 * NaN.
-std::tuple<at::Tensor, at::Tensor> parameter_grads(const GradSums& sums, const at::Tensor& invstd,
-                                                   const std::optional<at::Tensor>& weight, bool empty,
-                                                   bool want_weight, bool want_bias) {
-  const at::ScalarType type = weight.has_value() && weight->defined() ? weight->scalar_type() : invstd.scalar_type();
-  const int64_t channels = invstd.numel();
-  const auto per_channel = [&](c10::ArrayRef<double> values) {
-    at::Tensor t = at::empty({channels}, invstd.options().dtype(type));
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, type, "safebn_parameter_grads", [&] {
-      scalar_t* out = t.mutable_data_ptr<scalar_t>();
-      for (int64_t c = 0; c < channels; ++c) out[c] = static_cast<scalar_t>(values[c]);
-    });
-    return t;
-  };
-  at::Tensor grad_weight, grad_bias;
-  if (want_weight) {
-    ChannelVector<double> values(channels, 0.0);
-    if (!empty) {
-      const ChannelValues<double> inv(invstd, 0.0);
-      for (int64_t c = 0; c < channels; ++c) values[c] = sums.dy_xmu[c] * inv[c];
-    }
-    grad_weight = per_channel(values);
-  }
-  if (want_bias) grad_bias = per_channel(sums.dy);
-  return {grad_weight, grad_bias};
+// grad_weight = sum(dy * xhat) and grad_bias = sum(dy) per channel, in the
+// weight's dtype (the statistics' without a weight: F.batch_norm takes a bias
+// alone), from their sums in double.
+at::Tensor parameter_grad(c10::ArrayRef<double> values, const std::optional<at::Tensor>& weight,
+                          const at::TensorOptions& stats_options) {
+  const at::ScalarType type = weight.has_value() && weight->defined() ? weight->scalar_type()
+                                                                      : c10::typeMetaToScalarType(stats_options.dtype());
+  at::Tensor t = at::empty({int64_t(values.size())}, stats_options.dtype(type));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, type, "safebn_parameter_grads", [&] {
+    scalar_t* out = t.mutable_data_ptr<scalar_t>();
+    for (size_t c = 0; c < values.size(); ++c) out[c] = static_cast<scalar_t>(values[c]);
+  });
+  return t;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_output, const at::Tensor& input_arg, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& mean_arg, const at::Tensor& invstd_arg, bool train,
-    std::array<bool, 3> output_mask, int64_t activation_code, double activation_param) {
+    std::array<bool, 3> output_mask, int64_t activation_code, double activation_param, int64_t virtual_batch_size) {
   const ActivationArg activation = activation_arg(activation_code, activation_param);
+  TORCH_CHECK_VALUE(virtual_batch_size >= 0, "virtual_batch_size must be >= 0, got ", virtual_batch_size);
   at::Tensor dy;
-  const auto [input, g] = prepare_backward(grad_output, input_arg, weight, bias, mean_arg, &dy);
-  check_channel_tensor(invstd_arg, input, "invstd");
+  const Prepared prepared = prepare(input_arg, weight, bias);
+  const at::Tensor& input = prepared.input;
+  const int64_t C = prepared.geometry.channels, chunks = chunk_count(input.size(0), virtual_batch_size);
+  check_statistics(mean_arg, input, virtual_batch_size, "mean");
+  check_statistics(invstd_arg, input, virtual_batch_size, "invstd");
+  TORCH_CHECK(grad_output.sizes() == input_arg.sizes(), "grad_output has shape ", grad_output.sizes(),
+              " but the input has shape ", input_arg.sizes());
+  dy = with_layout_of(grad_output.to(input.scalar_type()), input);
   const bool has_weight = weight.has_value() && weight->defined();
   const bool want_input = output_mask[0], want_weight = output_mask[1] && has_weight, want_bias = output_mask[2];
   at::Tensor grad_input = want_input ? empty_output_like(input) : at::Tensor();
-  GradSums sums(g.channels);
+  // sum(dy * xhat) and sum(dy) per channel over every chunk, each chunk's with its invstd
+  ChannelVector<double> weight_sums(C, 0.0), bias_sums(C, 0.0);
   if (input.numel() > 0) {
     SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_backward", [&] {
-      const ChannelValues<acc_t> mean(mean_arg, 0), invstd(invstd_arg, 0), w(weight, 1), b(bias, 0);
-      const acc_t count = acc_t(g.per_channel());
-      auto coeffs = [&](int64_t c, const GradSums& s) {
-        return grad_input_coefficients<acc_t>(mean[c], invstd[c], w[c], b[c], acc_t(s.dy[c]), acc_t(s.dy_xmu[c]),
-                                              count, train);
-      };
-      const T* x = data_of<T>(input);
-      T* dx = mutable_data_of<T>(grad_input);
-      if (want_weight || want_bias || (want_input && train)) {
-        NormalizeParams<acc_t> z(g.channels, activation);
-        for (int64_t c = 0; c < g.channels; ++c) z.set(c, mean[c], w[c] * invstd[c], b[c]);
-        sums = reduce_grads<T, acc_t>(data_of<T>(dy), x, dx, g, z, coeffs);
-      } else if (want_input) {  // eval mode without parameter gradients: no reduction needed
-        ChannelVector<GradInputCoefficients<acc_t>> k(g.channels);
-        for (int64_t c = 0; c < g.channels; ++c) k[c] = coeffs(c, sums);
-        grad_input_all(data_of<T>(dy), x, dx, g, plan_for(g), k, activation);
+      const ChannelValues<acc_t> w(weight, 1), b(bias, 0);
+      for (int64_t part = 0; part < chunks; ++part) {
+        const at::Tensor x_part = chunk_of(input, part, virtual_batch_size);
+        const at::Tensor dy_part = chunk_of(dy, part, virtual_batch_size);
+        at::Tensor dx_part = want_input ? chunk_of(grad_input, part, virtual_batch_size) : at::Tensor();
+        const Geometry g = geometry_of(x_part);
+        const at::Tensor mean_row = virtual_batch_size > 0 ? mean_arg[part] : mean_arg;
+        const at::Tensor invstd_row = virtual_batch_size > 0 ? invstd_arg[part] : invstd_arg;
+        const ChannelValues<acc_t> mean(mean_row, 0), invstd(invstd_row, 0);
+        const acc_t count = acc_t(g.per_channel());
+        auto coeffs = [&](int64_t c, const GradSums& s) {
+          return grad_input_coefficients<acc_t>(mean[c], invstd[c], w[c], b[c], acc_t(s.dy[c]), acc_t(s.dy_xmu[c]),
+                                                count, train);
+        };
+        const T* x = data_of<T>(x_part);
+        T* dx = mutable_data_of<T>(dx_part);
+        if (want_weight || want_bias || (want_input && train)) {
+          NormalizeParams<acc_t> z(C, activation);
+          for (int64_t c = 0; c < C; ++c) z.set(c, mean[c], w[c] * invstd[c], b[c]);
+          const GradSums sums = reduce_grads<T, acc_t>(data_of<T>(dy_part), x, dx, g, z, coeffs);
+          for (int64_t c = 0; c < C; ++c) {
+            weight_sums[c] += sums.dy_xmu[c] * double(invstd[c]);
+            bias_sums[c] += sums.dy[c];
+          }
+        } else if (want_input) {  // eval mode without parameter gradients: no reduction needed
+          ChannelVector<GradInputCoefficients<acc_t>> k(C);
+          const GradSums none(C);
+          for (int64_t c = 0; c < C; ++c) k[c] = coeffs(c, none);
+          grad_input_all(data_of<T>(dy_part), x, dx, g, plan_for(g), k, activation);
+        }
       }
     });
   }
-  auto [grad_weight, grad_bias] =
-      parameter_grads(sums, invstd_arg, weight, input.numel() == 0, want_weight, want_bias);
-  return {grad_input, grad_weight, grad_bias};
+  const at::TensorOptions stats_options = input.options().dtype(accumulate_type(input.scalar_type()));
+  return {grad_input, want_weight ? parameter_grad(weight_sums, weight, stats_options) : at::Tensor(),
+          want_bias ? parameter_grad(bias_sums, weight, stats_options) : at::Tensor()};
 }
 
 std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad_output, const at::Tensor& input_arg,
@@ -628,15 +659,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train(
     const at::Tensor& input_arg, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
     const std::optional<at::Tensor>& num_batches_tracked, const std::optional<at::Tensor>& counters,
-    std::optional<double> momentum, double eps, int64_t activation, double activation_param) {
+    std::optional<double> momentum, double eps, int64_t activation, double activation_param,
+    int64_t virtual_batch_size) {
   check_eps(eps);
+  TORCH_CHECK_VALUE(virtual_batch_size >= 0, "virtual_batch_size must be >= 0, got ", virtual_batch_size);
   const Prepared prepared = prepare(input_arg, weight, bias);
   check_training_buffers(prepared.input, running_mean, running_var, num_batches_tracked, counters, momentum);
-  auto [output, mean, invstd] =
-      normalize_with_batch_stats(prepared, weight, bias, eps, activation_arg(activation, activation_param));
+  auto [output, mean, invstd] = normalize_with_batch_stats(prepared, weight, bias, eps,
+                                                           activation_arg(activation, activation_param),
+                                                           virtual_batch_size);
   const int64_t count = values_per_channel(prepared.input);
-  update_after_batch(running_mean, running_var, num_batches_tracked, counters, mean, invstd, weight, bias, count,
-                     eps, momentum, /*single_sample=*/prepared.geometry.batch == 1 && count > 1);
+  // the running statistics learn from the whole batch: its chunks' statistics pooled
+  const auto [batch_mean, batch_invstd] = virtual_batch_size > 0 && count > 0
+                                              ? pooled_statistics(mean, invstd, prepared.input, virtual_batch_size, eps)
+                                              : std::make_tuple(mean, invstd);
+  update_after_batch(running_mean, running_var, num_batches_tracked, counters, batch_mean, batch_invstd, weight, bias,
+                     count, eps, momentum, /*single_sample=*/prepared.geometry.batch == 1 && count > 1);
   return {output, mean, invstd};
 }
 

@@ -23,6 +23,7 @@
 #include <utility>
 
 #include "../checks.h"
+#include "../composite.h"
 #include "../guard_args.h"
 #include "../layout.h"
 #include "kernels.cuh"
@@ -222,14 +223,37 @@ void launch_check(const at::Tensor& counters, const at::Tensor& running_mean, co
 
 // ---- forward ops ---------------------------------------------------------------
 
-// Two launches: the statistics, whose last block applies the guarded update
-// of every buffer; then the normalization.
+// A training forward's statistics and output of one (chunk of a) batch with
+// values, into `mean`, `invstd` and `output`: two launches, the statistics,
+// whose last block applies `update` when asked, then the normalization.
+template <typename acc_t, typename scalar_t>
+void normalize_into(const at::Tensor& input, const Geometry& g, const ChannelValues<acc_t>& w,
+                    const ChannelValues<acc_t>& b, double eps, ActivationArg activation, bool guard,
+                    const UpdateArgs<acc_t>& update, at::Tensor output, at::Tensor mean, at::Tensor invstd) {
+  const scalar_t* x = input.const_data_ptr<scalar_t>();
+  reduce_channels(MomentsOp<acc_t>{mean.mutable_data_ptr<acc_t>(), invstd.mutable_data_ptr<acc_t>(),
+                                   /*spread_is_invstd=*/true, acc_t(eps), guard, update},
+                  input, g, x, static_cast<const scalar_t*>(nullptr));
+  with_fusion(activation, [&](auto fused) {
+    map_channels(NormalizeOp<acc_t, decltype(fused)::value>{
+                     mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(), /*spread_is_var=*/false,
+                     acc_t(eps), w.data(), b.data(), activation.kind, acc_t(activation.param), /*check=*/{}},
+                 g, x, static_cast<const scalar_t*>(nullptr), output.mutable_data_ptr<scalar_t>());
+  });
+}
+
+// A whole batch: the statistics' last block runs the guarded update of every
+// buffer (two launches in all). A ghost batch norm: two launches per chunk,
+// then the whole batch's pooled statistics and the guarded update as a
+// one-block kernel.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train(
     const at::Tensor& input_arg, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
     const std::optional<at::Tensor>& num_batches_tracked, const std::optional<at::Tensor>& counters,
-    std::optional<double> momentum, double eps, int64_t activation_code, double activation_param) {
+    std::optional<double> momentum, double eps, int64_t activation_code, double activation_param,
+    int64_t virtual_batch_size) {
   check_eps(eps);
+  TORCH_CHECK_VALUE(virtual_batch_size >= 0, "virtual_batch_size must be >= 0, got ", virtual_batch_size);
   const ActivationArg activation = activation_arg(activation_code, activation_param);
   check_forward_args(input_arg, weight, bias);
   check_training_buffers(input_arg, running_mean, running_var, num_batches_tracked, counters, momentum);
@@ -241,28 +265,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train(
   at::Tensor output = at::empty_like(input);
   const RunningBuffers buffers(running_mean, running_var, num_batches_tracked);
   if (input.numel() == 0) {
-    const at::Tensor mean = undefined_channel_stats(input), invstd = undefined_channel_stats(input);
+    const at::Tensor mean = undefined_channel_stats(input, virtual_batch_size),
+                     invstd = undefined_channel_stats(input, virtual_batch_size);
     launch_update(buffers, counters, mean, invstd, weight, bias, count, single_sample, eps, momentum);
     buffers.write_back(running_mean, running_var, num_batches_tracked);
     return {output, mean, invstd};
   }
-  at::Tensor mean = channel_stat_tensor(input), invstd = channel_stat_tensor(input);
+  at::Tensor mean = channel_stat_tensor(input, virtual_batch_size),
+             invstd = channel_stat_tensor(input, virtual_batch_size);
   SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_forward_train", [&] {
-    const ChannelValues<acc_t> w(weight), b(bias), mean_values(mean), invstd_values(invstd);
-    const scalar_t* x = input.const_data_ptr<scalar_t>();
-    reduce_channels(MomentsOp<acc_t>{mean.mutable_data_ptr<acc_t>(), invstd.mutable_data_ptr<acc_t>(),
-                                     /*spread_is_invstd=*/true, acc_t(eps),
-                                     /*guard=*/buffers.mean.defined() || counters.has_value(),
-                                     update_args(buffers, counters, mean_values, invstd_values, w, b, g.channels,
-                                                 count, single_sample, eps, momentum)},
-                    input, g, x, static_cast<const scalar_t*>(nullptr));
-    with_fusion(activation, [&](auto fused) {
-      map_channels(NormalizeOp<acc_t, decltype(fused)::value>{
-                       mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(), /*spread_is_var=*/false,
-                       acc_t(eps), w.data(), b.data(), activation.kind, acc_t(activation.param),
-                       /*check=*/{}},
-                   g, x, static_cast<const scalar_t*>(nullptr), output.mutable_data_ptr<scalar_t>());
-    });
+    const ChannelValues<acc_t> w(weight), b(bias);
+    if (virtual_batch_size <= 0) {
+      const ChannelValues<acc_t> mean_values(mean), invstd_values(invstd);
+      normalize_into<acc_t, scalar_t>(input, g, w, b, eps, activation,
+                                      /*guard=*/buffers.mean.defined() || counters.has_value(),
+                                      update_args(buffers, counters, mean_values, invstd_values, w, b, g.channels,
+                                                  count, single_sample, eps, momentum),
+                                      output, mean, invstd);
+      return;
+    }
+    for (int64_t part = 0; part < mean.size(0); ++part) {
+      const at::Tensor slice = chunk_of(input, part, virtual_batch_size);
+      normalize_into<acc_t, scalar_t>(slice, geometry_of(slice), w, b, eps, activation, /*guard=*/false, {},
+                                      chunk_of(output, part, virtual_batch_size), mean[part], invstd[part]);
+    }
+    const auto [batch_mean, batch_invstd] = pooled_statistics(mean, invstd, input, virtual_batch_size, eps);
+    launch_update(buffers, counters, batch_mean, batch_invstd, weight, bias, count, single_sample, eps, momentum);
   });
   buffers.write_back(running_mean, running_var, num_batches_tracked);
   return {output, mean, invstd};
@@ -373,10 +401,16 @@ void launch_grad_sums(const at::Tensor& input, const Geometry& g, const scalar_t
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_output, const at::Tensor& input_arg, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& mean_arg, const at::Tensor& invstd_arg, bool train,
-    std::array<bool, 3> output_mask, int64_t activation_code, double activation_param) {
+    std::array<bool, 3> output_mask, int64_t activation_code, double activation_param, int64_t virtual_batch_size) {
   const ActivationArg activation = activation_arg(activation_code, activation_param);
-  check_backward_args(grad_output, input_arg, weight, bias, mean_arg);
-  check_channel_tensor(invstd_arg, input_arg, "invstd");
+  TORCH_CHECK_VALUE(virtual_batch_size >= 0, "virtual_batch_size must be >= 0, got ", virtual_batch_size);
+  check_forward_args(input_arg, weight, bias);
+  check_statistics(mean_arg, input_arg, virtual_batch_size, "mean");
+  check_statistics(invstd_arg, input_arg, virtual_batch_size, "invstd");
+  TORCH_CHECK(grad_output.sizes() == input_arg.sizes(), "grad_output has shape ", grad_output.sizes(),
+              " but the input has shape ", input_arg.sizes());
+  TORCH_CHECK(grad_output.device() == input_arg.device(), "grad_output is on ", grad_output.device(),
+              " but the input is on ", input_arg.device(), ".");
   const c10::cuda::CUDAGuard device_guard(input_arg.device());
   const at::Tensor input = with_kernel_layout(input_arg);
   const at::Tensor dy = grad_in_layout_of(grad_output, input);
@@ -385,30 +419,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   const bool want_input = output_mask[0], want_weight = output_mask[1] && has_weight, want_bias = output_mask[2];
   const at::TensorOptions stats_options = input.options().dtype(accumulate_type(input.scalar_type()));
   at::Tensor grad_input = want_input ? at::empty_like(input) : at::Tensor();
-  at::Tensor sum_dy, sum_dy_xmu, grad_weight;
-  if (input.numel() == 0) {  // as on the CPU: zero sums and zero parameter gradients, not 0 * NaN
-    sum_dy = at::zeros({g.channels}, stats_options);
-    grad_weight = want_weight ? at::zeros_like(sum_dy) : at::Tensor();
+  // sum(dy * xhat) and sum(dy) per channel, a ghost batch norm's summed over
+  // its chunks (each with its invstd)
+  at::Tensor grad_weight, grad_bias;
+  if (input.numel() == 0) {  // as on the CPU: zero parameter gradients, not 0 * NaN
+    grad_weight = at::zeros({g.channels}, stats_options);
+    grad_bias = at::zeros({g.channels}, stats_options);
   } else {
     SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_backward", [&] {
-      const ChannelValues<acc_t> mean(mean_arg), invstd(invstd_arg), w(weight), b(bias);
-      const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
-      const scalar_t* x = input.const_data_ptr<scalar_t>();
-      // Eval mode without parameter gradients needs no reduction at all.
-      if (want_weight || want_bias || (want_input && train)) {
-        sum_dy = at::empty({g.channels}, stats_options);
-        sum_dy_xmu = at::empty({g.channels}, stats_options);
-        if (want_weight) grad_weight = at::empty({g.channels}, stats_options);
-        launch_grad_sums(input, g, dy_data, x, mean, invstd, w, b, activation, sum_dy, sum_dy_xmu, grad_weight);
-      }
-      if (want_input) {
-        with_fusion(activation, [&](auto fused) {
-          map_channels(GradInputOp<acc_t, decltype(fused)::value>{
-                           mean.data(), invstd.data(), w.data(), b.data(), data_or_null<acc_t>(sum_dy),
-                           data_or_null<acc_t>(sum_dy_xmu), acc_t(g.per_channel()), train, activation.kind,
-                           acc_t(activation.param)},
-                       g, dy_data, x, grad_input.mutable_data_ptr<scalar_t>());
-        });
+      const ChannelValues<acc_t> w(weight), b(bias);
+      for (int64_t part = 0; part < chunk_count(input.size(0), virtual_batch_size); ++part) {
+        const at::Tensor x_part = chunk_of(input, part, virtual_batch_size), dy_part = chunk_of(dy, part, virtual_batch_size);
+        const Geometry part_geometry = geometry_of(x_part);
+        const ChannelValues<acc_t> mean(virtual_batch_size > 0 ? mean_arg[part] : mean_arg),
+            invstd(virtual_batch_size > 0 ? invstd_arg[part] : invstd_arg);
+        const scalar_t* dy_data = dy_part.const_data_ptr<scalar_t>();
+        const scalar_t* x = x_part.const_data_ptr<scalar_t>();
+        at::Tensor sum_dy, sum_dy_xmu;
+        // Eval mode without parameter gradients needs no reduction at all.
+        if (want_weight || want_bias || (want_input && train)) {
+          sum_dy = at::empty({g.channels}, stats_options);
+          sum_dy_xmu = at::empty({g.channels}, stats_options);
+          at::Tensor part_grad_weight = want_weight ? at::empty({g.channels}, stats_options) : at::Tensor();
+          launch_grad_sums(x_part, part_geometry, dy_data, x, mean, invstd, w, b, activation, sum_dy, sum_dy_xmu,
+                           part_grad_weight);
+          // out of place: sum_dy is read by this chunk's input gradient, queued after
+          grad_weight = part == 0 || !want_weight ? part_grad_weight : grad_weight + part_grad_weight;
+          grad_bias = part == 0 ? sum_dy : grad_bias + sum_dy;
+        }
+        if (want_input) {
+          with_fusion(activation, [&](auto fused) {
+            map_channels(GradInputOp<acc_t, decltype(fused)::value>{
+                             mean.data(), invstd.data(), w.data(), b.data(), data_or_null<acc_t>(sum_dy),
+                             data_or_null<acc_t>(sum_dy_xmu), acc_t(part_geometry.per_channel()), train,
+                             activation.kind, acc_t(activation.param)},
+                         part_geometry, dy_data, x,
+                         chunk_of(grad_input, part, virtual_batch_size).mutable_data_ptr<scalar_t>());
+          });
+        }
       }
     });
   }
@@ -416,7 +464,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   // statistics' without a weight (F.batch_norm takes a bias alone).
   const at::ScalarType param_type = has_weight ? weight->scalar_type() : accumulate_type(input.scalar_type());
   return {grad_input, want_weight ? grad_weight.to(param_type) : at::Tensor(),
-          want_bias ? sum_dy.to(param_type) : at::Tensor()};
+          want_bias ? grad_bias.to(param_type) : at::Tensor()};
 }
 
 std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad_output, const at::Tensor& input_arg,
