@@ -43,12 +43,17 @@ class GroupSafetyState(SafetyState):
         # a process group neither copies nor pickles
         return {**super().__getstate__(), "group": None, "recomputed": RecomputedStatistics()}
 
-    def name_hash(self) -> int:
-        """The module's qualified name as a number the same in every process
-        (0 while unnamed), which the ranks compare in every gather."""
-        if not self.name:
-            return 0
-        return int.from_bytes(hashlib.blake2b(self.name.encode(), digest_size=6).digest(), "little")
+    @property
+    def name(self) -> str | None:
+        return self._name
+
+    @name.setter
+    def name(self, value: str | None) -> None:
+        self._name = value
+        # The name as a number the same in every process (0 while unnamed),
+        # which the ranks compare in every gather; worked out here, not in the
+        # forward, which torch.compile traces.
+        self.name_key = int.from_bytes(hashlib.blake2b(value.encode(), digest_size=6).digest(), "little") if value else 0
 
     def describe(self) -> str:
         if self.group is None:
@@ -121,9 +126,9 @@ def sync_forward(bn, input: torch.Tensor, running_mean, running_var, num_batches
 def _gathered(state, input: torch.Tensor, eps: float, name: str, size: int, compiling: bool):
     """safebn::sync_batch_stats; in eager code, a failed gather is explained."""
     if compiling:
-        return OPS.sync_batch_stats(input, eps, name, size, state.id, state.name_hash())
+        return OPS.sync_batch_stats(input, eps, name, size, state.id, state.name_key)
     try:
-        return OPS.sync_batch_stats(input, eps, name, size, state.id, state.name_hash())
+        return OPS.sync_batch_stats(input, eps, name, size, state.id, state.name_key)
     except RuntimeError as error:
         text = (f"{state.describe()}: the all_gather of the process group's batch statistics failed: {error} (Another "
                 "rank may have failed, exited or timed out, or made other collectives: every rank must make the same "
