@@ -185,6 +185,6 @@ def _(grad_output, input, weight, bias, mean, invstd, group_batch, group_name, o
 
 
 @_register_fake("observe")
-def _(counters, module, shape, event, group_batch=None):
+def _(counters, module, shape, event, group_batch=None, group=""):
     return None
 

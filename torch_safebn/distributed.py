@@ -34,14 +34,18 @@ class GroupSafetyState(SafetyState):
 
     def __init__(self, policy, owner: str):
         super().__init__(policy, owner)
-        self.group = None  # the process group of the latest synchronized batch
+        # The process group of the latest synchronized batch, by name and global
+        # ranks: a reference to the group itself would keep it alive past
+        # destroy_process_group(), to be torn down at interpreter exit, where
+        # gloo's threads can abort the process.
+        self.group_name: str | None = None
+        self.group_ranks: list[int] = []
         self.counts_by_rank: dict[int, int] = {}  # its values per channel, by global rank
         self.nonfinite_ranks: list[int] = []  # ranks at fault in the latest event not yet reported
         self.recomputed = RecomputedStatistics()
 
     def __getstate__(self) -> dict:
-        # a process group neither copies nor pickles
-        return {**super().__getstate__(), "group": None, "recomputed": RecomputedStatistics()}
+        return {**super().__getstate__(), "recomputed": RecomputedStatistics()}
 
     @property
     def name(self) -> str | None:
@@ -56,7 +60,7 @@ class GroupSafetyState(SafetyState):
         self.name_key = int.from_bytes(hashlib.blake2b(value.encode(), digest_size=6).digest(), "little") if value else 0
 
     def describe(self) -> str:
-        if self.group is None:
+        if self.group_name is None:
             return super().describe()
         return (
             f"{super().describe()}, rank {dist.get_rank()} (values per channel by rank in the latest synchronized "
@@ -64,13 +68,16 @@ class GroupSafetyState(SafetyState):
         )
 
     def after_group_batch(self, counters: torch.Tensor | None, shape: Sequence[int], group_batch: list[list[int]],
-                          uses_running_stats: bool) -> None:
-        ranks = dist.get_process_group_ranks(self.group)
+                          group: str, uses_running_stats: bool) -> None:
+        if self.group_name != group:
+            self.group_name = group
+            self.group_ranks = dist.get_process_group_ranks(dist.distributed_c10d._resolve_process_group(group))
+        ranks = self.group_ranks
         self.counts_by_rank = {rank: row[0] for rank, row in zip(ranks, group_batch)}
         if counters is not None and self.policy.on_nonfinite != "skip" and not self.nonfinite_ranks:
             # kept for the message that reports the event (the first not reported yet)
             self.nonfinite_ranks = [rank for rank, row in zip(ranks, group_batch) if row[0] and not row[2]]
-        super().after_group_batch(counters, shape, group_batch, uses_running_stats)
+        super().after_group_batch(counters, shape, group_batch, group, uses_running_stats)
 
     def nonfinite_message(self, values: list[int], shape: tuple | None) -> str:
         message = super().nonfinite_message(values, shape)
@@ -95,7 +102,6 @@ def sync_forward(bn, input: torch.Tensor, running_mean, running_var, num_batches
     state = bn.safety_state
     policy = state.policy
     name, size = group.group_name, group.size()
-    state.group = group
     statistics = state.recomputed.reuse(input.shape) if recomputing else None
     if statistics is None:
         statistics = _gathered(state, input, bn.eps, name, size, compiling)
@@ -117,9 +123,9 @@ def sync_forward(bn, input: torch.Tensor, running_mean, running_var, num_batches
     event = Event.GROUP_BATCH_WITH_RUNNING_STATS if uses_running_stats else Event.GROUP_BATCH
     group_batch = statistics[2]
     if not compiling:
-        state.observe(counters, input.shape, event, group_batch)
+        state.observe(counters, input.shape, event, group_batch, name)
     elif not torch.compiler.is_exporting():
-        OPS.observe.default(counters, state.id, list(input.shape), int(event), group_batch)
+        OPS.observe.default(counters, state.id, list(input.shape), int(event), group_batch, name)
     return output
 
 

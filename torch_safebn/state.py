@@ -124,10 +124,11 @@ class SafetyState:
 
     # -- what a forward tells it -----------------------------------------------------
     def observe(self, counters: torch.Tensor | None, shape: Sequence[int], event: Event,
-                group_batch: torch.Tensor | None = None) -> None:
-        """The one entry point of the forwards, eager and compiled (the observe op)."""
+                group_batch: torch.Tensor | None = None, group: str = "") -> None:
+        """The one entry point of the forwards, eager and compiled (the observe
+        op); `group_batch` and `group` (its name) after a synchronized batch."""
         if group_batch is not None:
-            self.after_group_batch(counters, shape, group_batch.tolist(),
+            self.after_group_batch(counters, shape, group_batch.tolist(), group,
                                    uses_running_stats=event == Event.GROUP_BATCH_WITH_RUNNING_STATS)
         elif event == Event.TRAINING_BATCH or event == Event.EVAL_CALL:
             self.after_op(counters, shape, training=event == Event.TRAINING_BATCH)
@@ -180,7 +181,7 @@ class SafetyState:
         )
 
     def after_group_batch(self, counters: torch.Tensor | None, shape: Sequence[int], group_batch: list[list[int]],
-                          uses_running_stats: bool) -> None:
+                          group: str, uses_running_stats: bool) -> None:
         """After a training forward with a process group's statistics: what a
         local forward decides from its input's shape, decided from the group's
         batch (group_batch: values per channel, examples and finite statistics
@@ -289,10 +290,10 @@ def _shape(call: torch.Tensor | Sequence[int] | None) -> Sequence[int] | None:
 
 
 def _observe_kernel(counters: torch.Tensor | None, module: int, shape: Sequence[int], event: int,
-                    group_batch: torch.Tensor | None = None) -> None:
+                    group_batch: torch.Tensor | None = None, group: str = "") -> None:
     """The safebn::observe op's kernel, for every device: compiled code's way
     of running SafetyState.observe, at run time, in the step that saw the event."""
-    SafetyState.with_id(module).observe(counters, shape, Event(event), group_batch)
+    SafetyState.with_id(module).observe(counters, shape, Event(event), group_batch, group)
 
 
 LIBRARY.impl("observe", _observe_kernel, "CompositeExplicitAutograd")
