@@ -2,6 +2,7 @@
 # make test   - the test suite (what CI runs)
 # make bench  - self-check, then the quick benchmark (table, JSON and PNG)
 # make bench-host - the host's time per call on tiny tensors (table and JSON)
+# make test-distributed-loop N=50 - the distributed tests N times in a row beside a busy core
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -24,7 +25,7 @@ endif
 
 SOURCES := setup.py torch_safebn/contract.def torch_safebn/ops.def $(shell find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.cuh')
 
-.PHONY: setup build test bench bench-host clean
+.PHONY: setup build test test-distributed-loop bench bench-host clean
 
 setup: build
 
@@ -52,6 +53,20 @@ build: $(BUILT) $(SOURCES)
 
 test: build
 	$(PY) -m pytest -q tests
+
+# A teardown race or a hang shows itself once in tens of runs, and sooner when
+# the ranks compete for the cores: the loop keeps one core busy and counts.
+N ?= 50
+test-distributed-loop: build
+	@mkdir -p build/distributed-loop
+	@yes > /dev/null & load=$$!; trap "kill $$load" EXIT; failed=0; \
+	for i in $$(seq $(N)); do \
+	    log=build/distributed-loop/run-$$i.log; \
+	    if $(PY) -m pytest -q -p no:cacheprovider tests/test_distributed.py > $$log 2>&1; \
+	    then echo "run $$i: $$(tail -n 1 $$log)"; else failed=$$((failed + 1)); echo "run $$i FAILED: $$log"; fi; \
+	done; \
+	echo "tests/test_distributed.py: $$(($(N) - failed)) of $(N) runs passed beside a busy core"; \
+	test $$failed -eq 0
 
 bench: build
 	$(PY) -m torch_safebn check

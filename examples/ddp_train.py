@@ -17,6 +17,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+# Imported before any process group exists: DistributedDataParallel would import it later, and its
+# functions' default arguments would then hold the default group past destroy_process_group().
+import torch.distributed.nn  # noqa: F401
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
@@ -80,23 +83,31 @@ def train_epoch(model, optimizer, images, labels, epoch, *, batch_size=64, rank=
     return losses
 
 
+def train_and_evaluate(rank: int, world_size: int, epochs: int, data) -> None:
+    """The run itself; its DistributedDataParallel model, which holds the
+    process group, is gone when it returns."""
+    (images, labels), (held_out, held_out_labels) = data
+    model = DistributedDataParallel(torch_safebn.convert_model(make_model(), distributed=True))
+    optimizer = make_optimizer(model)
+    for epoch in range(epochs):
+        losses = train_epoch(model, optimizer, images, labels, epoch, rank=rank, world_size=world_size)
+        if rank == 0:
+            print(f"epoch {epoch + 1}: loss {sum(losses) / len(losses):.4f}", flush=True)
+    model.eval()  # the running statistics, the same on every rank
+    with torch.no_grad():
+        accuracy = (model(held_out).argmax(1) == held_out_labels).double().mean().item()
+    if rank == 0:
+        print(f"held-out accuracy: {accuracy:.3f}\n\n{torch_safebn.report(model.module)}")
+
+
 def worker(rank: int, world_size: int, init_method: str, epochs: int, data) -> None:
     torch.set_num_threads(1)  # the processes share the machine's cores
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
     try:
-        (images, labels), (held_out, held_out_labels) = data
-        model = DistributedDataParallel(torch_safebn.convert_model(make_model(), distributed=True))
-        optimizer = make_optimizer(model)
-        for epoch in range(epochs):
-            losses = train_epoch(model, optimizer, images, labels, epoch, rank=rank, world_size=world_size)
-            if rank == 0:
-                print(f"epoch {epoch + 1}: loss {sum(losses) / len(losses):.4f}", flush=True)
-        model.eval()  # the running statistics, the same on every rank
-        with torch.no_grad():
-            accuracy = (model(held_out).argmax(1) == held_out_labels).double().mean().item()
-        if rank == 0:
-            print(f"held-out accuracy: {accuracy:.3f}\n\n{torch_safebn.report(model.module)}")
+        train_and_evaluate(rank, world_size, epochs, data)
     finally:
+        # Nothing holds the group now, so this tears it down while the
+        # interpreter is whole (README: "Ending a data-parallel run").
         dist.destroy_process_group()
 
 
