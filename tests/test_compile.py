@@ -5,6 +5,7 @@ same errors and warnings at the same step."""
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 
 import pytest
@@ -192,7 +193,7 @@ def test_compiling_lowers_the_batch_norm_to_aten_ops_that_inductor_fuses():
     assert "safebn.batch_norm_train.default" not in lowered
     assert lowered.count("safebn.update_running_stats.default") == 2
     assert lowered.count("safebn.observe.default") == 2
-    assert sum("native_batch_norm" in target for target in lowered) == 2
+    assert sum("native_batch_norm" in target for target in lowered) == 4  # the guard's statistics, the output
     assert _dynamo_graph_targets(model.eval(), x).count("safebn.check_running_stats.default") == 2
     torch_safebn.lowering.LOWERED_DEVICE_TYPES.discard("cpu")
     try:
@@ -200,6 +201,33 @@ def test_compiling_lowers_the_batch_norm_to_aten_ops_that_inductor_fuses():
     finally:
         torch_safebn.lowering.LOWERED_DEVICE_TYPES.add("cpu")
     assert opaque.count("safebn.batch_norm_train.default") == 2 and "safebn.update_running_stats.default" not in opaque
+
+
+class _SqueezeExcite(nn.Module):
+    """What efficientnet's blocks do with a batch norm + SiLU's output: a mean over its pixels
+    that scales it (squeeze-excitation, without the excitation's convolutions)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(8, 8, 3, padding=1), torch_safebn.SafeBatchNormAct2d(8, act=nn.SiLU())
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return y * y.mean((2, 3), keepdim=True)
+
+
+def test_compiled_batch_norm_fuses_with_the_ops_that_read_it():
+    """The guard's ops come before the normalization (lowering.py), so inductor computes the
+    normalization, the SiLU and the mean and product that read them in one kernel; with the
+    guard's ops after the normalization, the SiLU and the mean took a kernel and a pass over
+    the activation each."""
+    from torch._inductor.utils import run_and_get_code
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    _, codes = run_and_get_code(torch.compile(_SqueezeExcite(), fullgraph=True), torch.randn(4, 8, 10, 10))
+    kernels = re.findall(r"^\s+(?:\w+ = )?(cpp_fused\w+)\(", codes[0], re.M)  # the forward's, in order
+    assert any(all(op in k for op in ("batch_norm", "silu", "mean", "mul")) for k in kernels), kernels
+    assert not any(re.fullmatch(r"cpp_fused_(silu|mean)\w*_\d+", k) for k in kernels), kernels
 
 
 def _native_and_converted(act):

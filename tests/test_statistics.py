@@ -53,6 +53,14 @@ def _train(model, steps=3, seed=1):
 @pytest.mark.parametrize("use_reentrant", [False, True], ids=["non-reentrant", "reentrant"])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_a_checkpointed_block_updates_as_an_unchecked_one(use_reentrant, compiled):
+    """Three steps of a checkpointed block and of its plain twin leave the same buffers: eager,
+    bit for bit. Compiled, the counters and num_batches_tracked are equal and the running
+    statistics agree to float64's rounding: inductor computes the statistics that the checkpointed
+    backward recomputes in a kernel fused otherwise than the forward's (lowering.py puts the
+    guard between the statistics and the normalization), so the gradients, and through them the
+    next steps' batch statistics, differ in their last bits. A second update (checkpoint_aware=False,
+    eager) moves the first layer's running mean by 0.03 and advances num_batches_tracked, which
+    stays exact."""
     if compiled and use_reentrant:
         pytest.skip("torch.compile supports non-reentrant checkpointing only")
     torch._dynamo.reset()
@@ -60,7 +68,10 @@ def test_a_checkpointed_block_updates_as_an_unchecked_one(use_reentrant, compile
     for model in (plain, checked):
         _train(torch.compile(model, fullgraph=True) if compiled else model)
     for name, value in _state(plain).items():
-        assert torch.equal(_state(checked.block)[name], value), name
+        if compiled and value.is_floating_point():
+            torch.testing.assert_close(_state(checked.block)[name], value, rtol=0, atol=1e-12, msg=name)
+        else:
+            assert torch.equal(_state(checked.block)[name], value), name
     assert checked.block[1].num_batches_tracked.item() == 3
     assert torch_safebn.report(checked.block).rows[0]["batches"] == 3
 

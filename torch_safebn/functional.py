@@ -154,6 +154,9 @@ def guarded_forward(bn: nn.Module, input: torch.Tensor, activation: int = 0, act
     evaluate = lowering.batch_norm_eval if lowered else _EVAL
 
     if not (training or running_mean is None):
+        if lowered and counters is not None:  # the host action before the normalization (lowering.py)
+            return evaluate(input, weight, bias, running_mean, running_var, counters, eps, *fused,
+                            observe=lambda: _observe(state, counters, input, Event.EVAL_CALL, compiling))
         output = evaluate(input, weight, bias, running_mean, running_var, counters, eps, *fused)
         if counters is not None:  # the hot path, spelled out: a Python call costs here
             if compiling:
@@ -196,6 +199,9 @@ def guarded_forward(bn: nn.Module, input: torch.Tensor, activation: int = 0, act
         if not recomputing:
             state.pool.add_batch(input, mean, invstd, eps, chunk)
         return output
+    if train is lowering.batch_norm_train and counters is not None:
+        return train(input, weight, bias, running_mean, running_var, num_batches_tracked, counters, bn.momentum, eps,
+                     *chunked, observe=lambda: _observe(state, counters, input, Event.TRAINING_BATCH, compiling))
     output = train(input, weight, bias, running_mean, running_var, num_batches_tracked, counters, bn.momentum, eps,
                    *chunked)
     if counters is not None:

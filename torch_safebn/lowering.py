@@ -1,16 +1,23 @@
 """The compiled path: what torch.compile traces in place of the fused safebn ops.
 
 Compiled, a native batch norm is decomposed by inductor and fused with its
-neighbours (the ReLU after it, the residual add, the next layer's reads),
-which an opaque op prevents. So while compiling, a guarded batch norm is
-written as native's: aten.native_batch_norm, which inductor decomposes, and
-the fused activation in ATen ops. The guard stays an op of its own over the
-per-channel statistics (safebn::update_running_stats, and in eval
-safebn::check_running_stats), and the activation is safebn::activation, which
-decomposes into ATen ops: it writes the buffers and the counters in
-place, so they hold what the step found when the observe op after it
-raises, as in eager code. A functional guard would have its writes copied
-back only at the end of the graph, after the raise, and lose them.
+neighbours (the ReLU after it, the residual add, the squeeze-excitation's
+mean, the next layer's reads), which an opaque op prevents. So while
+compiling, a guarded batch norm is written as native's: aten.native_batch_norm,
+which inductor decomposes, and the fused activation in ATen ops. The guard
+stays an op of its own over the per-channel statistics
+(safebn::update_running_stats, and in eval safebn::check_running_stats): it
+writes the buffers and the counters in place, so they hold what the step
+found when the observe op after it raises, as in eager code. A functional
+guard would have its writes copied back only at the end of the graph, after
+the raise, and lose them.
+
+The guard's ops come before the normalization, not after it: an op with
+effects between the normalization and the ops that read its output keeps
+inductor from fusing them (in efficientnet_b0 the fused SiLU and the
+squeeze-excitation's mean that reads it took a kernel and a pass over the
+activation each). The statistics the guard reads are native_batch_norm's,
+asked for first, which the compiler computes once.
 
 torch.export keeps the fused ops (an exported program runs the kernels), and
 so does a device type missing from LOWERED_DEVICE_TYPES (change it before
@@ -34,31 +41,40 @@ def lowers(input: torch.Tensor) -> bool:
 
 
 def batch_norm_train(input, weight, bias, running_mean, running_var, num_batches_tracked, counters, momentum, eps,
-                     activation=0, activation_param=0.0):
-    """safebn::batch_norm_train's result and effects, in ATen ops."""
-    output, mean, invstd = torch.native_batch_norm(input, weight, bias, None, None, True, 0.0, eps)
+                     activation=0, activation_param=0.0, *, observe=None):
+    """safebn::batch_norm_train's result and effects, in ATen ops; observe(),
+    the guard's host action, between the guard and the normalization."""
     acc = accumulate_dtype(input.dtype)
-    count = values_per_channel(input)
     with torch.no_grad():
+        # The statistics of the normalization below (without weight and bias,
+        # its output unused): the compiler computes them once.
+        _, mean, invstd = torch.native_batch_norm(input, None, None, None, None, True, 0.0, eps)
         if input.dtype != acc:
-            # The statistics in acc's precision, as the eager op keeps them: on the CPU,
-            # inductor's decomposition rounds native_batch_norm's to the input's dtype.
+            # In acc's precision, as the eager op keeps them: on the CPU, inductor's
+            # decomposition rounds native_batch_norm's to the input's dtype.
             var, mean = torch.var_mean(input.to(acc), [0, *range(2, input.dim())], correction=0)
             invstd = torch.rsqrt(var + eps)
+        count = values_per_channel(input)
         OPS.update_running_stats.default(
-            running_mean, running_var, num_batches_tracked, counters, mean.detach(), invstd.detach(),
-            _detached(weight), _detached(bias), count, eps, momentum, single_sample=input.shape[0] == 1 and count > 1)
+            running_mean, running_var, num_batches_tracked, counters, mean, invstd, _detached(weight),
+            _detached(bias), count, eps, momentum, single_sample=input.shape[0] == 1 and count > 1)
+    if observe is not None:
+        observe()
+    output = torch.native_batch_norm(input, weight, bias, None, None, True, 0.0, eps)[0]
     return OPS.activation.default(output, activation, activation_param) if activation else output
 
 
 def batch_norm_eval(input, weight, bias, running_mean, running_var, counters, eps, activation=0,
-                    activation_param=0.0):
-    """safebn::batch_norm_eval's result and effects, in ATen ops."""
-    output = torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, eps)
+                    activation_param=0.0, *, observe=None):
+    """safebn::batch_norm_eval's result and effects, in ATen ops; observe() as
+    batch_norm_train's."""
     if counters is not None:
         with torch.no_grad():
             OPS.check_running_stats.default(counters, running_mean, running_var, _detached(weight), _detached(bias),
                                             eps)
+    if observe is not None:
+        observe()
+    output = torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, eps)
     return OPS.activation.default(output, activation, activation_param) if activation else output
 
 

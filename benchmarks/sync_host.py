@@ -1,0 +1,118 @@
+"""SafeSyncBatchNorm's host cost per call: 2 gloo processes on this machine, one
+thread each, a training forward + backward on a tiny tensor, where the kernels'
+work is negligible and what is left is Python, the dispatcher, autograd and the
+collectives. Timed in turns in the same processes, rounds of calls started
+together on both ranks (a barrier before each):
+
+  sync         SafeSyncBatchNorm2d
+  local        SafeBatchNorm2d, no collective
+  collectives  what SafeSyncBatchNorm adds: the forward's all_gather of a row
+               (header, count, examples, mean and variance of C channels) and
+               the backward's all_reduce of 2C sums, as functional collectives
+
+sync against local + collectives is its own cost beyond the two.
+
+    python benchmarks/sync_host.py [--rounds 15] [--calls 200]
+
+writes benchmarks/results/sync-host-cpu.json and prints the medians.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import torch_safebn
+from torch_safebn.tools.machine import machine_block
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+WORLD_SIZE = 2
+SHAPE = (16, 8, 2, 2)
+ROW_HEADER = 5  # csrc/sync.cpp's kHeader
+
+
+def _training_step(module: torch.nn.Module, x: torch.Tensor):
+    def step() -> None:
+        module(x).sum().backward()
+    return step
+
+
+def _collectives(channels: int):
+    group = dist.group.WORLD.group_name
+    row = torch.zeros(ROW_HEADER + 2 + 2 * channels, dtype=torch.float64)
+    sums = torch.zeros(2 * channels)
+    ops = torch.ops._c10d_functional
+
+    def step() -> None:
+        ops.wait_tensor(ops.all_gather_into_tensor(row, WORLD_SIZE, group))
+        ops.wait_tensor(ops.all_reduce(sums, "sum", group))
+    return step
+
+
+def _rank(rank: int, init_method: str, rounds: int, calls: int, path: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD_SIZE)
+    try:
+        per_call = _time_in_turns(rank, rounds, calls)
+    finally:
+        dist.destroy_process_group()  # the modules are gone: nothing holds the group (README)
+    if rank == 0:
+        _write(path, per_call, rounds, calls)
+
+
+def _time_in_turns(rank: int, rounds: int, calls: int) -> dict[str, list[float]]:
+    """Microseconds per call, a list per implementation, one value per round."""
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(rank)).requires_grad_()
+    steps = {"sync": _training_step(torch_safebn.SafeSyncBatchNorm(SHAPE[1]), x),
+             "local": _training_step(torch_safebn.SafeBatchNorm2d(SHAPE[1]), x),
+             "collectives": _collectives(SHAPE[1])}
+    per_call = {name: [] for name in steps}
+    for step in steps.values():  # warm-up: the sync module registers with its group
+        for _ in range(10):
+            step()
+    for r in range(rounds):
+        names = list(steps)[r % len(steps):] + list(steps)[:r % len(steps)]  # each goes first in turn
+        for name in names:
+            dist.barrier()
+            start = time.perf_counter()
+            for _ in range(calls):
+                steps[name]()
+            per_call[name].append((time.perf_counter() - start) / calls * 1e6)
+    return per_call
+
+
+def _write(path: str, per_call: dict, rounds: int, calls: int) -> None:
+    median = {name: statistics.median(times) for name, times in per_call.items()}
+    beyond = median["sync"] - median["local"] - median["collectives"]
+    result = {
+        "format": "torch_safebn.sync_host/1", "created": datetime.now(timezone.utc).isoformat(),
+        "machine": machine_block(torch.device("cpu"), 1), "world_size": WORLD_SIZE, "backend": "gloo",
+        "shape": list(SHAPE), "pass": "training forward + backward", "rounds": rounds, "calls_per_round": calls,
+        "median_us": median, "per_round_us": per_call,
+        "sync_beyond_local_plus_collectives_us": beyond,
+    }
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"{result['machine']['device']}, {WORLD_SIZE} gloo ranks, 1 thread each, {list(SHAPE)}, "
+          f"forward + backward, median of {rounds} rounds of {calls} calls (us per call):")
+    for name, us in median.items():
+        print(f"  {name:12} {us:8.1f}")
+    print(f"  sync - local - collectives: {beyond:+.1f} us")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--json", default=os.path.join(RESULTS, "sync-host-cpu.json"))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        mp.spawn(_rank, args=(f"file://{folder}/init", args.rounds, args.calls, args.json), nprocs=WORLD_SIZE)
+    sys.exit(0)
