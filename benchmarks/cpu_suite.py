@@ -3,7 +3,7 @@ and channels_last, fwd / bwd / fwdbwd / eval) against native eager batch norm an
 torch.compile, on 2 threads set explicitly. About 17 to 20 minutes on 2 cores for
 each state of memory.
 
-    python benchmarks/cpu_suite.py [--memory cold|warm|both] [more bench options, e.g. --min-run-time 1]
+    python benchmarks/cpu_suite.py [--memory cold|warm|both] [--name NAME] [more bench options, e.g. --min-run-time 1]
 
 Memory, because on large tensors it decides as much as the kernels do: glibc gives
 a freed block of tens of MB back to the system, so the next call that allocates
@@ -13,8 +13,9 @@ does; "warm" keeps glibc from returning memory (MALLOC_MMAP_THRESHOLD_,
 MALLOC_TRIM_THRESHOLD_), so that every implementation reuses warm pages and the
 kernels are compared alone. Default: both, one process each.
 
-writes benchmarks/results/full-cpu.json and .png (cold), full-cpu-warm.json and
-.png (warm), and prints the tables.
+writes benchmarks/results/NAME.json and .png (cold), NAME-warm.json and .png
+(warm), and prints the tables; NAME is full-cpu unless told (a run of part of
+the suite, say --passes fwdbwd, should not overwrite the whole suite's).
 """
 import argparse
 import json
@@ -34,8 +35,8 @@ MEMORY = {
 }
 
 
-def options(memory: str) -> list[str]:
-    path = os.path.join(RESULTS, "full-cpu" + ("" if memory == "cold" else f"-{memory}"))
+def options(memory: str, name: str) -> list[str]:
+    path = os.path.join(RESULTS, name + ("" if memory == "cold" else f"-{memory}"))
     return ["bench", "--device", "cpu", "--preset", "full",
             "--dtypes", "float32,bfloat16", "--layouts", "contiguous,channels_last",
             "--passes", "fwd,bwd,fwdbwd,eval", "--peers", "native,compile",
@@ -43,13 +44,13 @@ def options(memory: str) -> list[str]:
             "--json", f"{path}.json", "--plot", f"{path}.png"]
 
 
-def run(memory: str, more: list[str]) -> int:
+def run(memory: str, name: str, more: list[str]) -> int:
     """One suite in a process of its own, its JSON stating the state of memory."""
     env = dict(os.environ, **(WARM_MEMORY if memory == "warm" else {}))
-    argv = options(memory) + more  # later options override these
+    argv = options(memory, name) + more  # later options override these
     status = subprocess.call([sys.executable, "-m", "torch_safebn", *argv], env=env)
     path = argv[len(argv) - 1 - argv[::-1].index("--json") + 1]
-    if status == 0 and os.path.exists(path):
+    if status == 0:
         with open(path) as f:
             result = json.load(f)
         result["memory"] = {"state": memory, "meaning": MEMORY[memory]}
@@ -60,5 +61,6 @@ def run(memory: str, more: list[str]) -> int:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False)
     parser.add_argument("--memory", choices=[*MEMORY, "both"], default="both")
+    parser.add_argument("--name", default="full-cpu")
     args, more = parser.parse_known_args()
-    sys.exit(max(run(memory, more) for memory in (MEMORY if args.memory == "both" else [args.memory])))
+    sys.exit(max(run(memory, args.name, more) for memory in (MEMORY if args.memory == "both" else [args.memory])))

@@ -270,7 +270,7 @@ def test_benchmarks_readme_documents_every_json_field(fields):
         assert f"| `{field}` |" in readme
 
 
-def test_cpu_suite_runs_issue_5s_workloads():
+def test_cpu_suite_runs_issue_5s_workloads_cold_and_warm():
     """benchmarks/cpu_suite.py: issue 5's shapes, dtypes, layouts and passes against both peers, on 2
     threads set explicitly (the Timer's default is 1)."""
     assert set(layer_bench.PRESETS["full"]) == {
@@ -278,9 +278,14 @@ def test_cpu_suite_runs_issue_5s_workloads():
         (128, 256, 14, 14), (8192, 512), (4, 32, 16, 32, 32),
     }
     suite = runpy.run_path(str(REPOSITORY / "benchmarks" / "cpu_suite.py"))
-    options = dict(zip(suite["OPTIONS"][1::2], suite["OPTIONS"][2::2]))
+    argv = suite["options"]("cold", "full-cpu")
+    options = dict(zip(argv[1::2], argv[2::2]))
     assert options["--preset"] == "full" and options["--threads"] == "2"
     assert set(options["--dtypes"].split(",")) == {"float32", "bfloat16"}
     assert set(options["--layouts"].split(",")) == {"contiguous", "channels_last"}
     assert set(options["--passes"].split(",")) == {"fwd", "bwd", "fwdbwd", "eval"}
     assert set(options["--peers"].split(",")) == {"native", "compile"}
+    # memory warm: a process of its own, glibc told to keep what is freed, results beside the cold ones
+    warm = suite["options"]("warm", "full-cpu")
+    assert options["--json"].endswith("full-cpu.json") and warm[warm.index("--json") + 1].endswith("full-cpu-warm.json")
+    assert set(suite["WARM_MEMORY"]) == {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"}

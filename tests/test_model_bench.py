@@ -154,13 +154,32 @@ def test_a_missing_optional_package_says_how_to_install_it(monkeypatch):
     assert "needs timm, which is not installed: pip install 'torch_safebn[models]'" in str(exit_info.value.code)
 
 
-def test_model_suite_runs_issue_14s_cpu_models():
-    """benchmarks/model_suite.py: the committed model results' settings, on 2 threads set explicitly."""
+def test_model_suite_runs_the_three_cpu_models_and_keeps_every_run():
+    """benchmarks/model_suite.py: the committed model results' settings, on 2 threads set explicitly,
+    the first run's files named as before and every later run's apart, and the summary's ratios
+    read from the run's own JSON."""
     suite = runpy.run_path(str(pathlib.Path(__file__).parents[1] / "benchmarks" / "model_suite.py"))
-    for model in ("resnet18", "timm:efficientnet_b0"):
-        argv = suite["options"](model)
-        options = dict(zip(argv[1::2], argv[2::2]))
-        assert options["--model"] == model and options["--threads"] == "2" and options["--device"] == "cpu"
-        assert (options["--batch-size"], options["--image-size"]) == ("8", "96")
-        assert options["--variants"] == "eager,compile"
-        assert options["--json"].endswith(f"model-{model.removeprefix('timm:')}-cpu.json")
+    assert set(suite["MODELS"]) == {"resnet18", "timm:efficientnet_b0", "timm:mobilenetv3_large_100"}
+    for model in suite["MODELS"]:
+        for run in (1, 2):
+            argv = suite["options"](model, run)
+            options = dict(zip(argv[1::2], argv[2::2]))
+            assert options["--model"] == model and options["--threads"] == "2" and options["--device"] == "cpu"
+            assert (options["--batch-size"], options["--image-size"]) == ("8", "96")
+            assert options["--variants"] == "eager,compile"
+            name = model.removeprefix("timm:")
+            assert options["--json"].endswith(f"model-{name}-cpu.json" if run == 1 else f"model-{name}-cpu-run2.json")
+            assert ("--plot" in options) == (run == 1)
+
+
+def test_model_suite_summary_is_every_runs_ratio_over_native(tmp_path, monkeypatch):
+    suite = runpy.run_path(str(pathlib.Path(__file__).parents[1] / "benchmarks" / "model_suite.py"))
+    rows = [{"variant": variant, "impl": impl, "median_ms": ms} for variant, impl, ms in
+            [("eager", "native", 100.0), ("eager", "converted", 90.0), ("compile", "native", 80.0),
+             ("compile", "converted", 84.0), ("compile", "converted-kernels", 88.0)]]
+    path = tmp_path / "model-resnet18-cpu.json"
+    path.write_text(json.dumps({"machine": {"device": "cpu"}, "created": "now", "rows": rows}))
+    monkeypatch.setitem(suite["ratios"].__globals__, "RESULTS", str(tmp_path))
+    summary = suite["ratios"]("resnet18", 1)["variants"]
+    assert summary["eager"]["over_native"] == {"native": 1.0, "converted": 0.9}
+    assert summary["compile"]["over_native"] == {"native": 1.0, "converted": 1.05, "converted-kernels": 1.1}
