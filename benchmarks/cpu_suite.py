@@ -49,7 +49,7 @@ def run(memory: str, name: str, more: list[str]) -> int:
     env = dict(os.environ, **(WARM_MEMORY if memory == "warm" else {}))
     argv = options(memory, name) + more  # later options override these
     status = subprocess.call([sys.executable, "-m", "torch_safebn", *argv], env=env)
-    path = argv[len(argv) - 1 - argv[::-1].index("--json") + 1]
+    path = argv[max(i for i, arg in enumerate(argv) if arg == "--json") + 1]  # the last one given
     if status == 0:
         with open(path) as f:
             result = json.load(f)

@@ -46,10 +46,11 @@ def batch_norm_train(input, weight, bias, running_mean, running_var, num_batches
     the guard's host action, between the guard and the normalization."""
     acc = accumulate_dtype(input.dtype)
     with torch.no_grad():
-        # The statistics of the normalization below (without weight and bias,
-        # its output unused): the compiler computes them once.
-        _, mean, invstd = torch.native_batch_norm(input, None, None, None, None, True, 0.0, eps)
-        if input.dtype != acc:
+        if input.dtype == acc:
+            # The statistics of the normalization below (without weight and bias,
+            # its output unused): the compiler computes them once.
+            _, mean, invstd = torch.native_batch_norm(input, None, None, None, None, True, 0.0, eps)
+        else:
             # In acc's precision, as the eager op keeps them: on the CPU, inductor's
             # decomposition rounds native_batch_norm's to the input's dtype.
             var, mean = torch.var_mean(input.to(acc), [0, *range(2, input.dim())], correction=0)
