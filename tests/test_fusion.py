@@ -75,6 +75,8 @@ def test_fx_quantization_without_it_warns_once_for_the_model():
         _quantized(safe)
     ours = [str(w.message) for w in caught if "FX graph mode quantization matches batch norms" in str(w.message)]
     assert len(ours) == 1 and "backend_config=torch_safebn.fusion.backend_config()" in ours[0]
+    assert f"the model's {sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in safe.modules())} torch_safebn" \
+        in ours[0]
 
 
 def test_qat_with_the_backend_config_fuses_as_native():

@@ -90,6 +90,28 @@ def test_convert_model_keeps_the_parameter_and_buffer_objects():
     assert not torch.equal(model[0].weight, before)
 
 
+@pytest.mark.parametrize("how", ["_apply", "setattr"])
+@pytest.mark.parametrize("training", [True, False])
+def test_a_conversion_of_every_buffer_keeps_the_counters_counting(how, training):
+    """Casting every buffer to float32 (module._apply, or setattr as PyTorch's test_to does) makes
+    native's num_batches_tracked a float and leaves it working; the counters stay int64 and the
+    module matches native."""
+    native = nn.BatchNorm2d(3).train(training)
+    safe = torch_safebn.convert_model(copy.deepcopy(native))
+    for module in (native, safe):
+        if how == "_apply":
+            module._apply(lambda t: t.float())
+        else:
+            for name, buffer in list(module.named_buffers()):
+                setattr(module, name, buffer.float())
+    assert native.num_batches_tracked.dtype == safe.num_batches_tracked.dtype == torch.float32
+    assert safe.safety_counters.dtype == torch.int64
+    x = make_input((4, 3, 2, 2))
+    torch.testing.assert_close(safe(x), native(x))
+    torch.testing.assert_close(dict(safe.state_dict()), dict(native.state_dict()))
+    assert torch_safebn.report(safe).rows[0]["batches"] == (1 if training else 0)
+
+
 def test_modules_deepcopy_and_pickle_with_a_snapshot_in_flight():
     bn = torch_safebn.SafeBatchNorm2d(3)
     bn.safety_state._pending = (torch.zeros(3), object(), ((1,), True))  # stands in for a CUDA event

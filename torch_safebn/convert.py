@@ -15,7 +15,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import sys
-import warnings
 
 from torch import nn
 
@@ -23,10 +22,10 @@ from .deployment import check_artifact
 from .distributed import SafeSyncBatchNorm
 from .modules import SAFE_FOR_NATIVE, _SafeBatchNormMixin
 from .norm_act import SafeBatchNormAct2d, SafeSyncBatchNormAct
+from .caller_warnings import warn_at_caller
 from .errors import UnconvertedBatchNormError
 from .policy import SAFETY_OPTIONS, Policy
 from .report import name_modules, unguarded
-from .state import warn_at_caller
 
 __all__ = ["convert_model", "revert_model", "native_module"]
 

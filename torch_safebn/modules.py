@@ -4,10 +4,13 @@ Same constructor (plus keyword-only safety options), same state_dict keys,
 same numbers; the forward goes through functional.guarded_forward."""
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
 from . import deployment, functional
+from .caller_warnings import warn_at_caller
 from .contract import NUM_COUNTERS
 from .policy import SAFETY_OPTIONS, Policy, validate_eps, validate_momentum
 from .state import SafetyState
@@ -26,15 +29,15 @@ SAFETY_OPTIONS_DOC = """
     on_degenerate ("raise" | "running_stats"): a training batch with one value
         per channel, whose variance is 0/0: raise DegenerateBatchError (a
         ValueError), or normalize it with the running statistics, leave them
-        untouched and warn once.
+        untouched and warn.
     on_nonfinite ("raise" | "warn" | "skip"): NaN/Inf in the batch statistics,
         the weight or the bias (in eval mode: in the running statistics, or
         running_var + eps <= 0). The running buffers never take such a batch;
         raise NonFiniteError (a FloatingPointError) naming the module and the
-        step, warn once, or only count.
+        step, warn, or only count.
     on_single_sample ("warn" | "ignore" | "raise"): a training batch of one
         example with more than one value per channel, normalized against
-        itself: warn once, say nothing, or raise DegenerateBatchError.
+        itself: warn, say nothing, or raise DegenerateBatchError.
     freeze_stats (False): use the running statistics and never update them,
         in training too (.train() does not undo it).
     checks (True): False turns every check off, for measuring their cost;
@@ -47,8 +50,19 @@ SAFETY_OPTIONS_DOC = """
         normalizes as the first pass did and updates nothing; False updates
         the running statistics again, as nn.BatchNorm does.
 
-    torch_safebn.report(model) reads the per-module counters.
+    A model warns once per call and kind, at the line that called it, naming
+    the first module and how many saw it; torch_safebn.report(model) reads
+    the per-module counters.
 """
+
+
+def _as_counts(counters):
+    """The counters stay int64 when a conversion casts every buffer (say
+    module._apply(lambda t: t.float())), which native's batch norms survive:
+    their num_batches_tracked works in any dtype."""
+    if isinstance(counters, torch.Tensor) and counters.dtype != torch.int64:
+        return counters.to(torch.int64)
+    return counters
 
 
 def _policy(track_running_stats=True, **options) -> Policy:
@@ -105,6 +119,8 @@ class _SafeBatchNormMixin:
             value = validate_momentum(value)
         elif name == "virtual_batch_size":
             value = self._validate_virtual_batch_size(value)
+        elif name == "safety_counters":
+            value = _as_counts(value)
         super().__setattr__(name, value)
 
     def _validate_virtual_batch_size(self, value) -> int | None:
@@ -141,8 +157,10 @@ class _SafeBatchNormMixin:
         had_values = counters is not None and not counters.is_meta
         module = super()._apply(fn, recurse)
         counters = self._buffers.get("safety_counters")
-        if counters is not None and not had_values and not counters.is_meta:
-            counters.zero_()
+        if counters is not None:
+            self._buffers["safety_counters"] = counters = _as_counts(counters)
+            if not had_values and not counters.is_meta:
+                counters.zero_()
         return module
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
@@ -193,6 +211,10 @@ class _SafeBatchNormMixin:
         return super().extra_repr() + (", " + options if options else "")
 
 
+# The quantization tracers that were told, so that a trace warns once.
+_WARNED_TRACERS: weakref.WeakSet = weakref.WeakSet()
+
+
 def _call_as_fx_leaf(module: nn.Module, input: torch.fx.Proxy) -> torch.fx.Proxy:
     """torch.fx records torch.nn's modules as calls (leaves) and traces into
     all others; a drop-in batch norm records itself as the call its native
@@ -200,17 +222,19 @@ def _call_as_fx_leaf(module: nn.Module, input: torch.fx.Proxy) -> torch.fx.Proxy
     safety and its name (torchvision's feature extraction relies on both).
     As the root of a trace it is traced into, and fails as native's does.
     FX graph mode quantization matches native's classes: unless it was given
-    torch_safebn.fusion.backend_config(), it would leave this batch norm
-    unfolded, which a warning says."""
+    torch_safebn.fusion.backend_config(), it would leave the batch norms
+    unfolded, which a warning says, once per trace."""
     tracer = input.tracer
-    if type(tracer).__name__ == "QuantizationTracer":
+    if type(tracer).__name__ == "QuantizationTracer" and tracer not in _WARNED_TRACERS:
         from . import fusion
 
         if not fusion.uses_safe_backend_config():
-            module.safety_state.warn_once(
-                "quantization",
-                f"{module.safety_state.describe()}: FX graph mode quantization matches batch norms by their native "
-                "class and would leave torch_safebn's unfolded and in float: pass "
+            _WARNED_TRACERS.add(tracer)
+            count = sum(isinstance(getattr(m, "safety_state", None), SafetyState) for m in tracer.root.modules())
+            warn_at_caller(
+                f"FX graph mode quantization matches batch norms by their native class and would leave the model's "
+                f"{count} torch_safebn batch norm{'s' if count != 1 else ''} (the first: "
+                f"{module.safety_state.describe()}) unfolded and in float: pass "
                 "backend_config=torch_safebn.fusion.backend_config() to prepare_fx, prepare_qat_fx, convert_fx and "
                 "fuse_fx, or quantize torch_safebn.revert_model(model).")
     return tracer.create_proxy("call_module", tracer.path_of_module(module), (input,), {})

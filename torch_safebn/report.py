@@ -57,16 +57,12 @@ def _guarded_modules(model: torch.nn.Module):
 
 def name_modules(model: torch.nn.Module) -> torch.nn.Module:
     """Gives every torch_safebn module its qualified name in `model` (e.g.
-    'layer1.0.bn1') for errors and reports, and makes the model warn once
-    per kind of warning rather than once per module. convert_model() does
+    'layer1.0.bn1') for errors, warnings and reports. convert_model() does
     this too."""
-    warned: set[str] = set()
     for name, module in model.named_modules():
         state = getattr(module, "safety_state", None)
         if isinstance(state, SafetyState):
             state.name = name
-            warned |= state.warned
-            state.warned = warned
     return model
 
 

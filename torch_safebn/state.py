@@ -1,27 +1,25 @@
 """A module's safety bookkeeping on the host (SafetyState): its policy, its
-name in the model, the warnings it gave, and what it does about what the ops
-counted. The counters live on the module's device and are written by the
-ops (csrc/guard.h), so guarding costs no host synchronization: this module
+name in the model, and what it does about what the ops counted. The
+counters live on the module's device and are written by the ops
+(csrc/guard.h), so guarding costs no host synchronization: this module
 turns them into warnings and errors, at once on the CPU, where reading them
 is free, and on CUDA one forward later (or at check()), unless sync=True."""
 from __future__ import annotations
 
 import enum
 import itertools
-import os
-import sys
-import warnings
 import weakref
 from collections.abc import Sequence
 
 import torch
 
 from ._ops import LIBRARY, events_pending, snapshot_counters
+from .caller_warnings import warn_per_call
 from .contract import NUM_COUNTERS, Counter
 from .errors import DegenerateBatchError, NonFiniteError
 from .policy import Policy
 
-__all__ = ["Event", "SafetyState", "warn_at_caller"]
+__all__ = ["Event", "SafetyState"]
 
 
 class Event(enum.IntEnum):
@@ -39,33 +37,6 @@ class Event(enum.IntEnum):
     GROUP_BATCH = 6
 
 
-# Directories whose frames a warning skips to reach the user's line.
-_INTERNAL_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, sys.modules[__package__]))
-_MODULE_CALLS = {torch.nn.Module._call_impl.__code__, torch.nn.Module._wrapped_call_impl.__code__}
-
-
-def _is_internal(filename: str) -> bool:
-    # "<...>": code that torch generated (FX); "torchinductor": inductor's compiled modules.
-    return filename.startswith(_INTERNAL_DIRS) or filename.startswith("<") or "torchinductor" in filename
-
-
-def warn_at_caller(message: str) -> None:
-    """Warns at the user's line: the one that called the outermost module
-    (the model, not a library's layer inside it), or else the first frame
-    outside torch_safebn and torch, whether the module ran eagerly or inside
-    compiled code."""
-    frame, level = sys._getframe(1), 2
-    outermost = None
-    while frame is not None:
-        if frame.f_code in _MODULE_CALLS:
-            outermost = level + 1
-        frame, level = frame.f_back, level + 1
-    frame, level = sys._getframe(1), 2
-    while frame is not None and (_is_internal(frame.f_code.co_filename) or (outermost and level < outermost)):
-        frame, level = frame.f_back, level + 1
-    warnings.warn(message, RuntimeWarning, stacklevel=level)
-
-
 # Every live SafetyState by its id, which compiled code hands the observe op.
 _STATES: weakref.WeakValueDictionary[int, SafetyState] = weakref.WeakValueDictionary()
 _IDS = itertools.count()
@@ -80,9 +51,6 @@ class SafetyState:
         self.policy = policy
         self.owner = owner  # e.g. "SafeBatchNorm2d(16)", for messages until a name is known
         self.name: str | None = None
-        # The warnings given, by kind: this module's, shared by every module of
-        # a model that name_modules() named, so that a model warns once per kind.
-        self.warned: set[str] = set()
         # On CUDA: (device, pinned host copy, event that says it landed) for the
         # counters' snapshots, reused call after call, and the (shape, training)
         # of the call whose snapshot is on its way.
@@ -116,12 +84,6 @@ class SafetyState:
             return f"{self.owner} '{self.name}'" if self.name else f"{self.owner} (the root module)"
         return f"{self.owner} (name it in errors with torch_safebn.name_modules(model))"
 
-    def warn_once(self, kind: str, message: str) -> None:
-        """Warns of `kind` unless this module, or another of its model, did."""
-        if kind not in self.warned:
-            self.warned.add(kind)
-            warn_at_caller(message)
-
     # -- what a forward tells it -----------------------------------------------------
     def observe(self, counters: torch.Tensor | None, shape: Sequence[int], event: Event,
                 group_batch: torch.Tensor | None = None, group: str = "") -> None:
@@ -148,20 +110,20 @@ class SafetyState:
             f"{self.describe()}: the batch holds a single example (input shape {list(shape)}), so every "
             "channel's mean and variance come from that one example and the output is normalized against "
             "itself. Train with more than one example per batch (DataLoader(batch_size > 1, "
-            "drop_last=True)), or pass on_single_sample='ignore' if this is intended. Warned once for the "
-            "model; report(model) counts every batch norm that saw such a batch."
+            "drop_last=True)), or pass on_single_sample='ignore' if this is intended. report(model) counts "
+            "every batch norm that saw such a batch."
         )
         if self.policy.on_single_sample == "raise":
             if counters is not None:  # refused before the op that counts the others
                 counters[Counter.SINGLE_SAMPLE_BATCHES] += 1
             raise DegenerateBatchError(text)
-        self.warn_once("single_sample", text)
+        warn_per_call("single_sample", text)
 
     def degenerate_handled(self, counters: torch.Tensor | None, shape: Sequence[int]) -> None:
         """A batch with one value per channel, normalized with the running statistics."""
         if counters is not None:
             counters[Counter.DEGENERATE_BATCHES] += 1
-        self.warn_once(
+        warn_per_call(
             "degenerate",
             f"{self.describe()}: a batch with one value per channel (input shape {list(shape)}) was "
             "normalized with the running statistics, which it did not update.",
@@ -246,7 +208,7 @@ class SafetyState:
         message = self.nonfinite_message(values, tuple(shape) if own and shape is not None else None)
         if self.policy.on_nonfinite == "raise":
             raise NonFiniteError(message)
-        self.warn_once("nonfinite", message + " (warned once; report(model) counts every event)")
+        warn_per_call("nonfinite", message + " report(model) counts every event.")
 
     def nonfinite_message(self, values: list[int], shape: tuple | None) -> str:
         """Describes the first event not reported yet, from the counters."""
