@@ -10,7 +10,11 @@ together on both ranks (a barrier before each):
                (header, count, examples, mean and variance of C channels) and
                the backward's all_reduce of 2C sums, as functional collectives
 
-sync against local + collectives is its own cost beyond the two.
+sync against local + collectives is its own cost beyond the two. Each is
+timed twice: the wall clock per call, which includes waiting for the other
+rank (on a 2-core machine, for the scheduler), and the calling thread's CPU
+time per call, which counts the host's own work (Python, dispatcher,
+autograd, the ops) and not the waits nor gloo's transport threads.
 
     python benchmarks/sync_host.py [--rounds 15] [--calls 200]
 
@@ -60,20 +64,22 @@ def _rank(rank: int, init_method: str, rounds: int, calls: int, path: str) -> No
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD_SIZE)
     try:
-        per_call = _time_in_turns(rank, rounds, calls)
+        timings = _time_in_turns(rank, rounds, calls)
     finally:
         dist.destroy_process_group()  # the modules are gone: nothing holds the group (README)
     if rank == 0:
-        _write(path, per_call, rounds, calls)
+        _write(path, timings, rounds, calls)
 
 
-def _time_in_turns(rank: int, rounds: int, calls: int) -> dict[str, list[float]]:
-    """Microseconds per call, a list per implementation, one value per round."""
+def _time_in_turns(rank: int, rounds: int, calls: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Microseconds per call, wall clock and the thread's CPU time, a list per
+    implementation, one value per round."""
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(rank)).requires_grad_()
     steps = {"sync": _training_step(torch_safebn.SafeSyncBatchNorm(SHAPE[1]), x),
              "local": _training_step(torch_safebn.SafeBatchNorm2d(SHAPE[1]), x),
              "collectives": _collectives(SHAPE[1])}
     per_call = {name: [] for name in steps}
+    cpu_per_call = {name: [] for name in steps}
     for step in steps.values():  # warm-up: the sync module registers with its group
         for _ in range(10):
             step()
@@ -81,30 +87,37 @@ def _time_in_turns(rank: int, rounds: int, calls: int) -> dict[str, list[float]]
         names = list(steps)[r % len(steps):] + list(steps)[:r % len(steps)]  # each goes first in turn
         for name in names:
             dist.barrier()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.thread_time()
             for _ in range(calls):
                 steps[name]()
             per_call[name].append((time.perf_counter() - start) / calls * 1e6)
-    return per_call
+            cpu_per_call[name].append((time.thread_time() - cpu_start) / calls * 1e6)
+    return per_call, cpu_per_call
 
 
-def _write(path: str, per_call: dict, rounds: int, calls: int) -> None:
+def _write(path: str, timings: tuple[dict, dict], rounds: int, calls: int) -> None:
+    per_call, cpu_per_call = timings
     median = {name: statistics.median(times) for name, times in per_call.items()}
+    cpu_median = {name: statistics.median(times) for name, times in cpu_per_call.items()}
     beyond = median["sync"] - median["local"] - median["collectives"]
+    cpu_beyond = cpu_median["sync"] - cpu_median["local"] - cpu_median["collectives"]
     result = {
         "format": "torch_safebn.sync_host/1", "created": datetime.now(timezone.utc).isoformat(),
         "machine": machine_block(torch.device("cpu"), 1), "world_size": WORLD_SIZE, "backend": "gloo",
         "shape": list(SHAPE), "pass": "training forward + backward", "rounds": rounds, "calls_per_round": calls,
         "median_us": median, "per_round_us": per_call,
         "sync_beyond_local_plus_collectives_us": beyond,
+        "thread_cpu_median_us": cpu_median, "thread_cpu_per_round_us": cpu_per_call,
+        "thread_cpu_sync_beyond_local_plus_collectives_us": cpu_beyond,
     }
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     print(f"{result['machine']['device']}, {WORLD_SIZE} gloo ranks, 1 thread each, {list(SHAPE)}, "
           f"forward + backward, median of {rounds} rounds of {calls} calls (us per call):")
-    for name, us in median.items():
-        print(f"  {name:12} {us:8.1f}")
-    print(f"  sync - local - collectives: {beyond:+.1f} us")
+    print(f"  {'':12} {'wall':>8} {'thread CPU':>11}")
+    for name in median:
+        print(f"  {name:12} {median[name]:8.1f} {cpu_median[name]:11.1f}")
+    print(f"  sync - local - collectives: {beyond:+.1f} us wall, {cpu_beyond:+.1f} us thread CPU")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -20,6 +21,7 @@
 
 #include "checks.h"
 #include "layout.h"
+#include "welford.h"
 
 namespace safebn {
 namespace {
@@ -185,36 +187,58 @@ std::tuple<Tensor, Tensor, Tensor> sync_batch_stats(const Tensor& input, double 
   // (C)], in float64 so that counts stay exact and the merge loses nothing,
   // padded with zeros. An empty batch sends zero statistics, which its count
   // of 0 weighs out of the merge (its own are NaN and would poison every rank).
-  const at::TensorOptions options = input.options().dtype(at::kDouble);
-  Tensor statistics = at::zeros({2 * channels}, options);
-  if (count > 0) {
-    const auto [mean, var] = batch_stats_op().call(input);
-    statistics = at::cat({mean, var}).to(at::kDouble);
-  }
   const double header[] = {kProtocol, double(me.ordinal), double(me.forwards++), double(channels), double(name),
                            double(count), double(input.size(0))};
-  const Tensor row = at::cat({at::tensor(c10::ArrayRef<double>(header), at::kDouble).to(input.device(),
-                                                                                       /*non_blocking=*/true),
-                              statistics, at::zeros({row_size - kHeader - 2 - 2 * channels}, options)});
-  const Tensor rows = all_gather(row, group_size, group_name).view({group_size, row_size});
+  constexpr int64_t kStats = kHeader + 2;  // where the statistics start
+  const Tensor row = at::zeros({row_size}, input.options().dtype(at::kDouble));
+  row.narrow(0, 0, kStats).copy_(at::from_blob(const_cast<double*>(header), {kStats}, at::kDouble));
+  if (count > 0) {
+    const auto [mean, var] = batch_stats_op().call(input);
+    row.narrow(0, kStats, channels).copy_(mean);
+    row.narrow(0, kStats + channels, channels).copy_(var);
+  }
   // The forward's one host synchronization, as nn.SyncBatchNorm's: the ops
-  // take the group's count as an integer, the host's messages name ranks,
-  // and the headers are checked.
-  const Tensor finite = at::isfinite(rows.narrow(1, kHeader + 2, 2 * channels)).all(1, /*keepdim=*/true);
-  const Tensor host = at::cat({rows.narrow(1, 0, kHeader + 2), finite.to(at::kDouble)}, 1).cpu();
-  const Tensor headers = host.narrow(1, 0, kHeader);
-  TORCH_CHECK(headers.eq(headers[0]).all().item<bool>(), "the ranks are out of step: their all_gather of batch "
-              "statistics paired different forwards (", describe_rows(headers, "forward"), ")", kSameForwards);
-  const Tensor group_batch = host.narrow(1, kHeader, 3).to(at::kLong);
-  const Tensor counts = rows.narrow(1, kHeader, 1), means = rows.narrow(1, kHeader + 2, channels),
-               variances = rows.narrow(1, kHeader + 2 + channels, channels);
-  // Chan's merge: the statistics of the concatenated batch. A rank with
-  // non-finite statistics and a positive count makes them non-finite on
-  // every rank, so that every rank's guarded update skips.
-  const Tensor share = counts / double(std::max<int64_t>(totals(group_batch).count, 1));
-  const Tensor mean = (share * means).sum(0);
-  const Tensor var = (share * (variances + (means - mean).square())).sum(0);
-  return {mean.to(acc), (var.to(acc) + eps).rsqrt(), group_batch};
+  // take the group's count as an integer, the host's messages name ranks, and
+  // the headers are checked. The merge is a few values per channel and rank,
+  // done on the host in the same pass rather than as a dozen tiny device ops.
+  const Tensor rows = all_gather(row, group_size, group_name).view({group_size, row_size}).cpu();
+  const auto all = rows.accessor<double, 2>();
+  Tensor group_batch = at::empty({group_size, 3}, at::kLong);
+  auto batch = group_batch.accessor<int64_t, 2>();
+  for (int64_t rank = 0; rank < group_size; ++rank) {
+    for (int64_t i = 0; i < kHeader; ++i) {
+      TORCH_CHECK(all[rank][i] == all[0][i], "the ranks are out of step: their all_gather of batch statistics paired "
+                  "different forwards (", describe_rows(rows.narrow(1, 0, kHeader), "forward"), ")", kSameForwards);
+    }
+    bool finite = true;
+    for (int64_t i = kStats; i < kStats + 2 * channels; ++i) finite = finite && std::isfinite(all[rank][i]);
+    batch[rank][0] = int64_t(all[rank][kHeader]);
+    batch[rank][1] = int64_t(all[rank][kHeader + 1]);
+    batch[rank][2] = finite;
+  }
+  // Chan's merge (welford.h): the statistics of the concatenated batch. A
+  // rank with non-finite statistics and a positive count makes them
+  // non-finite on every rank, so that every rank's guarded update skips.
+  // An empty group batch leaves the statistics 0 and 1/sqrt(eps), which update nothing.
+  Tensor mean = at::empty({channels}, at::kDouble), var = at::empty({channels}, at::kDouble);
+  double* mean_out = mean.data_ptr<double>();
+  double* var_out = var.data_ptr<double>();
+  for (int64_t c = 0; c < channels; ++c) {
+    Welford<double> group;
+    for (int64_t rank = 0; rank < group_size; ++rank) {
+      const double n = all[rank][kHeader];
+      group.merge(Welford<double>{all[rank][kStats + c], all[rank][kStats + channels + c] * n, n});
+    }
+    mean_out[c] = group.mean;
+    var_out[c] = group.count > 0 ? group.variance() : 0.0;
+  }
+  // invstd as the local kernels compute it: from the variance in the accumulation type
+  Tensor invstd = var.to(acc);
+  AT_DISPATCH_FLOATING_TYPES(acc, "safebn_sync_invstd", [&] {
+    scalar_t* values = invstd.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < channels; ++c) values[c] = invstd_from_var(values[c], scalar_t(eps));
+  });
+  return {mean.to(input.device(), acc), invstd.to(input.device()), group_batch};
 }
 
 Tensor sync_batch_norm_train(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,

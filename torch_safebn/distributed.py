@@ -26,6 +26,9 @@ from .state import Event, SafetyState
 
 __all__ = ["SafeSyncBatchNorm", "GroupSafetyState"]
 
+# The ops of a synchronized forward, looked up once (as functional.py's).
+_GROUP_STATS, _GROUP_TRAIN = OPS.sync_batch_stats.default, OPS.sync_batch_norm_train.default
+
 
 class GroupSafetyState(SafetyState):
     """A SafeSyncBatchNorm's bookkeeping: its messages also say which rank
@@ -110,13 +113,13 @@ def sync_forward(bn, input: torch.Tensor, running_mean, running_var, num_batches
         if not recomputing:
             count, examples = (int(v) for v in group_batch[:, :2].sum(0))
             state.pool.add_invstd(mean, invstd, bn.eps, count, examples)
-        return OPS.sync_batch_norm_train(input, bn.weight, bn.bias, None, None, None, None, *statistics, bn.momentum,
-                                         bn.eps, name, False, False, activation, activation_param)
+        return _GROUP_TRAIN(input, bn.weight, bn.bias, None, None, None, None, *statistics, bn.momentum, bn.eps, name,
+                            False, False, activation, activation_param)
     if not compiling:
         state.recomputed.remember(statistics, input.shape)
     counters = bn.safety_counters
     uses_running_stats = policy.on_degenerate == "running_stats" and running_mean is not None
-    output = OPS.sync_batch_norm_train(
+    output = _GROUP_TRAIN(
         input, bn.weight, bn.bias, running_mean, running_var, num_batches_tracked, counters, *statistics,
         bn.momentum, bn.eps, name, uses_running_stats, counters is not None and policy.on_single_sample == "raise",
         activation, activation_param)
@@ -132,9 +135,9 @@ def sync_forward(bn, input: torch.Tensor, running_mean, running_var, num_batches
 def _gathered(state, input: torch.Tensor, eps: float, name: str, size: int, compiling: bool):
     """safebn::sync_batch_stats; in eager code, a failed gather is explained."""
     if compiling:
-        return OPS.sync_batch_stats(input, eps, name, size, state.id, state.name_key)
+        return _GROUP_STATS(input, eps, name, size, state.id, state.name_key)
     try:
-        return OPS.sync_batch_stats(input, eps, name, size, state.id, state.name_key)
+        return _GROUP_STATS(input, eps, name, size, state.id, state.name_key)
     except RuntimeError as error:
         text = (f"{state.describe()}: the all_gather of the process group's batch statistics failed: {error} (Another "
                 "rank may have failed, exited or timed out, or made other collectives: every rank must make the same "
