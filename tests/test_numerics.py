@@ -103,3 +103,40 @@ def test_bfloat16_statistics_count_every_value(shape, two_threads):
     mean, var = OPS.batch_stats(x)
     torch.testing.assert_close(mean.double(), mean64, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(var.double(), var64, rtol=1e-5, atol=0)
+
+
+@pytest.fixture(params=[3, 4, 8])
+def many_threads(request):
+    """More threads than this machine has cores: a pass splits a small batch into more tasks than
+    it has rows."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("shape,layout,chunk", [
+    ((5, 512, 7, 7), "contiguous", 0),     # rows split 2, 2, 1 and an empty fourth task (4 threads)
+    ((9, 512, 7, 7), "contiguous", 0),
+    ((5, 512, 7, 7), "contiguous", 2),     # chunks of 2, 2 and 1 examples
+    ((5, 64, 9, 9), "channels_last", 0),
+    ((7, 96, 5, 5), "channels_last", 3),
+    ((6, 3, 40, 40), "contiguous", 4),     # planes, the last chunk's fused, the others' sliced
+])
+def test_every_thread_count_counts_every_value(shape, layout, chunk, many_threads):
+    """The statistics, output and input gradient of a training forward + backward, whole batch or
+    ghost chunks, against float64 chunk by chunk, whatever the number of tasks per pass."""
+    x = make_input(shape, layout=layout)
+    dy = make_input(shape, layout=layout, seed=1)
+    output, mean, invstd = OPS.forward_train(x, None, None, None, None, None, None, 0.1, 1e-5, 0, 0.0, chunk)
+    dx, _, _ = OPS.backward(dy, x, None, None, mean, invstd, True, [True, False, False], 0, 0.0, chunk)
+    x64 = x.double().requires_grad_()
+    parts = x64.split(chunk) if chunk else [x64]
+    expected = torch.cat([torch.nn.functional.batch_norm(part, None, None, training=True, eps=1e-5)
+                          for part in parts])
+    expected.backward(dy.double())
+    var64, mean64 = zip(*(torch.var_mean(part.detach(), dim=[0, 2, 3], correction=0) for part in parts))
+    torch.testing.assert_close(mean.double().reshape(-1), torch.cat(mean64), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(invstd.double().reshape(-1), (torch.cat(var64) + 1e-5).rsqrt(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(output.double(), expected.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx.double(), x64.grad, rtol=1e-4, atol=1e-4)

@@ -78,32 +78,12 @@ Prepared prepare(const at::Tensor& input, const std::optional<at::Tensor>& weigh
   return {laid_out, geometry_of(laid_out)};
 }
 
-// A training forward's output, mean and invstd of one (chunk of a) batch
-// with values, written into `output`, `mean` and `invstd` (contiguous, acc_t).
-void normalize_into(const Prepared& prepared, const std::optional<at::Tensor>& weight,
-                    const std::optional<at::Tensor>& bias, double eps, ActivationArg activation, at::Tensor output,
-                    at::Tensor mean, at::Tensor invstd) {
-  const auto& [input, g] = prepared;
-  SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_forward_train", [&] {
-    const ChannelValues<acc_t> w(weight, 1), b(bias, 0);
-    acc_t* mean_out = mean.mutable_data_ptr<acc_t>();
-    acc_t* invstd_out = invstd.mutable_data_ptr<acc_t>();
-    NormalizeParams<acc_t> params(g.channels, activation);
-    reduce_channels(data_of<T>(input), mutable_data_of<T>(output), g, params,
-                    [&](int64_t c, const Welford<acc_t>& s) {
-                      mean_out[c] = s.mean;
-                      invstd_out[c] = invstd_from_var(s.variance(), acc_t(eps));
-                      params.set(c, s.mean, w[c] * invstd_out[c], b[c]);
-                    });
-  });
-}
-
 // The output, mean and invstd of a training forward; a ghost batch norm's
 // statistics are per chunk ([chunks, C]).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> normalize_with_batch_stats(
     const Prepared& prepared, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     double eps, ActivationArg activation, int64_t virtual_batch_size) {
-  const at::Tensor& input = prepared.input;
+  const auto& [input, g] = prepared;
   at::Tensor output = empty_output_like(input);
   if (input.numel() == 0) {
     return {output, undefined_channel_stats(input, virtual_batch_size),
@@ -111,15 +91,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> normalize_with_batch_stats(
   }
   at::Tensor mean = channel_stat_tensor(input, virtual_batch_size),
              invstd = channel_stat_tensor(input, virtual_batch_size);
-  if (virtual_batch_size <= 0) {
-    normalize_into(prepared, weight, bias, eps, activation, output, mean, invstd);
-    return {output, mean, invstd};
-  }
-  for (int64_t part = 0; part < mean.size(0); ++part) {
-    const at::Tensor slice = chunk_of(input, part, virtual_batch_size);
-    normalize_into({slice, geometry_of(slice)}, weight, bias, eps, activation,
-                   chunk_of(output, part, virtual_batch_size), mean[part], invstd[part]);
-  }
+  SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_forward_train", [&] {
+    const ChannelValues<acc_t> w(weight, 1), b(bias, 0);
+    acc_t* mean_out = mean.mutable_data_ptr<acc_t>();
+    acc_t* invstd_out = invstd.mutable_data_ptr<acc_t>();
+    const Chunks chunks = chunks_of(g, virtual_batch_size);
+    NormalizeParams<acc_t> params(mean.numel(), activation);
+    reduce_channels(data_of<T>(input), mutable_data_of<T>(output), chunks, params,
+                    [&](int64_t i, int64_t c, const Welford<acc_t>& s) {
+                      const int64_t j = i * g.channels + c;  // mean and invstd: [chunks, C] or [C]
+                      mean_out[j] = s.mean;
+                      invstd_out[j] = invstd_from_var(s.variance(), acc_t(eps));
+                      params.set(j, s.mean, w[c] * invstd_out[j], b[c]);
+                    });
+  });
   return {output, mean, invstd};
 }
 
@@ -131,7 +116,8 @@ std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& input_arg) {
     acc_t* mean_out = mean.mutable_data_ptr<acc_t>();
     acc_t* var_out = var.mutable_data_ptr<acc_t>();
     NormalizeParams<acc_t> unused(0, ActivationArg{});
-    reduce_channels<T, acc_t>(data_of<T>(input), nullptr, g, unused, [&](int64_t c, const Welford<acc_t>& s) {
+    reduce_channels<T, acc_t>(data_of<T>(input), nullptr, chunks_of(g), unused,
+                              [&](int64_t, int64_t c, const Welford<acc_t>& s) {
       mean_out[c] = s.mean;
       var_out[c] = s.variance();
     });
@@ -165,7 +151,7 @@ at::Tensor normalize(const at::Tensor& input_arg, const std::optional<at::Tensor
   if (output.numel() == 0) return output;
   SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_normalize", [&] {
     const ChannelValues<acc_t> w(weight, 1), b(bias, 0), mean(mean_arg), invstd(invstd_arg);
-    normalize_all(data_of<T>(input), mutable_data_of<T>(output), g, plan_for(g),
+    normalize_all(data_of<T>(input), mutable_data_of<T>(output), chunks_of(g),
                   normalize_params<acc_t>(g.channels, w, b, mean, invstd, /*spread_is_var=*/false, 0, activation));
   });
   return output;
@@ -189,7 +175,7 @@ at::Tensor batch_norm_eval(const at::Tensor& input_arg, const std::optional<at::
     const ChannelValues<acc_t> w(weight, 1), b(bias, 0), mean(running_mean), var(running_var);
     check_eval(eval_check_args(counters, mean, var, w, b, g.channels, eps), SerialTeam{});
     if (output.numel() > 0)
-      normalize_all(data_of<T>(input), mutable_data_of<T>(output), g, plan_for(g),
+      normalize_all(data_of<T>(input), mutable_data_of<T>(output), chunks_of(g),
                     normalize_params<acc_t>(g.channels, w, b, mean, var, /*spread_is_var=*/true, eps, activation));
   });
   return output;
@@ -230,7 +216,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   at::Tensor dy;
   const Prepared prepared = prepare(input_arg, weight, bias);
   const at::Tensor& input = prepared.input;
-  const int64_t C = prepared.geometry.channels, chunks = chunk_count(input.size(0), virtual_batch_size);
+  const int64_t C = prepared.geometry.channels;
   check_statistics(mean_arg, input, virtual_batch_size, "mean");
   check_statistics(invstd_arg, input, virtual_batch_size, "invstd");
   TORCH_CHECK(grad_output.sizes() == input_arg.sizes(), "grad_output has shape ", grad_output.sizes(),
@@ -243,36 +229,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   ChannelVector<double> weight_sums(C, 0.0), bias_sums(C, 0.0);
   if (input.numel() > 0) {
     SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_backward", [&] {
-      const ChannelValues<acc_t> w(weight, 1), b(bias, 0);
-      for (int64_t part = 0; part < chunks; ++part) {
-        const at::Tensor x_part = chunk_of(input, part, virtual_batch_size);
-        const at::Tensor dy_part = chunk_of(dy, part, virtual_batch_size);
-        at::Tensor dx_part = want_input ? chunk_of(grad_input, part, virtual_batch_size) : at::Tensor();
-        const Geometry g = geometry_of(x_part);
-        const at::Tensor mean_row = virtual_batch_size > 0 ? mean_arg[part] : mean_arg;
-        const at::Tensor invstd_row = virtual_batch_size > 0 ? invstd_arg[part] : invstd_arg;
-        const ChannelValues<acc_t> mean(mean_row, 0), invstd(invstd_row, 0);
-        const acc_t count = acc_t(g.per_channel());
-        auto coeffs = [&](int64_t c, const GradSums& s) {
-          return grad_input_coefficients<acc_t>(mean[c], invstd[c], w[c], b[c], acc_t(s.dy[c]), acc_t(s.dy_xmu[c]),
-                                                count, train);
-        };
-        const T* x = data_of<T>(x_part);
-        T* dx = mutable_data_of<T>(dx_part);
-        if (want_weight || want_bias || (want_input && train)) {
-          NormalizeParams<acc_t> z(C, activation);
-          for (int64_t c = 0; c < C; ++c) z.set(c, mean[c], w[c] * invstd[c], b[c]);
-          const GradSums sums = reduce_grads<T, acc_t>(data_of<T>(dy_part), x, dx, g, z, coeffs);
-          for (int64_t c = 0; c < C; ++c) {
-            weight_sums[c] += sums.dy_xmu[c] * double(invstd[c]);
-            bias_sums[c] += sums.dy[c];
-          }
-        } else if (want_input) {  // eval mode without parameter gradients: no reduction needed
-          ChannelVector<GradInputCoefficients<acc_t>> k(C);
-          const GradSums none(C);
-          for (int64_t c = 0; c < C; ++c) k[c] = coeffs(c, none);
-          grad_input_all(data_of<T>(dy_part), x, dx, g, plan_for(g), k, activation);
+      const Chunks chunks = chunks_of(prepared.geometry, virtual_batch_size);
+      // mean and invstd: a row of C per chunk ([chunks, C], or [C] for the whole batch)
+      const ChannelValues<acc_t> w(weight, 1), b(bias, 0), mean(mean_arg, 0), invstd(invstd_arg, 0);
+      const int64_t stats = int64_t(chunks.size()) * C;
+      auto coeffs = [&](int64_t i, int64_t c, const GradSums& s) {
+        const int64_t j = i * C + c;
+        return grad_input_coefficients<acc_t>(mean[j], invstd[j], w[c], b[c], acc_t(s.dy[j]), acc_t(s.dy_xmu[j]),
+                                              acc_t(chunks[i].g.per_channel()), train);
+      };
+      const T* x = data_of<T>(input);
+      T* dx = mutable_data_of<T>(grad_input);
+      if (want_weight || want_bias || (want_input && train)) {
+        NormalizeParams<acc_t> z(stats, activation);
+        for (int64_t j = 0; j < stats; ++j) z.set(j, mean[j], w[j % C] * invstd[j], b[j % C]);
+        const GradSums sums = reduce_grads<T, acc_t>(data_of<T>(dy), x, dx, chunks, z, coeffs);
+        for (int64_t j = 0; j < stats; ++j) {
+          weight_sums[j % C] += sums.dy_xmu[j] * double(invstd[j]);
+          bias_sums[j % C] += sums.dy[j];
         }
+      } else if (want_input) {  // eval mode without parameter gradients: no reduction needed
+        ChannelVector<GradInputCoefficients<acc_t>> k(stats);
+        const GradSums none(stats);
+        for (int64_t j = 0; j < stats; ++j) k[j] = coeffs(j / C, j % C, none);
+        grad_input_all(data_of<T>(dy), x, dx, chunks, k, activation);
       }
     });
   }
@@ -299,8 +279,8 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad_output
       const ChannelValues<acc_t> mean(mean_arg), invstd(invstd_arg, 1), w(weight, 1), b(bias, 0);
       NormalizeParams<acc_t> z(g.channels, activation);
       for (int64_t c = 0; c < g.channels; ++c) z.set(c, mean[c], w[c] * invstd[c], b[c]);
-      sums = reduce_grads<T, acc_t>(data_of<T>(dy), data_of<T>(input), nullptr, g, z,
-                                    [](int64_t, const GradSums&) { return GradInputCoefficients<acc_t>{}; });
+      sums = reduce_grads<T, acc_t>(data_of<T>(dy), data_of<T>(input), nullptr, chunks_of(g), z,
+                                    [](int64_t, int64_t, const GradSums&) { return GradInputCoefficients<acc_t>{}; });
     });
   }
   const at::Tensor like = channel_stat_tensor(input);
@@ -329,7 +309,7 @@ at::Tensor backward_elemt(const at::Tensor& grad_output, const at::Tensor& input
     for (int64_t c = 0; c < g.channels; ++c)
       k[c] = grad_input_coefficients<acc_t>(mean[c], invstd[c], w[c], b[c], sum_dy[c], sum_dy_xmu[c],
                                             acc_t(count), true);
-    grad_input_all(data_of<T>(dy), data_of<T>(input), mutable_data_of<T>(grad_input), g, plan_for(g), k,
+    grad_input_all(data_of<T>(dy), data_of<T>(input), mutable_data_of<T>(grad_input), chunks_of(g), k,
                    activation);
   });
   return grad_input;

@@ -9,9 +9,11 @@
 
 #include <algorithm>
 #include <array>
+#include <utility>
 
 #include "../activation.h"
 #include "../geometry.h"
+#include "../layout.h"
 #include "../welford.h"
 #include "kernels.h"
 
@@ -86,60 +88,160 @@ Plan plan_for(const Geometry& g) {
   return p;
 }
 
-// fn(task, c, lo, hi) for every slice of every channel's plane.
-template <typename Fn>
-void for_each_slice(const Geometry& g, const Plan& p, Fn fn) {
-  at::parallel_for(0, g.channels * p.slices, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t c = task / p.slices, lo = (task % p.slices) * p.slice_len;
-      fn(task, c, lo, std::min(lo + p.slice_len, g.per_channel()));
-    }
-  });
+// A slice of the batch with statistics of its own: the whole batch, or one
+// of a ghost batch norm's chunks (layout.h), `offset` values into each of an
+// op's tensors, with its geometry and plan. Chunks differ in their batch
+// alone, so every plan walks them the same way (planes, rows or blocks); only
+// whether planes are fused may differ. The passes' per-channel arrays hold a
+// row of C values per chunk, chunk after chunk.
+struct Chunk {
+  int64_t offset = 0;
+  Geometry g;
+  Plan plan;
+};
+
+// Each pass runs the tasks of every chunk in one parallel region (Tasks), as
+// many regions as for the whole batch: each region waits for its slowest
+// thread, and with a region per chunk a ghost batch norm's training forward +
+// backward ([64, 64, 56, 56], 4 chunks) took 1.5 to 3 times the plain one's
+// on 2 threads whose cores were busy with other work too (on 1 thread, or on
+// idle cores, the same time).
+using Chunks = c10::SmallVector<Chunk, 4>;
+
+Chunks chunks_of(const Geometry& g, int64_t virtual_batch_size = 0) {
+  Chunks chunks;
+  for (int64_t index = 0; index < chunk_count(g.batch, virtual_batch_size); ++index) {
+    const int64_t first = index * virtual_batch_size;
+    Geometry chunk = g;
+    if (virtual_batch_size > 0) chunk.batch = std::min(virtual_batch_size, g.batch - first);
+    chunks.push_back({first * g.channels * g.spatial, chunk, plan_for(chunk)});
+  }
+  return chunks;
 }
 
-// fn(task, part, lo, hi) for every row range of p.blocks[part], the leftover
-// rows (part 1) last.
-template <typename Fn>
-void for_each_row_range(const Plan& p, Fn fn) {
-  const int64_t rows = at::divup(p.blocks[0].rows, p.tasks);
-  at::parallel_for(0, p.tasks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task)
-      fn(task, 0, task * rows, std::min((task + 1) * rows, p.blocks[0].rows));
-  });
-  if (p.blocks[1].rows > 0) fn(p.tasks, 1, int64_t(0), p.blocks[1].rows);
+// The tasks of one pass, count(chunk) per chunk, numbered across the chunks
+// ("slots", chunk after chunk).
+class Tasks {
+ public:
+  template <typename Count>
+  Tasks(const Chunks& chunks, Count count) : first_(chunks.size() + 1, 0) {
+    for (size_t i = 0; i < chunks.size(); ++i) first_[i + 1] = first_[i] + count(chunks[i]);
+  }
+  int64_t size() const { return first_.back(); }
+  // The slots of chunk i: [first(i), first(i + 1)).
+  int64_t first(size_t i) const { return first_[i]; }
+
+  // fn(i, task, slot) for task `task` of chunk i, every task in one parallel region.
+  template <typename Fn>
+  void run(Fn fn) const {
+    at::parallel_for(0, size(), 1, [&](int64_t begin, int64_t end) {
+      size_t i = std::upper_bound(first_.begin(), first_.end(), begin) - first_.begin() - 1;
+      for (int64_t slot = begin; slot < end; ++slot) {
+        while (slot >= first_[i + 1]) ++i;
+        fn(i, slot - first_[i], slot);
+      }
+    });
+  }
+
+ private:
+  ChannelVector<int64_t> first_;
+};
+
+// Task `task` of a reduction over planes: channel c's plane indices [lo, hi).
+struct PlaneSlice {
+  int64_t c, lo, hi;
+};
+
+PlaneSlice plane_slice(const Chunk& chunk, int64_t task) {
+  const Plan& p = chunk.plan;
+  const int64_t c = task / p.slices, lo = (task % p.slices) * p.slice_len;
+  return {c, lo, std::min(lo + p.slice_len, chunk.g.per_channel())};
 }
 
-int64_t row_range_count(const Plan& p) { return p.reductions_by_rows ? p.row_tasks : p.tasks + 1; }
-
-// fn(task, lo, hi) for p.row_tasks ranges of the (n, c) rows of a contiguous
-// input, in memory order.
-template <typename Fn>
-void for_each_row_task(const Geometry& g, const Plan& p, Fn fn) {
+// The range of (n, c) rows, in memory order, of task `task` of a pass by rows.
+std::pair<int64_t, int64_t> row_task_range(const Geometry& g, const Plan& p, int64_t task) {
   const int64_t rows = g.batch * g.channels, per_task = at::divup(rows, p.row_tasks);
-  at::parallel_for(0, p.row_tasks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) fn(task, task * per_task, std::min(rows, (task + 1) * per_task));
+  return {task * per_task, std::min(rows, (task + 1) * per_task)};
+}
+
+// Task `task` of a pass over p.blocks: a range of the rows of blocks[0], or,
+// last, the leftover rows of blocks[1].
+struct BlockRange {
+  int block;
+  int64_t lo, hi;
+};
+
+BlockRange block_range(const Plan& p, int64_t task) {
+  if (task == p.tasks) return {1, 0, p.blocks[1].rows};
+  // The last tasks may have no rows (5 rows in 4 tasks of 2): an empty range,
+  // not a reversed one, whose negative count blocks_stats would add.
+  const int64_t rows = at::divup(p.blocks[0].rows, p.tasks), end = p.blocks[0].rows;
+  return {0, std::min(task * rows, end), std::min((task + 1) * rows, end)};
+}
+
+// The tasks of a pass by rows (`by_rows`) or over p.blocks.
+int64_t range_tasks(const Plan& p, bool by_rows) {
+  return by_rows ? p.row_tasks : p.tasks + (p.blocks[1].rows > 0 ? 1 : 0);
+}
+
+// The tasks of a chunk's reduction: a fused or sliced plane per task, or ranges of rows.
+int64_t reduction_tasks(const Chunk& chunk) {
+  const Plan& p = chunk.plan;
+  return p.planes ? chunk.g.channels * p.slices : range_tasks(p, p.reductions_by_rows);
+}
+
+// The tasks of a chunk's elementwise pass: none after its reduction
+// (`after_reduction`) where that was fused and wrote it.
+int64_t elementwise_tasks(const Chunk& chunk, bool after_reduction) {
+  const Plan& p = chunk.plan;
+  return after_reduction && p.fused() ? 0 : range_tasks(p, p.elementwise_by_rows);
+}
+
+// The tasks of an elementwise pass over every chunk.
+Tasks elementwise_pass(const Chunks& chunks, bool after_reduction) {
+  return Tasks(chunks, [&](const Chunk& chunk) { return elementwise_tasks(chunk, after_reduction); });
+}
+
+// fn(i, chunk, lo, hi) for each task of a pass by rows: chunk i's (n, c) rows [lo, hi).
+template <typename Fn>
+void run_by_rows(const Tasks& tasks, const Chunks& chunks, Fn fn) {
+  tasks.run([&](size_t i, int64_t task, int64_t) {
+    const auto [lo, hi] = row_task_range(chunks[i].g, chunks[i].plan, task);
+    fn(i, chunks[i], lo, hi);
   });
 }
 
-// A per-channel array repeated over the lanes of a row of each of p.blocks,
-// in the order the kernels for T read them (cpu::lane_order).
+// fn(i, chunk, range) for each task of a pass over blocks: a BlockRange of chunk i.
+template <typename Fn>
+void run_by_blocks(const Tasks& tasks, const Chunks& chunks, Fn fn) {
+  tasks.run([&](size_t i, int64_t task, int64_t) { fn(i, chunks[i], block_range(chunks[i].plan, task)); });
+}
+
+// A per-channel array (a row of C per chunk) repeated over the lanes of a row
+// of each of every chunk's blocks, in the order the kernels for T read them
+// (cpu::lane_order); (i, block): chunk i's for p.blocks[block]. Empty for
+// plans without blocks.
 template <typename T, typename acc_t>
 class Tiled {
  public:
-  Tiled(const Plan& p, const acc_t* per_channel) {
-    for (size_t part = 0; part < p.blocks.size(); ++part) {
-      const cpu::Blocks& b = p.blocks[part];
-      const cpu::LaneOrder order = cpu::lane_order<T>(b);
-      lanes_[part].resize(b.width);
-      b.for_each_channel_span(0, b.width, [&](int64_t first, int64_t last, int64_t c) {
-        for (int64_t j = first; j < last; ++j) lanes_[part][order.index(j)] = per_channel[c];
-      });
+  Tiled(const Chunks& chunks, const acc_t* per_channel) : lanes_(2 * chunks.size()) {
+    for (size_t i = 0; i < chunks.size(); ++i) {
+      const int64_t row = i * chunks[i].g.channels;
+      for (int block = 0; block < 2; ++block) {
+        const cpu::Blocks& b = chunks[i].plan.blocks[block];
+        const cpu::LaneOrder order = cpu::lane_order<T>(b);
+        ChannelVector<acc_t>& lanes = lanes_[2 * i + block];
+        lanes.resize(b.width);
+        b.for_each_channel_span(0, b.width, [&](int64_t first, int64_t last, int64_t c) {
+          for (int64_t j = first; j < last; ++j) lanes[order.index(j)] = per_channel[row + c];
+        });
+      }
     }
   }
-  const acc_t* operator[](int part) const { return lanes_[part].data(); }
+  const acc_t* operator()(size_t i, int block) const { return lanes_[2 * i + block].data(); }
 
  private:
-  std::array<ChannelVector<acc_t>, 2> lanes_;
+  c10::SmallVector<ChannelVector<acc_t>, 2> lanes_;
 };
 
 // Per-channel constants of y = act((x - mean) * scale + bias), which the
@@ -155,169 +257,199 @@ struct NormalizeParams {
 };
 
 template <typename T, typename acc_t>
-void normalize_all(const T* x, T* y, const Geometry& g, const Plan& p, const NormalizeParams<acc_t>& k) {
+void normalize_all(const T* x, T* y, const Chunks& chunks, const NormalizeParams<acc_t>& k,
+                   bool after_reduction = false) {
   const auto& kern = cpu::kernels<T>(k.activation.kind);
-  if (p.elementwise_by_rows) {
-    for_each_row_task(g, p, [&](int64_t, int64_t lo, int64_t hi) {
-      kern.rows_normalize(x, y, g, lo, hi, k.mean.data(), k.scale.data(), k.bias.data(), k.param());
+  const int64_t C = chunks[0].g.channels;
+  const Tasks tasks = elementwise_pass(chunks, after_reduction);
+  if (chunks[0].plan.elementwise_by_rows) {
+    run_by_rows(tasks, chunks, [&](size_t i, const Chunk& chunk, int64_t lo, int64_t hi) {
+      kern.rows_normalize(x + chunk.offset, y + chunk.offset, chunk.g, lo, hi, k.mean.data() + i * C,
+                          k.scale.data() + i * C, k.bias.data() + i * C, k.param());
     });
     return;
   }
-  const Tiled<T, acc_t> mean(p, k.mean.data()), scale(p, k.scale.data()), bias(p, k.bias.data());
-  for_each_row_range(p, [&](int64_t, int part, int64_t lo, int64_t hi) {
-    kern.blocks_normalize(x, y, p.blocks[part], lo, hi, mean[part], scale[part], bias[part], k.param());
+  const Tiled<T, acc_t> mean(chunks, k.mean.data()), scale(chunks, k.scale.data()), bias(chunks, k.bias.data());
+  run_by_blocks(tasks, chunks, [&](size_t i, const Chunk& chunk, const BlockRange& r) {
+    kern.blocks_normalize(x + chunk.offset, y + chunk.offset, chunk.plan.blocks[r.block], r.lo, r.hi,
+                          mean(i, r.block), scale(i, r.block), bias(i, r.block), k.param());
   });
 }
 
-// Reduces every channel to its Welford statistics and hands each to
-// `finish(c, stats)`, which fills `params` for the normalization that
-// follows when `y` is given. Fused per channel where the plan allows.
+// Reduces every channel of every chunk to its Welford statistics and hands
+// each to `finish(i, c, stats)` (chunk i), which fills `params` for the
+// normalization that follows when `y` is given. Fused per channel where a
+// chunk's plan allows.
 template <typename T, typename acc_t, typename Finish>
-void reduce_channels(const T* x, T* y, const Geometry& g, NormalizeParams<acc_t>& params, Finish finish) {
+void reduce_channels(const T* x, T* y, const Chunks& chunks, NormalizeParams<acc_t>& params, Finish finish) {
   const auto& k = cpu::kernels<T>(params.activation.kind);
-  const int64_t C = g.channels;
-  const Plan p = plan_for(g);
-  if (p.fused()) {
-    at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        finish(c, k.plane_stats(x, g, c, 0, g.per_channel()));
-        if (y)
-          k.plane_normalize(x, y, g, c, 0, g.per_channel(), params.mean[c], params.scale[c], params.bias[c],
-                            params.param());
+  const int64_t C = chunks[0].g.channels;
+  const bool planes = chunks[0].plan.planes;
+  const Tasks tasks(chunks, reduction_tasks);
+  // Planes not fused: a slice's statistics per task. Rows and blocks: a
+  // task's sums per channel, relative to the channel's first value in the chunk.
+  ChannelVector<Welford<acc_t>> slices(planes ? tasks.size() : 0);
+  ChannelVector<cpu::ShiftedSums> partial(planes ? 0 : tasks.size() * C);
+  ChannelVector<acc_t> shift(planes ? 0 : chunks.size() * C);
+  for (int64_t j = 0; j < int64_t(shift.size()); ++j) {
+    const Chunk& chunk = chunks[j / C];
+    const int64_t c = j % C;
+    shift[j] = cpu::load(x[chunk.offset + (chunk.g.channels_last ? c : c * chunk.g.spatial)]);
+  }
+  const Tiled<T, acc_t> shift_lanes(chunks, shift.data());
+  tasks.run([&](size_t i, int64_t task, int64_t slot) {
+    const Chunk& chunk = chunks[i];
+    const Plan& p = chunk.plan;
+    const T* xc = x + chunk.offset;
+    if (p.planes) {
+      const PlaneSlice s = plane_slice(chunk, task);
+      const Welford<acc_t> stats = k.plane_stats(xc, chunk.g, s.c, s.lo, s.hi);
+      if (!p.fused()) {
+        slices[slot] = stats;
+        return;
       }
-    });
-    return;
-  }
-  if (p.planes) {
-    ChannelVector<Welford<acc_t>> partial(C * p.slices);
-    for_each_slice(g, p, [&](int64_t task, int64_t c, int64_t lo, int64_t hi) {
-      partial[task] = k.plane_stats(x, g, c, lo, hi);
-    });
-    for (int64_t c = 0; c < C; ++c) {
-      Welford<acc_t> total;
-      for (int64_t s = 0; s < p.slices; ++s) total.merge(partial[c * p.slices + s]);
-      finish(c, total);
-    }
-  } else {
-    // Each channel's sums are taken relative to its first value.
-    ChannelVector<acc_t> shift(C);
-    for (int64_t c = 0; c < C; ++c) shift[c] = cpu::load(x[g.channels_last ? c : c * g.spatial]);
-    ChannelVector<cpu::ShiftedSums> partial(row_range_count(p) * C);
-    if (p.reductions_by_rows) {
-      for_each_row_task(g, p, [&](int64_t task, int64_t lo, int64_t hi) {
-        k.rows_stats(x, g, lo, hi, shift.data(), partial.data() + task * C);
-      });
+      finish(i, s.c, stats);
+      const int64_t j = i * C + s.c;
+      if (y)
+        k.plane_normalize(xc, y + chunk.offset, chunk.g, s.c, 0, chunk.g.per_channel(), params.mean[j],
+                          params.scale[j], params.bias[j], params.param());
+    } else if (p.reductions_by_rows) {
+      const auto [lo, hi] = row_task_range(chunk.g, p, task);
+      k.rows_stats(xc, chunk.g, lo, hi, shift.data() + i * C, partial.data() + slot * C);
     } else {
-      const Tiled<T, acc_t> lanes(p, shift.data());
-      for_each_row_range(p, [&](int64_t task, int part, int64_t lo, int64_t hi) {
-        k.blocks_stats(x, p.blocks[part], lo, hi, lanes[part], partial.data() + task * C);
-      });
+      const BlockRange r = block_range(p, task);
+      k.blocks_stats(xc, p.blocks[r.block], r.lo, r.hi, shift_lanes(i, r.block), partial.data() + slot * C);
     }
+  });
+  for (size_t i = 0; i < chunks.size(); ++i) {
+    const Plan& p = chunks[i].plan;
+    if (p.fused()) continue;
     for (int64_t c = 0; c < C; ++c) {
       Welford<acc_t> total;
-      for (int64_t t = 0; t < row_range_count(p); ++t) total.merge(partial[t * C + c].welford(shift[c]));
-      finish(c, total);
+      if (planes) {
+        for (int64_t s = 0; s < p.slices; ++s) total.merge(slices[tasks.first(i) + c * p.slices + s]);
+      } else {
+        for (int64_t slot = tasks.first(i); slot < tasks.first(i + 1); ++slot)
+          total.merge(partial[slot * C + c].welford(shift[i * C + c]));
+      }
+      finish(i, c, total);
     }
   }
-  if (y) normalize_all(x, y, g, p, params);
+  if (y) normalize_all(x, y, chunks, params, /*after_reduction=*/true);
 }
 
-// sum(dy) and sum(dy * (x - mean)) per channel, in double.
+// sum(dy) and sum(dy * (x - mean)) per channel (a row of C per chunk), in double.
 struct GradSums {
   ChannelVector<double> dy, dy_xmu;
   explicit GradSums(int64_t channels) : dy(channels, 0.0), dy_xmu(channels, 0.0) {}
 };
 
+// The input gradient from the coefficients `k` (a row of C per chunk);
+// `after_reduction`: but in the chunks whose reduction was fused and wrote it.
 template <typename T, typename acc_t>
-void grad_input_all(const T* dy, const T* x, T* dx, const Geometry& g, const Plan& p,
-                    const ChannelVector<GradInputCoefficients<acc_t>>& k, ActivationArg activation) {
+void grad_input_all(const T* dy, const T* x, T* dx, const Chunks& chunks,
+                    const ChannelVector<GradInputCoefficients<acc_t>>& k, ActivationArg activation,
+                    bool after_reduction = false) {
   const auto& kern = cpu::kernels<T>(activation.kind);
   const acc_t param = acc_t(activation.param);
-  if (p.elementwise_by_rows) {
-    for_each_row_task(g, p, [&](int64_t, int64_t lo, int64_t hi) {
-      kern.rows_grad_input(dy, x, dx, g, lo, hi, k.data(), param);
+  const int64_t C = chunks[0].g.channels;
+  const Tasks tasks = elementwise_pass(chunks, after_reduction);
+  if (chunks[0].plan.elementwise_by_rows) {
+    run_by_rows(tasks, chunks, [&](size_t i, const Chunk& chunk, int64_t lo, int64_t hi) {
+      kern.rows_grad_input(dy + chunk.offset, x + chunk.offset, dx + chunk.offset, chunk.g, lo, hi,
+                           k.data() + i * C, param);
     });
     return;
   }
   ChannelVector<acc_t> fields[5];
-  for (auto& f : fields) f.resize(g.channels);
-  for (int64_t c = 0; c < g.channels; ++c) {
-    fields[0][c] = k[c].mean;
-    fields[1][c] = k[c].scale;
-    fields[2][c] = k[c].shift;
-    fields[3][c] = k[c].mean_dy;
-    fields[4][c] = k[c].proj;
+  for (auto& f : fields) f.resize(k.size());
+  for (size_t j = 0; j < k.size(); ++j) {
+    fields[0][j] = k[j].mean;
+    fields[1][j] = k[j].scale;
+    fields[2][j] = k[j].shift;
+    fields[3][j] = k[j].mean_dy;
+    fields[4][j] = k[j].proj;
   }
-  const Tiled<T, acc_t> mean(p, fields[0].data()), scale(p, fields[1].data()), shift(p, fields[2].data()),
-      mean_dy(p, fields[3].data()), proj(p, fields[4].data());
-  for_each_row_range(p, [&](int64_t, int part, int64_t lo, int64_t hi) {
-    const cpu::GradInputLanes<acc_t> lanes{mean[part], scale[part], shift[part], mean_dy[part], proj[part]};
-    kern.blocks_grad_input(dy, x, dx, p.blocks[part], lo, hi, lanes, param);
+  const Tiled<T, acc_t> mean(chunks, fields[0].data()), scale(chunks, fields[1].data()),
+      shift(chunks, fields[2].data()), mean_dy(chunks, fields[3].data()), proj(chunks, fields[4].data());
+  run_by_blocks(tasks, chunks, [&](size_t i, const Chunk& chunk, const BlockRange& r) {
+    const cpu::GradInputLanes<acc_t> lanes{mean(i, r.block), scale(i, r.block), shift(i, r.block),
+                                           mean_dy(i, r.block), proj(i, r.block)};
+    kern.blocks_grad_input(dy + chunk.offset, x + chunk.offset, dx + chunk.offset, chunk.plan.blocks[r.block],
+                           r.lo, r.hi, lanes, param);
   });
 }
 
 // The two sums, of dz = dy * act'(z) with z the forward's output before its
 // activation (`z`: the forward's constants), and, when `dx` is given, the
-// input gradient from the coefficients `coeffs(c, sums)` returns; fused per
-// channel as above. Where cpu::stores_activation_grad, dz is written to dx by
-// the reduction and the input gradient is the identity's, from dz in place.
+// input gradient from the coefficients `coeffs(i, c, sums)` returns for
+// channel c of chunk i; fused per channel as above. Where
+// cpu::stores_activation_grad, dz is written to dx by the reduction and the
+// input gradient is the identity's, from dz in place.
 template <typename T, typename acc_t, typename Coefficients>
-GradSums reduce_grads(const T* dy, const T* x, T* dx, const Geometry& g, const NormalizeParams<acc_t>& z,
+GradSums reduce_grads(const T* dy, const T* x, T* dx, const Chunks& chunks, const NormalizeParams<acc_t>& z,
                       Coefficients coeffs) {
   const auto& k = cpu::kernels<T>(z.activation.kind);
   const ChannelVector<acc_t>& mean = z.mean;
   const acc_t param = z.param();
-  const int64_t C = g.channels;
-  const Plan p = plan_for(g);
+  const int64_t C = chunks[0].g.channels;
+  const bool planes = chunks[0].plan.planes;
   T* dz = dx != nullptr && cpu::stores_activation_grad(z.activation.kind) ? dx : nullptr;
   // What the input gradient reads as its incoming gradient, and through which activation.
   const T* grad_in = dz != nullptr ? dz : dy;
   const ActivationArg input_activation = dz != nullptr ? ActivationArg{} : z.activation;
-  GradSums sums(C);
-  if (p.fused()) {
-    const auto& input_kernels = cpu::kernels<T>(input_activation.kind);
-    at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        k.plane_grad_sums(dy, x, dz, g, c, 0, g.per_channel(), mean[c], z.scale[c], z.bias[c], param, &sums.dy[c],
-                          &sums.dy_xmu[c]);
-        if (dx) input_kernels.plane_grad_input(grad_in, x, dx, g, c, 0, g.per_channel(), coeffs(c, sums), param);
-      }
-    });
-    return sums;
-  }
-  const int64_t partials = p.planes ? C * p.slices : row_range_count(p) * C;
-  GradSums partial(partials);
-  if (p.planes) {
-    for_each_slice(g, p, [&](int64_t task, int64_t c, int64_t lo, int64_t hi) {
-      k.plane_grad_sums(dy, x, dz, g, c, lo, hi, mean[c], z.scale[c], z.bias[c], param, &partial.dy[task],
-                        &partial.dy_xmu[task]);
-    });
-    for (int64_t task = 0; task < partials; ++task) {
-      sums.dy[task / p.slices] += partial.dy[task];
-      sums.dy_xmu[task / p.slices] += partial.dy_xmu[task];
-    }
-  } else {
-    if (p.reductions_by_rows) {
-      for_each_row_task(g, p, [&](int64_t task, int64_t lo, int64_t hi) {
-        k.rows_grad_sums(dy, x, dz, g, lo, hi, mean.data(), z.scale.data(), z.bias.data(), param,
-                         partial.dy.data() + task * C, partial.dy_xmu.data() + task * C);
-      });
+  const auto& input_kernels = cpu::kernels<T>(input_activation.kind);
+  const Tasks tasks(chunks, reduction_tasks);
+  GradSums sums(chunks.size() * C);
+  // Planes not fused: a slice's sums per task; rows and blocks: a task's sums per channel.
+  GradSums partial(planes ? tasks.size() : tasks.size() * C);
+  const Tiled<T, acc_t> lanes(chunks, mean.data()), scale(chunks, z.scale.data()), bias(chunks, z.bias.data());
+  tasks.run([&](size_t i, int64_t task, int64_t slot) {
+    const Chunk& chunk = chunks[i];
+    const Plan& p = chunk.plan;
+    const int64_t offset = chunk.offset, row = i * C;
+    T* dz_c = dz != nullptr ? dz + offset : nullptr;
+    if (p.planes) {
+      const PlaneSlice s = plane_slice(chunk, task);
+      const int64_t j = row + s.c;
+      const bool fused = p.fused();
+      k.plane_grad_sums(dy + offset, x + offset, dz_c, chunk.g, s.c, s.lo, s.hi, mean[j], z.scale[j], z.bias[j], param,
+                        fused ? &sums.dy[j] : &partial.dy[slot], fused ? &sums.dy_xmu[j] : &partial.dy_xmu[slot]);
+      if (fused && dx)
+        input_kernels.plane_grad_input(grad_in + offset, x + offset, dx + offset, chunk.g, s.c, 0,
+                                       chunk.g.per_channel(), coeffs(i, s.c, sums), param);
+    } else if (p.reductions_by_rows) {
+      const auto [lo, hi] = row_task_range(chunk.g, p, task);
+      k.rows_grad_sums(dy + offset, x + offset, dz_c, chunk.g, lo, hi, mean.data() + row, z.scale.data() + row,
+                       z.bias.data() + row, param, partial.dy.data() + slot * C, partial.dy_xmu.data() + slot * C);
     } else {
-      const Tiled<T, acc_t> lanes(p, mean.data()), scale(p, z.scale.data()), bias(p, z.bias.data());
-      for_each_row_range(p, [&](int64_t task, int part, int64_t lo, int64_t hi) {
-        k.blocks_grad_sums(dy, x, dz, p.blocks[part], lo, hi, lanes[part], scale[part], bias[part], param,
-                           partial.dy.data() + task * C, partial.dy_xmu.data() + task * C);
-      });
+      const BlockRange r = block_range(p, task);
+      k.blocks_grad_sums(dy + offset, x + offset, dz_c, p.blocks[r.block], r.lo, r.hi, lanes(i, r.block),
+                         scale(i, r.block), bias(i, r.block), param, partial.dy.data() + slot * C,
+                         partial.dy_xmu.data() + slot * C);
     }
-    for (int64_t i = 0; i < partials; ++i) {
-      sums.dy[i % C] += partial.dy[i];
-      sums.dy_xmu[i % C] += partial.dy_xmu[i];
+  });
+  for (size_t i = 0; i < chunks.size(); ++i) {
+    const Plan& p = chunks[i].plan;
+    if (p.fused()) continue;
+    for (int64_t slot = tasks.first(i); slot < tasks.first(i + 1); ++slot) {
+      const int64_t task = slot - tasks.first(i);
+      if (planes) {
+        sums.dy[i * C + task / p.slices] += partial.dy[slot];
+        sums.dy_xmu[i * C + task / p.slices] += partial.dy_xmu[slot];
+      } else {
+        for (int64_t c = 0; c < C; ++c) {
+          sums.dy[i * C + c] += partial.dy[slot * C + c];
+          sums.dy_xmu[i * C + c] += partial.dy_xmu[slot * C + c];
+        }
+      }
     }
   }
   if (dx) {
-    ChannelVector<GradInputCoefficients<acc_t>> all(C);
-    for (int64_t c = 0; c < C; ++c) all[c] = coeffs(c, sums);
-    grad_input_all(grad_in, x, dx, g, p, all, input_activation);
+    ChannelVector<GradInputCoefficients<acc_t>> all(chunks.size() * C);
+    for (size_t i = 0; i < chunks.size(); ++i)
+      for (int64_t c = 0; c < C; ++c) all[i * C + c] = coeffs(i, c, sums);
+    grad_input_all(grad_in, x, dx, chunks, all, input_activation, /*after_reduction=*/true);
   }
   return sums;
 }
