@@ -10,6 +10,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <map>
 #include <mutex>
@@ -114,6 +115,7 @@ GroupTotals totals(const Tensor& group_batch) {
 
 constexpr double kProtocol = 20261206;  // marks a row of this protocol
 constexpr int64_t kHeader = 5;          // kProtocol, ordinal, forwards, channels, name
+constexpr int64_t kStats = kHeader + 2;  // then count and examples; the statistics start here
 
 struct Registration {
   int64_t ordinal = 0;
@@ -156,7 +158,7 @@ Registration& registration(const Tensor& input, c10::string_view group_name, int
   auto found = registrations.find({group, module});
   if (found != registrations.end()) return found->second;
   GroupState& state = groups[group];
-  const int64_t channels = input.size(1), needed = kHeader + 2 + 2 * channels;
+  const int64_t channels = input.size(1), needed = kStats + 2 * channels;
   lock.unlock();
   const Tensor mine =
       at::tensor({kProtocol, double(state.modules), 0.0, double(channels), double(name), double(needed)}, at::kDouble)
@@ -187,11 +189,16 @@ std::tuple<Tensor, Tensor, Tensor> sync_batch_stats(const Tensor& input, double 
   // (C)], in float64 so that counts stay exact and the merge loses nothing,
   // padded with zeros. An empty batch sends zero statistics, which its count
   // of 0 weighs out of the merge (its own are NaN and would poison every rank).
-  const double header[] = {kProtocol, double(me.ordinal), double(me.forwards++), double(channels), double(name),
-                           double(count), double(input.size(0))};
-  constexpr int64_t kStats = kHeader + 2;  // where the statistics start
+  // On a GPU the host's values travel through pinned memory, copied without
+  // waiting for the device (the caching host allocator keeps the buffer
+  // until the copy has read it).
+  const at::TensorOptions host = at::TensorOptions().pinned_memory(input.is_cuda());
+  const Tensor header = at::empty({kStats}, host.dtype(at::kDouble));
+  const double values[kStats] = {kProtocol,    double(me.ordinal), double(me.forwards++),  double(channels),
+                                 double(name), double(count),      double(input.size(0))};
+  std::copy(values, values + kStats, header.data_ptr<double>());
   const Tensor row = at::zeros({row_size}, input.options().dtype(at::kDouble));
-  row.narrow(0, 0, kStats).copy_(at::from_blob(const_cast<double*>(header), {kStats}, at::kDouble));
+  row.narrow(0, 0, kStats).copy_(header, /*non_blocking=*/true);
   if (count > 0) {
     const auto [mean, var] = batch_stats_op().call(input);
     row.narrow(0, kStats, channels).copy_(mean);
@@ -205,40 +212,40 @@ std::tuple<Tensor, Tensor, Tensor> sync_batch_stats(const Tensor& input, double 
   const auto all = rows.accessor<double, 2>();
   Tensor group_batch = at::empty({group_size, 3}, at::kLong);
   auto batch = group_batch.accessor<int64_t, 2>();
+  // Chan's merge (welford.h): the statistics of the concatenated batch. A
+  // rank with non-finite statistics and a positive count makes them
+  // non-finite on every rank, so that every rank's guarded update skips.
+  std::vector<Welford<double>> merged(channels);
   for (int64_t rank = 0; rank < group_size; ++rank) {
     for (int64_t i = 0; i < kHeader; ++i) {
       TORCH_CHECK(all[rank][i] == all[0][i], "the ranks are out of step: their all_gather of batch statistics paired "
                   "different forwards (", describe_rows(rows.narrow(1, 0, kHeader), "forward"), ")", kSameForwards);
     }
+    const double n = all[rank][kHeader];
     bool finite = true;
-    for (int64_t i = kStats; i < kStats + 2 * channels; ++i) finite = finite && std::isfinite(all[rank][i]);
-    batch[rank][0] = int64_t(all[rank][kHeader]);
+    for (int64_t c = 0; c < channels; ++c) {
+      const double mean = all[rank][kStats + c], var = all[rank][kStats + channels + c];
+      finite = finite && std::isfinite(mean) && std::isfinite(var);
+      merged[c].merge(Welford<double>{mean, var * n, n});
+    }
+    batch[rank][0] = int64_t(n);
     batch[rank][1] = int64_t(all[rank][kHeader + 1]);
     batch[rank][2] = finite;
   }
-  // Chan's merge (welford.h): the statistics of the concatenated batch. A
-  // rank with non-finite statistics and a positive count makes them
-  // non-finite on every rank, so that every rank's guarded update skips.
-  // An empty group batch leaves the statistics 0 and 1/sqrt(eps), which update nothing.
-  Tensor mean = at::empty({channels}, at::kDouble), var = at::empty({channels}, at::kDouble);
-  double* mean_out = mean.data_ptr<double>();
-  double* var_out = var.data_ptr<double>();
-  for (int64_t c = 0; c < channels; ++c) {
-    Welford<double> group;
-    for (int64_t rank = 0; rank < group_size; ++rank) {
-      const double n = all[rank][kHeader];
-      group.merge(Welford<double>{all[rank][kStats + c], all[rank][kStats + channels + c] * n, n});
+  // In the accumulation type, invstd as the local kernels compute it. An
+  // empty group batch gives 0 and 1/sqrt(eps), which update nothing.
+  Tensor mean = at::empty({channels}, host.dtype(acc)), invstd = at::empty({channels}, host.dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES(acc, "safebn_sync_batch_stats", [&] {
+    scalar_t* mean_out = mean.data_ptr<scalar_t>();
+    scalar_t* invstd_out = invstd.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < channels; ++c) {
+      const Welford<double>& s = merged[c];
+      mean_out[c] = scalar_t(s.mean);
+      invstd_out[c] = invstd_from_var(scalar_t(s.count > 0 ? s.variance() : 0.0), scalar_t(eps));
     }
-    mean_out[c] = group.mean;
-    var_out[c] = group.count > 0 ? group.variance() : 0.0;
-  }
-  // invstd as the local kernels compute it: from the variance in the accumulation type
-  Tensor invstd = var.to(acc);
-  AT_DISPATCH_FLOATING_TYPES(acc, "safebn_sync_invstd", [&] {
-    scalar_t* values = invstd.data_ptr<scalar_t>();
-    for (int64_t c = 0; c < channels; ++c) values[c] = invstd_from_var(values[c], scalar_t(eps));
   });
-  return {mean.to(input.device(), acc), invstd.to(input.device()), group_batch};
+  return {mean.to(input.device(), /*non_blocking=*/true), invstd.to(input.device(), /*non_blocking=*/true),
+          group_batch};
 }
 
 Tensor sync_batch_norm_train(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,

@@ -90,6 +90,14 @@ def test_convert_model_keeps_the_parameter_and_buffer_objects():
     assert not torch.equal(model[0].weight, before)
 
 
+def test_a_half_precision_cast_of_every_buffer_keeps_the_counts():
+    bn = torch_safebn.SafeBatchNorm2d(3)
+    with torch.no_grad():
+        bn.safety_counters.fill_(2049)  # not a float16 number
+    bn._apply(lambda t: t.half())
+    assert bn.safety_counters.dtype == torch.int64 and bn.safety_counters.tolist() == [2049] * len(bn.safety_counters)
+
+
 @pytest.mark.parametrize("how", ["_apply", "setattr"])
 @pytest.mark.parametrize("training", [True, False])
 def test_a_conversion_of_every_buffer_keeps_the_counters_counting(how, training):

@@ -121,18 +121,20 @@ def many_threads(request):
     ((5, 512, 7, 7), "contiguous", 2),     # chunks of 2, 2 and 1 examples
     ((5, 64, 9, 9), "channels_last", 0),
     ((7, 96, 5, 5), "channels_last", 3),
-    ((6, 3, 40, 40), "contiguous", 4),     # planes, the last chunk's fused, the others' sliced
+    ((6, 3, 40, 40), "contiguous", 4),     # planes, each chunk's fused
+    ((5, 3, 64, 64), "contiguous", 4),     # planes: the first chunk's sliced (3 threads or more), the last's fused
 ])
 def test_every_thread_count_counts_every_value(shape, layout, chunk, many_threads):
-    """The statistics, output and input gradient of a training forward + backward, whole batch or
-    ghost chunks, against float64 chunk by chunk, whatever the number of tasks per pass."""
+    """The statistics, output and gradients of a training forward + backward, whole batch or ghost
+    chunks, against float64 chunk by chunk, whatever the number of tasks per pass."""
     x = make_input(shape, layout=layout)
     dy = make_input(shape, layout=layout, seed=1)
-    output, mean, invstd = OPS.forward_train(x, None, None, None, None, None, None, 0.1, 1e-5, 0, 0.0, chunk)
-    dx, _, _ = OPS.backward(dy, x, None, None, mean, invstd, True, [True, False, False], 0, 0.0, chunk)
-    x64 = x.double().requires_grad_()
+    weight, bias = torch.rand(shape[1]) + 0.5, torch.randn(shape[1])
+    output, mean, invstd = OPS.forward_train(x, weight, bias, None, None, None, None, 0.1, 1e-5, 0, 0.0, chunk)
+    dx, dw, db = OPS.backward(dy, x, weight, bias, mean, invstd, True, [True, True, True], 0, 0.0, chunk)
+    x64, w64, b64 = (t.double().requires_grad_() for t in (x, weight, bias))
     parts = x64.split(chunk) if chunk else [x64]
-    expected = torch.cat([torch.nn.functional.batch_norm(part, None, None, training=True, eps=1e-5)
+    expected = torch.cat([torch.nn.functional.batch_norm(part, None, None, w64, b64, training=True, eps=1e-5)
                           for part in parts])
     expected.backward(dy.double())
     var64, mean64 = zip(*(torch.var_mean(part.detach(), dim=[0, 2, 3], correction=0) for part in parts))
@@ -140,3 +142,5 @@ def test_every_thread_count_counts_every_value(shape, layout, chunk, many_thread
     torch.testing.assert_close(invstd.double().reshape(-1), (torch.cat(var64) + 1e-5).rsqrt(), rtol=1e-5, atol=0)
     torch.testing.assert_close(output.double(), expected.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dx.double(), x64.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dw.double(), w64.grad, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(db.double(), b64.grad, rtol=1e-4, atol=1e-3)

@@ -212,7 +212,7 @@ def test_a_model_warns_once_per_call_at_the_line_that_called_it():
         model(torch.randn(1, 3, 64, 64))
     ours = [w for w in caught if "single example" in str(w.message)]
     assert len(ours) == 2, [str(w.message)[:60] for w in ours]
-    assert all("'bn1'" in str(w.message) and "(20 batch norms of the model saw it in this call" in str(w.message)
+    assert all("'bn1'" in str(w.message) and "(20 batch norms of the model reported it in this call" in str(w.message)
                for w in ours)
     assert [(w.filename, w.lineno) for w in ours] == [(__file__, line), (__file__, line + 1)]
     assert all(row["single_sample_batches"] == 2 for row in torch_safebn.report(model).rows)
@@ -235,6 +235,28 @@ def test_a_call_warns_at_its_end_even_when_it_raises():
             model(torch.randn(1, 3, 4))
     ours = [str(w.message) for w in caught if "single example" in str(w.message)]
     assert len(ours) == 1 and "'0'" in ours[0] and "(2 batch norms of the model" in ours[0]
+    assert sys.getprofile() is None
+
+
+def test_a_module_called_twice_in_a_call_counts_once():
+    bn = torch_safebn.SafeBatchNorm1d(3)
+    model = torch_safebn.convert_model(nn.Sequential(bn, nn.Conv1d(3, 3, 1), bn))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(torch.randn(1, 3, 4))
+    ours = [str(w.message) for w in caught if "single example" in str(w.message)]
+    assert len(ours) == 1 and "batch norms of the model" not in ours[0]
+
+
+def test_an_error_of_the_call_is_not_replaced_by_a_warning_made_an_error():
+    """Under warnings-as-errors, a call that raises raises its own error, not the warning."""
+    model = torch_safebn.convert_model(nn.Sequential(nn.BatchNorm1d(3), nn.Conv1d(3, 3, 1), nn.BatchNorm1d(3)))
+    with torch.no_grad():
+        model[1].weight.fill_(float("nan"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(NonFiniteError):
+            model(torch.randn(1, 3, 4))
     assert sys.getprofile() is None
 
 
@@ -278,7 +300,7 @@ def test_nonfinite_warn_and_skip_keep_training(policy):
         warnings.simplefilter("always")
         bn(_poisoned())
         bn(_poisoned(value=float("inf")))
-    assert len([w for w in caught if "non-finite" in str(w.message)]) == (2 if policy == "warn" else 0)
+    assert len([w for w in caught if "non-finite" in str(w.message)]) == (1 if policy == "warn" else 0)  # per module
     _assert_buffers_equal(bn, before)
     assert _counters(bn)["nonfinite_events"] == 2
     torch_safebn.check(bn)  # only "raise" policies raise in check()

@@ -34,7 +34,7 @@ SAFETY_OPTIONS_DOC = """
         the weight or the bias (in eval mode: in the running statistics, or
         running_var + eps <= 0). The running buffers never take such a batch;
         raise NonFiniteError (a FloatingPointError) naming the module and the
-        step, warn, or only count.
+        step, warn (once per module), or only count.
     on_single_sample ("warn" | "ignore" | "raise"): a training batch of one
         example with more than one value per channel, normalized against
         itself: warn, say nothing, or raise DegenerateBatchError.
@@ -57,9 +57,9 @@ SAFETY_OPTIONS_DOC = """
 
 
 def _as_counts(counters):
-    """The counters stay int64 when a conversion casts every buffer (say
-    module._apply(lambda t: t.float())), which native's batch norms survive:
-    their num_batches_tracked works in any dtype."""
+    """The counters stay int64 when every buffer is set to another dtype
+    (PyTorch's test_to does so), which native's batch norms survive: their
+    num_batches_tracked works in any dtype."""
     if isinstance(counters, torch.Tensor) and counters.dtype != torch.int64:
         return counters.to(torch.int64)
     return counters
@@ -152,13 +152,17 @@ class _SafeBatchNormMixin:
     # a module made on the meta device holds no values, and to_empty() would
     # give its counters uninitialized memory; load_state_dict(assign=True)
     # brings every other tensor from the checkpoint but these (not part of it).
+    # A conversion that casts every buffer (module._apply(lambda t: t.half()))
+    # leaves them the counts they were, on the device it moved them to.
     def _apply(self, fn, recurse=True):
-        counters = self._buffers.get("safety_counters")
-        had_values = counters is not None and not counters.is_meta
+        before = self._buffers.get("safety_counters")
+        had_values = before is not None and not before.is_meta
         module = super()._apply(fn, recurse)
         counters = self._buffers.get("safety_counters")
         if counters is not None:
-            self._buffers["safety_counters"] = counters = _as_counts(counters)
+            if counters.dtype != torch.int64:
+                counters = before.to(counters.device) if had_values else counters.to(torch.int64)
+                self._buffers["safety_counters"] = counters
             if not had_values and not counters.is_meta:
                 counters.zero_()
         return module

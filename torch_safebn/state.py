@@ -43,9 +43,14 @@ _IDS = itertools.count()
 
 
 class SafetyState:
-    """A module's safety bookkeeping on the host: its policy, its name in the
-    model and which warnings it gave. The counters themselves are a buffer of
-    the module, on its device; this class turns them into errors and warnings."""
+    """A module's safety bookkeeping on the host: its policy and its name in
+    the model. The counters themselves are a buffer of the module, on its
+    device; this class turns them into errors and warnings."""
+
+    # A non-finite event under on_nonfinite="warn" is warned of once per
+    # module (its message names the step, which Python's filters would not
+    # recognize as a repeat); report(model) counts them all.
+    warned_nonfinite = False
 
     def __init__(self, policy: Policy, owner: str):
         self.policy = policy
@@ -117,7 +122,7 @@ class SafetyState:
             if counters is not None:  # refused before the op that counts the others
                 counters[Counter.SINGLE_SAMPLE_BATCHES] += 1
             raise DegenerateBatchError(text)
-        warn_per_call("single_sample", text)
+        warn_per_call("single_sample", text, id(self))
 
     def degenerate_handled(self, counters: torch.Tensor | None, shape: Sequence[int]) -> None:
         """A batch with one value per channel, normalized with the running statistics."""
@@ -127,6 +132,7 @@ class SafetyState:
             "degenerate",
             f"{self.describe()}: a batch with one value per channel (input shape {list(shape)}) was "
             "normalized with the running statistics, which it did not update.",
+            id(self),
         )
 
     def degenerate_refused(self, shape: Sequence[int]) -> None:
@@ -208,7 +214,10 @@ class SafetyState:
         message = self.nonfinite_message(values, tuple(shape) if own and shape is not None else None)
         if self.policy.on_nonfinite == "raise":
             raise NonFiniteError(message)
-        warn_per_call("nonfinite", message + " report(model) counts every event.")
+        if not self.warned_nonfinite:
+            self.warned_nonfinite = True
+            warn_per_call("nonfinite", message + " Warned once per module; report(model) counts every event.",
+                          id(self))
 
     def nonfinite_message(self, values: list[int], shape: tuple | None) -> str:
         """Describes the first event not reported yet, from the counters."""
