@@ -27,7 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import torch
 import torch.distributed as dist
@@ -62,7 +62,9 @@ def _collectives(channels: int):
 
 def _rank(rank: int, init_method: str, rounds: int, calls: int, path: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD_SIZE)
+    # A rank left waiting in a collective fails after two minutes instead of hanging the benchmark.
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD_SIZE,
+                            timeout=timedelta(minutes=2))
     try:
         timings = _time_in_turns(rank, rounds, calls)
     finally:
