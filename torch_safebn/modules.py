@@ -51,7 +51,7 @@ SAFETY_OPTIONS_DOC = """
         the running statistics again, as nn.BatchNorm does.
 
     A model warns once per call and kind, at the line that called it, naming
-    the first module and how many saw it; torch_safebn.report(model) reads
+    the first module and how many reported it; torch_safebn.report(model) reads
     the per-module counters.
 """
 
@@ -161,7 +161,7 @@ class _SafeBatchNormMixin:
         counters = self._buffers.get("safety_counters")
         if counters is not None:
             if counters.dtype != torch.int64:
-                counters = before.to(counters.device) if had_values else counters.to(torch.int64)
+                counters = before.to(counters.device) if had_values else _as_counts(counters)
                 self._buffers["safety_counters"] = counters
             if not had_values and not counters.is_meta:
                 counters.zero_()
