@@ -31,6 +31,15 @@ using at::Tensor;
 using OptionalTensor = std::optional<Tensor>;
 using Grads = std::tuple<Tensor, Tensor, Tensor>;
 
+// A host tensor `t` on `device`: copied without waiting (from pinned memory
+// to a GPU), and no op at all where it is there already, as on the CPU.
+Tensor on_device(const Tensor& t, c10::Device device) {
+  return t.device() == device ? t : t.to(device, /*non_blocking=*/true);
+}
+
+// `t` as `dtype`, no op where it is already.
+Tensor as_type(const Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
+
 c10::OperatorHandle operator_handle(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
 }
@@ -172,6 +181,41 @@ Registration& registration(const Tensor& input, c10::string_view group_name, int
   return registrations[{group, module}] = Registration{state.modules++, 0};
 }
 
+// This rank's row: the header, then [count, examples, mean (C), variance
+// (C)], in float64 so that counts stay exact and the merge loses nothing,
+// padded with zeros. An empty batch sends zero statistics, which its count
+// of 0 weighs out of the merge (its own are NaN and would poison every rank).
+// On the CPU the row is written in place; on a GPU the header travels
+// through pinned memory, copied without waiting for the device (the caching
+// host allocator keeps the buffer until the copy has read it), and one cat
+// on the device assembles the row.
+Tensor rank_row(const double (&header)[kStats], const std::optional<std::tuple<Tensor, Tensor>>& stats,
+                int64_t row_size, const Tensor& input) {
+  const int64_t stats_size = stats.has_value() ? 2 * input.size(1) : 0;
+  if (input.is_cpu()) {
+    const Tensor row = at::empty({row_size}, at::kDouble);
+    double* const out = row.data_ptr<double>();
+    std::copy(header, header + kStats, out);
+    if (stats.has_value()) {
+      const auto& [mean, var] = *stats;
+      AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "safebn_rank_row", [&] {
+        const int64_t channels = mean.numel();
+        std::copy_n(mean.expect_contiguous()->data_ptr<scalar_t>(), channels, out + kStats);
+        std::copy_n(var.expect_contiguous()->data_ptr<scalar_t>(), channels, out + kStats + channels);
+      });
+    }
+    std::fill(out + kStats + stats_size, out + row_size, 0.0);
+    return row;
+  }
+  const Tensor host = at::empty({kStats}, at::TensorOptions().dtype(at::kDouble).pinned_memory(true));
+  std::copy(header, header + kStats, host.data_ptr<double>());
+  std::vector<Tensor> parts{host.to(input.device(), /*non_blocking=*/true)};
+  if (stats.has_value()) parts.insert(parts.end(), {std::get<0>(*stats), std::get<1>(*stats)});
+  const int64_t padding = row_size - kStats - stats_size;
+  if (padding > 0) parts.push_back(at::zeros({padding}, input.options().dtype(at::kDouble)));
+  return at::cat(parts);  // promotes the statistics to float64
+}
+
 std::tuple<Tensor, Tensor, Tensor> sync_batch_stats(const Tensor& input, double eps, c10::string_view group_name,
                                                     int64_t group_size, int64_t module, int64_t name) {
   check_eps(eps);
@@ -185,31 +229,18 @@ std::tuple<Tensor, Tensor, Tensor> sync_batch_stats(const Tensor& input, double 
     const std::lock_guard<std::mutex> lock(protocol_mutex);
     row_size = groups[std::string(group_name)].row_size;
   }
-  // This rank's row: the header, then [count, examples, mean (C), variance
-  // (C)], in float64 so that counts stay exact and the merge loses nothing,
-  // padded with zeros. An empty batch sends zero statistics, which its count
-  // of 0 weighs out of the merge (its own are NaN and would poison every rank).
-  // On a GPU the host's values travel through pinned memory, copied without
-  // waiting for the device (the caching host allocator keeps the buffer
-  // until the copy has read it).
-  const at::TensorOptions host = at::TensorOptions().pinned_memory(input.is_cuda());
-  const Tensor header = at::empty({kStats}, host.dtype(at::kDouble));
-  const double values[kStats] = {kProtocol,    double(me.ordinal), double(me.forwards++),  double(channels),
+  const double header[kStats] = {kProtocol,    double(me.ordinal), double(me.forwards++),  double(channels),
                                  double(name), double(count),      double(input.size(0))};
-  std::copy(values, values + kStats, header.data_ptr<double>());
-  const Tensor row = at::zeros({row_size}, input.options().dtype(at::kDouble));
-  row.narrow(0, 0, kStats).copy_(header, /*non_blocking=*/true);
-  if (count > 0) {
-    const auto [mean, var] = batch_stats_op().call(input);
-    row.narrow(0, kStats, channels).copy_(mean);
-    row.narrow(0, kStats + channels, channels).copy_(var);
-  }
+  const Tensor row = count > 0 ? rank_row(header, batch_stats_op().call(input), row_size, input)
+                               : rank_row(header, std::nullopt, row_size, input);
   // The forward's one host synchronization, as nn.SyncBatchNorm's: the ops
   // take the group's count as an integer, the host's messages name ranks, and
   // the headers are checked. The merge is a few values per channel and rank,
   // done on the host in the same pass rather than as a dozen tiny device ops.
-  const Tensor rows = all_gather(row, group_size, group_name).view({group_size, row_size}).cpu();
-  const auto all = rows.accessor<double, 2>();
+  const Tensor gathered = all_gather(row, group_size, group_name);
+  const Tensor rows = gathered.is_cpu() ? gathered : gathered.cpu();
+  const int64_t sizes[2] = {group_size, row_size}, strides[2] = {row_size, 1};
+  const at::TensorAccessor<double, 2> all(rows.data_ptr<double>(), sizes, strides);
   Tensor group_batch = at::empty({group_size, 3}, at::kLong);
   auto batch = group_batch.accessor<int64_t, 2>();
   // Chan's merge (welford.h): the statistics of the concatenated batch. A
@@ -219,7 +250,8 @@ std::tuple<Tensor, Tensor, Tensor> sync_batch_stats(const Tensor& input, double 
   for (int64_t rank = 0; rank < group_size; ++rank) {
     for (int64_t i = 0; i < kHeader; ++i) {
       TORCH_CHECK(all[rank][i] == all[0][i], "the ranks are out of step: their all_gather of batch statistics paired "
-                  "different forwards (", describe_rows(rows.narrow(1, 0, kHeader), "forward"), ")", kSameForwards);
+                  "different forwards (", describe_rows(rows.view({group_size, row_size}).narrow(1, 0, kHeader),
+                  "forward"), ")", kSameForwards);
     }
     const double n = all[rank][kHeader];
     bool finite = true;
@@ -234,7 +266,8 @@ std::tuple<Tensor, Tensor, Tensor> sync_batch_stats(const Tensor& input, double 
   }
   // In the accumulation type, invstd as the local kernels compute it. An
   // empty group batch gives 0 and 1/sqrt(eps), which update nothing.
-  Tensor mean = at::empty({channels}, host.dtype(acc)), invstd = at::empty({channels}, host.dtype(acc));
+  const at::TensorOptions host = at::TensorOptions().dtype(acc).pinned_memory(input.is_cuda());
+  Tensor mean = at::empty({channels}, host), invstd = at::empty({channels}, host);
   AT_DISPATCH_FLOATING_TYPES(acc, "safebn_sync_batch_stats", [&] {
     scalar_t* mean_out = mean.data_ptr<scalar_t>();
     scalar_t* invstd_out = invstd.data_ptr<scalar_t>();
@@ -244,8 +277,7 @@ std::tuple<Tensor, Tensor, Tensor> sync_batch_stats(const Tensor& input, double 
       invstd_out[c] = invstd_from_var(scalar_t(s.count > 0 ? s.variance() : 0.0), scalar_t(eps));
     }
   });
-  return {mean.to(input.device(), /*non_blocking=*/true), invstd.to(input.device(), /*non_blocking=*/true),
-          group_batch};
+  return {on_device(mean, input.device()), on_device(invstd, input.device()), group_batch};
 }
 
 Tensor sync_batch_norm_train(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
@@ -302,8 +334,8 @@ Grads sync_batch_norm_backward(const Tensor& grad_output, const Tensor& input, c
   const bool has_weight = weight.has_value() && weight->defined();
   const at::ScalarType param_type = has_weight ? weight->scalar_type() : sum_dy.scalar_type();
   if (output_mask[1] && has_weight)
-    grad_weight = (group.count > 0 ? sum_dy_xmu * invstd : at::zeros_like(sum_dy_xmu)).to(param_type);
-  if (output_mask[2]) grad_bias = sum_dy.to(param_type);
+    grad_weight = as_type(group.count > 0 ? sum_dy_xmu * invstd : at::zeros_like(sum_dy_xmu), param_type);
+  if (output_mask[2]) grad_bias = as_type(sum_dy, param_type);
   if (output_mask[0]) {
     const Tensor sums = all_reduce_sum(at::cat({sum_dy, sum_dy_xmu}), group_name);
     const int64_t channels = sum_dy.numel();

@@ -27,6 +27,7 @@ from . import deployment, lowering, transforms
 from ._ops import OPS
 from .activations import activation_module, fused_activation
 from .contract import NUM_COUNTERS, values_per_channel
+from .group_forward import sync_forward
 from .policy import Policy, validate_eps, validate_momentum
 from .state import Event, SafetyState
 
@@ -168,8 +169,6 @@ def guarded_forward(bn: nn.Module, input: torch.Tensor, activation: int = 0, act
     # the backward) normalizes as the first pass did and updates and counts nothing.
     recomputing = not compiling and policy.checkpoint_aware and torch._C._current_graph_task_id() != -1
     if group is not None:
-        from .distributed import sync_forward
-
         return sync_forward(bn, input, running_mean, running_var, num_batches_tracked, group, compiling,
                             recomputing, *fused)
     # A ghost batch norm normalizes chunks of virtual_batch_size examples, each

@@ -46,9 +46,14 @@ T* mutable_data_of(at::Tensor& t) {
   return t.defined() ? reinterpret_cast<T*>(t.mutable_data_ptr()) : nullptr;
 }
 
-template <typename acc_t>
-at::Tensor channel_tensor(c10::ArrayRef<acc_t> values, const at::Tensor& like) {
-  return at::tensor(values, like.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+// Per-channel sums, accumulated in double, as a [C] tensor of the input's
+// accumulation type: written in place, rounded as .to() would, without the
+// two ops of making a double tensor and converting it.
+at::Tensor channel_tensor(c10::ArrayRef<double> values, const at::Tensor& input) {
+  at::Tensor t = at::empty({int64_t(values.size())}, input.options().dtype(accumulate_type(input.scalar_type())));
+  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "safebn_channel_tensor",
+                             [&] { std::copy(values.begin(), values.end(), t.mutable_data_ptr<scalar_t>()); });
+  return t;
 }
 
 // An output the size of the input. From a megabyte up, at::empty_like would
@@ -283,9 +288,7 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad_output
                                     [](int64_t, int64_t, const GradSums&) { return GradInputCoefficients<acc_t>{}; });
     });
   }
-  const at::Tensor like = channel_stat_tensor(input);
-  return {channel_tensor<double>(sums.dy, like).to(like.scalar_type()),
-          channel_tensor<double>(sums.dy_xmu, like).to(like.scalar_type())};
+  return {channel_tensor(sums.dy, input), channel_tensor(sums.dy_xmu, input)};
 }
 
 at::Tensor backward_elemt(const at::Tensor& grad_output, const at::Tensor& input_arg,
