@@ -207,7 +207,7 @@ Tensor rank_row(const double (&header)[kStats], const std::optional<std::tuple<T
     std::fill(out + kStats + stats_size, out + row_size, 0.0);
     return row;
   }
-  const Tensor host = at::empty({kStats}, at::TensorOptions().dtype(at::kDouble).pinned_memory(true));
+  const Tensor host = at::empty({kStats}, at::TensorOptions().dtype(at::kDouble).pinned_memory(input.is_cuda()));
   std::copy(header, header + kStats, host.data_ptr<double>());
   std::vector<Tensor> parts{host.to(input.device(), /*non_blocking=*/true)};
   if (stats.has_value()) parts.insert(parts.end(), {std::get<0>(*stats), std::get<1>(*stats)});
@@ -229,6 +229,12 @@ std::tuple<Tensor, Tensor, Tensor> sync_batch_stats(const Tensor& input, double 
     const std::lock_guard<std::mutex> lock(protocol_mutex);
     row_size = groups[std::string(group_name)].row_size;
   }
+  // Every row has the length the group agreed on when its modules registered:
+  // a module called with more channels than that would not fit.
+  TORCH_CHECK_VALUE(kStats + 2 * channels <= row_size, "this SafeSyncBatchNorm registered with its process group "
+                    "at its first synchronized forward, whose rows hold at most ", (row_size - kStats) / 2,
+                    " channels, and this call's input has ", channels, ": a synchronized batch norm keeps the "
+                    "channel count of its first call; use one module per channel count.");
   const double header[kStats] = {kProtocol,    double(me.ordinal), double(me.forwards++),  double(channels),
                                  double(name), double(count),      double(input.size(0))};
   const Tensor row = count > 0 ? rank_row(header, batch_stats_op().call(input), row_size, input)

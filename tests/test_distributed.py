@@ -25,6 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import torch_safebn
 from torch_safebn import DegenerateBatchError, NonFiniteError, SafeSyncBatchNorm
+from torch_safebn.distributed import GroupSafetyState
 
 ROOT = Path(__file__).resolve().parents[1]
 NATIVE_FOR_DIM = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
@@ -385,6 +386,22 @@ def _check_ranks_that_disagree(rank, world_size):
         assert f"rank {rank}" in str(raised.value) and time.monotonic() - start < 60, disagreement
 
 
+def _check_more_channels_than_at_registration(rank, world_size):
+    """A module without parameters or buffers takes any channel count, but its rows were sized at its
+    first synchronized forward: more channels later raise on every rank, before any collective, and
+    the module goes on with the channels it registered with."""
+    group = dist.new_group(timeout=FAULT_TIMEOUT)
+    bn = SafeSyncBatchNorm(3, affine=False, track_running_stats=False, process_group=group, dtype=torch.float64)
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64)
+    bn(x)
+    with pytest.raises(ValueError, match=r"rows hold at most 3 channels, and this call's input has 5"):
+        bn(torch.randn(4, 5, 2, 2, dtype=torch.float64))
+    whole = torch.cat([torch.randn(4, 3, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(r))
+                       for r in range(world_size)])
+    expected = nn.functional.batch_norm(whole, None, None, training=True)
+    torch.testing.assert_close(bn(whole[4 * rank:4 * rank + 4]), expected[4 * rank:4 * rank + 4], **TIGHT)
+
+
 def _check_a_rank_that_leaves_mid_step(rank, world_size, how):
     """Rank 1 stops in the middle of a step (its step raised and it left the group, or its process
     exited): rank 0, waiting in the all_gather, gets an error that says so, within the timeout."""
@@ -413,6 +430,7 @@ def _check_an_empty_batch_on_every_rank(rank, world_size):
 
 def two_ranks(rank, world_size, data):
     _check_an_empty_batch_on_every_rank(rank, world_size)
+    _check_more_channels_than_at_registration(rank, world_size)
     _check_ddp_training_matches_one_process(rank, world_size, data)
     _check_compiled_training_matches_one_process(rank, world_size)
     _check_nonfinite_raises_on_every_rank(rank, bad_rank=0)
@@ -468,6 +486,18 @@ def test_a_group_of_one_is_safe_batch_norm(tmp_path):
         _assert_same_training(native, safe, torch.randn(5, 4, 6, dtype=torch.float64))
     finally:
         dist.destroy_process_group()
+
+
+def test_a_state_pickled_by_an_earlier_version_keeps_counts_by_rank_a_method():
+    """torch.save(model) pickles each module's GroupSafetyState; one saved before counts_by_rank() was
+    derived from group_batch holds counts_by_rank as a dict, which must not hide the method that
+    describe() calls in every message of a synchronized module."""
+    state = SafeSyncBatchNorm(4).safety_state.__getstate__()
+    state["counts_by_rank"] = {0: 12, 1: 12}
+    del state["group_batch"]
+    loaded = GroupSafetyState.__new__(GroupSafetyState)
+    loaded.__setstate__(state)
+    assert loaded.counts_by_rank() == {} and loaded.group_batch == []
 
 
 def test_checkpoints_load_both_ways_with_nn_sync_batch_norm():

@@ -5,9 +5,9 @@ applied to the group's statistics.
 A training forward (group_forward.py) is two ops of csrc/sync.cpp:
 safebn::sync_batch_stats makes its one collective, an all_gather of each
 rank's row (a header, count, batch size, mean and variance: 2C + 7 float64
-values), and merges the rows on the host; safebn::sync_batch_norm_train
-normalizes with the group's statistics and runs the local path's guarded
-update on them. A backward that needs the input's gradient makes one more
+values, padded to the group's longest row), and merges the rows on the
+host; safebn::sync_batch_norm_train normalizes with the group's statistics
+and runs the local path's guarded update on them. A backward that needs the input's gradient makes one more
 collective, an all_reduce of the two per-channel sums (2C values). The
 collectives are torch's functional ones, and torch.compile keeps the ops
 whole (their fake kernels give the shapes). Every decision
@@ -49,6 +49,12 @@ class GroupSafetyState(SafetyState):
 
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "recomputed": RecomputedStatistics()}
+
+    def __setstate__(self, state: dict) -> None:
+        # Pickled before counts_by_rank() was derived from group_batch, a state holds it as a dict.
+        state.pop("counts_by_rank", None)
+        state.setdefault("group_batch", [])
+        super().__setstate__(state)
 
     @property
     def name(self) -> str | None:

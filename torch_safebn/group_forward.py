@@ -22,7 +22,7 @@ def sync_forward(bn, input: torch.Tensor, running_mean, running_var, num_batches
                  recomputing: bool, activation: int = 0, activation_param: float = 0.0) -> torch.Tensor:
     """guarded_forward's training call with the statistics of `group`. A
     recomputation reuses the statistics of the first pass where it can
-    (GroupSafetyState.recompute_statistics), else gathers them again, and
+    (RecomputedStatistics.reuse), else gathers them again, and
     updates and counts nothing, as does a micro-batch whose statistics are
     pooled (statistics.accumulate_stats)."""
     state = bn.safety_state
