@@ -59,11 +59,12 @@ def _collectives(channels: int, module: torch.nn.Module | None = None, x: torch.
     row = torch.zeros(ROW_HEADER + 2 + 2 * channels, dtype=torch.float64)
     sums = torch.zeros(2 * channels)
     ops = torch.ops._c10d_functional
+    local = _training_step(module, x) if module is not None else None
 
     def step() -> None:
         ops.wait_tensor(ops.all_gather_into_tensor(row, WORLD_SIZE, group))
-        if module is not None:
-            module(x).sum().backward()
+        if local is not None:
+            local()
         ops.wait_tensor(ops.all_reduce(sums, "sum", group))
     return step
 

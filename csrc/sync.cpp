@@ -209,7 +209,7 @@ Tensor rank_row(const double (&header)[kStats], const std::optional<std::tuple<T
   }
   const Tensor host = at::empty({kStats}, at::TensorOptions().dtype(at::kDouble).pinned_memory(input.is_cuda()));
   std::copy(header, header + kStats, host.data_ptr<double>());
-  std::vector<Tensor> parts{host.to(input.device(), /*non_blocking=*/true)};
+  std::vector<Tensor> parts{on_device(host, input.device())};
   if (stats.has_value()) parts.insert(parts.end(), {std::get<0>(*stats), std::get<1>(*stats)});
   const int64_t padding = row_size - kStats - stats_size;
   if (padding > 0) parts.push_back(at::zeros({padding}, input.options().dtype(at::kDouble)));

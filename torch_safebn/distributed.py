@@ -7,13 +7,14 @@ safebn::sync_batch_stats makes its one collective, an all_gather of each
 rank's row (a header, count, batch size, mean and variance: 2C + 7 float64
 values, padded to the group's longest row), and merges the rows on the
 host; safebn::sync_batch_norm_train normalizes with the group's statistics
-and runs the local path's guarded update on them. A backward that needs the input's gradient makes one more
-collective, an all_reduce of the two per-channel sums (2C values). The
-collectives are torch's functional ones, and torch.compile keeps the ops
-whole (their fake kernels give the shapes). Every decision
-(degenerate batch, single example, non-finite statistics) is taken from the
-gathered values, which are the same on every rank, so that every rank takes
-the same one and no rank is left waiting in a collective the others skipped."""
+and runs the local path's guarded update on them. A backward that needs the
+input's gradient makes one more collective, an all_reduce of the two
+per-channel sums (2C values). The collectives are torch's functional ones,
+and torch.compile keeps the ops whole (their fake kernels give the shapes).
+Every decision (degenerate batch, single example, non-finite statistics) is
+taken from the gathered values, which are the same on every rank, so that
+every rank takes the same one and no rank is left waiting in a collective
+the others skipped."""
 from __future__ import annotations
 
 import hashlib

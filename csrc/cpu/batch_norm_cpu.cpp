@@ -50,7 +50,7 @@ T* mutable_data_of(at::Tensor& t) {
 // accumulation type: written in place, rounded as .to() would, without the
 // two ops of making a double tensor and converting it.
 at::Tensor channel_tensor(c10::ArrayRef<double> values, const at::Tensor& input) {
-  at::Tensor t = at::empty({int64_t(values.size())}, input.options().dtype(accumulate_type(input.scalar_type())));
+  at::Tensor t = channel_stat_tensor(input);
   AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "safebn_channel_tensor",
                              [&] { std::copy(values.begin(), values.end(), t.mutable_data_ptr<scalar_t>()); });
   return t;
