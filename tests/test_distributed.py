@@ -206,9 +206,16 @@ def _check_empty_group_batch_changes_nothing(rank):
 
 
 def _check_process_group(rank):
-    """Modules synchronized over ranks 0 and 2 only; messages give global ranks."""
+    """Modules synchronized over ranks 0 and 2 only; messages give global ranks.
+    Rank 1, outside the group, normalizes its own batch, as nn.SyncBatchNorm
+    does (on a GPU; on the CPU it refuses to run at all)."""
     group = dist.new_group([0, 2])  # every rank takes part in creating it
     if rank == 1:
+        x = torch.randn(4, 3, 2, 2, dtype=torch.float64)
+        safe = SafeSyncBatchNorm(3, process_group=group).double()
+        native = nn.BatchNorm2d(3).double()
+        torch.testing.assert_close(safe(x), native(x), rtol=0, atol=1e-12)
+        torch.testing.assert_close(safe.running_var, native.running_var, rtol=0, atol=1e-12)
         return
     _check_parity([2, 1], (4, 5), group=group)
     _check_nonfinite_raises_on_every_rank(rank, bad_rank=2, group=group)

@@ -30,6 +30,8 @@ from .state import SafetyState
 
 __all__ = ["SafeSyncBatchNorm", "GroupSafetyState"]
 
+_DISTRIBUTED = dist.is_available()
+
 
 class GroupSafetyState(SafetyState):
     """A SafeSyncBatchNorm's bookkeeping: its messages also say which rank
@@ -149,10 +151,14 @@ class SafeSyncBatchNorm(_SafeBatchNormMixin, _BatchNorm):
         """The process group whose statistics a call takes now, or None: in
         eval mode (and with frozen statistics) nn.SyncBatchNorm normalizes each
         rank on its own, as does a group of one."""
-        if not (self.training and not self.policy.freeze_stats and dist.is_available() and dist.is_initialized()):
+        # dist.get_world_size's decisions, spelled out: this runs at every call.
+        world = dist.group.WORLD if _DISTRIBUTED else None  # None before init_process_group and after its destroy
+        if world is None or not self.training or self.policy.freeze_stats:
             return None
-        group = self.process_group if self.process_group is not None else dist.group.WORLD
-        return group if dist.get_world_size(group) > 1 else None
+        group = self.process_group if self.process_group is not None else world
+        if group == dist.GroupMember.NON_GROUP_MEMBER:  # what new_group gives a rank outside the group
+            return None
+        return group if group.size() > 1 else None
 
     @classmethod
     def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group=None, **options) -> torch.nn.Module:

@@ -169,8 +169,8 @@ def guarded_forward(bn: nn.Module, input: torch.Tensor, activation: int = 0, act
     # the backward) normalizes as the first pass did and updates and counts nothing.
     recomputing = not compiling and policy.checkpoint_aware and torch._C._current_graph_task_id() != -1
     if group is not None:
-        return sync_forward(bn, input, running_mean, running_var, num_batches_tracked, group, compiling,
-                            recomputing, *fused)
+        return sync_forward(bn, input, weight, bias, (running_mean, running_var, num_batches_tracked), counters,
+                            group, compiling, recomputing, *fused)
     # A ghost batch norm normalizes chunks of virtual_batch_size examples, each
     # with its own statistics: the op takes it after the activation's arguments.
     chunk = bn.virtual_batch_size

@@ -18,34 +18,35 @@ __all__ = ["sync_forward", "RecomputedStatistics"]
 _GROUP_STATS, _GROUP_TRAIN = OPS.sync_batch_stats.default, OPS.sync_batch_norm_train.default
 
 
-def sync_forward(bn, input: torch.Tensor, running_mean, running_var, num_batches_tracked, group, compiling: bool,
-                 recomputing: bool, activation: int = 0, activation_param: float = 0.0) -> torch.Tensor:
-    """guarded_forward's training call with the statistics of `group`. A
-    recomputation reuses the statistics of the first pass where it can
+def sync_forward(bn, input: torch.Tensor, weight, bias, buffers, counters, group, compiling: bool, recomputing: bool,
+                 activation: int = 0, activation_param: float = 0.0) -> torch.Tensor:
+    """guarded_forward's training call with the statistics of `group`, given
+    the module's parameters, running buffers (mean, var, batches tracked) and
+    counters as guarded_forward read them (a module attribute costs a lookup).
+    A recomputation reuses the statistics of the first pass where it can
     (RecomputedStatistics.reuse), else gathers them again, and
     updates and counts nothing, as does a micro-batch whose statistics are
     pooled (statistics.accumulate_stats)."""
     state = bn.safety_state
     policy = state.policy
-    name, size = group.group_name, group.size()
+    name = group.group_name
     statistics = state.recomputed.reuse(input.shape) if recomputing else None
     if statistics is None:
-        statistics = _gathered(state, input, bn.eps, name, size, compiling)
+        statistics = _gathered(state, input, bn.eps, name, group.size(), compiling)
     if recomputing or state.pool is not None:
         mean, invstd, group_batch = statistics
         if not recomputing:
             count, examples = (int(v) for v in group_batch[:, :2].sum(0))
             state.pool.add_invstd(mean, invstd, bn.eps, count, examples)
-        return _GROUP_TRAIN(input, bn.weight, bn.bias, None, None, None, None, *statistics, bn.momentum, bn.eps, name,
+        return _GROUP_TRAIN(input, weight, bias, None, None, None, None, *statistics, bn.momentum, bn.eps, name,
                             False, False, activation, activation_param)
     if not compiling:
         state.recomputed.remember(statistics, input.shape)
-    counters = bn.safety_counters
+    running_mean = buffers[0]
     uses_running_stats = policy.on_degenerate == "running_stats" and running_mean is not None
     output = _GROUP_TRAIN(
-        input, bn.weight, bn.bias, running_mean, running_var, num_batches_tracked, counters, *statistics,
-        bn.momentum, bn.eps, name, uses_running_stats, counters is not None and policy.on_single_sample == "raise",
-        activation, activation_param)
+        input, weight, bias, *buffers, counters, *statistics, bn.momentum, bn.eps, name, uses_running_stats,
+        counters is not None and policy.on_single_sample == "raise", activation, activation_param)
     event = Event.GROUP_BATCH_WITH_RUNNING_STATS if uses_running_stats else Event.GROUP_BATCH
     group_batch = statistics[2]
     if not compiling:

@@ -154,7 +154,9 @@ class SafetyState:
         local forward decides from its input's shape, decided from the group's
         batch (group_batch: values per channel, examples and finite statistics
         by rank), the same on every rank."""
-        count, examples = sum(row[0] for row in group_batch), sum(row[1] for row in group_batch)
+        count = examples = 0
+        for values, batch, _ in group_batch:
+            count, examples = count + values, examples + batch
         if count == 0:
             return
         if count == 1:
