@@ -18,13 +18,16 @@ the separate local and collectives is given too. Each is
 timed twice: the wall clock per call, which includes waiting for the other
 rank (on a 2-core machine, for the scheduler), and the calling thread's CPU
 time per call, which counts the host's own work (Python, dispatcher,
-autograd, the ops) and not the waits nor gloo's transport threads.
+autograd, the ops) and not the waits nor gloo's transport threads. Both
+clocks move by tens of microseconds from run to run on a shared VM, so
+each step's Python function calls are also counted (cProfile), which do not.
 
     python benchmarks/sync_host.py [--rounds 15] [--calls 200]
 
 writes benchmarks/results/sync-host-cpu.json and prints the medians.
 """
 import argparse
+import cProfile
 import json
 import os
 import statistics
@@ -82,9 +85,10 @@ def _rank(rank: int, init_method: str, rounds: int, calls: int, path: str) -> No
         _write(path, timings, rounds, calls)
 
 
-def _time_in_turns(rank: int, rounds: int, calls: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+def _time_in_turns(rank: int, rounds: int, calls: int) -> tuple[dict, dict, dict]:
     """Microseconds per call, wall clock and the thread's CPU time, a list per
-    implementation, one value per round."""
+    implementation, one value per round; and each implementation's Python
+    calls per step (_work_per_step)."""
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(rank)).requires_grad_()
     steps = {"sync": _training_step(torch_safebn.SafeSyncBatchNorm(SHAPE[1]), x),
              "local": _training_step(torch_safebn.SafeBatchNorm2d(SHAPE[1]), x),
@@ -95,6 +99,7 @@ def _time_in_turns(rank: int, rounds: int, calls: int) -> tuple[dict[str, list[f
     for step in steps.values():  # warm-up: the sync module registers with its group
         for _ in range(10):
             step()
+    work = {name: _work_per_step(step) for name, step in steps.items()}
     for r in range(rounds):
         names = list(steps)[r % len(steps):] + list(steps)[:r % len(steps)]  # each goes first in turn
         for name in names:
@@ -104,11 +109,24 @@ def _time_in_turns(rank: int, rounds: int, calls: int) -> tuple[dict[str, list[f
                 steps[name]()
             per_call[name].append((time.perf_counter() - start) / calls * 1e6)
             cpu_per_call[name].append((time.thread_time() - cpu_start) / calls * 1e6)
-    return per_call, cpu_per_call
+    return per_call, cpu_per_call, work
 
 
-def _write(path: str, timings: tuple[dict, dict], rounds: int, calls: int) -> None:
-    per_call, cpu_per_call = timings
+def _work_per_step(step, steps: int = 20) -> dict[str, float]:
+    """Python function calls per step (cProfile), counted over `steps` steps.
+    Operator calls are not counted here: torch.profiler, whose events would
+    count them, also records gloo's worker threads, and one run of a loop
+    profiled that way aborted in malloc (benchmarks/README.md)."""
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(steps):
+        step()
+    profile.disable()
+    return {"python_calls": sum(entry.callcount for entry in profile.getstats()) / steps}
+
+
+def _write(path: str, timings: tuple[dict, dict, dict], rounds: int, calls: int) -> None:
+    per_call, cpu_per_call, work = timings
     median = {name: statistics.median(times) for name, times in per_call.items()}
     cpu_median = {name: statistics.median(times) for name, times in cpu_per_call.items()}
     beyond = median["sync"] - median["local+collectives"]
@@ -125,14 +143,15 @@ def _write(path: str, timings: tuple[dict, dict], rounds: int, calls: int) -> No
         "thread_cpu_median_us": cpu_median, "thread_cpu_per_round_us": cpu_per_call,
         "thread_cpu_sync_beyond_local_and_collectives_in_one_step_us": cpu_beyond,
         "thread_cpu_sync_beyond_local_plus_collectives_apart_us": cpu_beyond_apart,
+        "work_per_step": work,
     }
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     print(f"{result['machine']['device']}, {WORLD_SIZE} gloo ranks, 1 thread each, {list(SHAPE)}, "
-          f"forward + backward, median of {rounds} rounds of {calls} calls (us per call):")
-    print(f"  {'':17} {'wall':>8} {'thread CPU':>11}")
+          f"forward + backward, median of {rounds} rounds of {calls} calls (us per call; Python calls per step):")
+    print(f"  {'':17} {'wall':>8} {'thread CPU':>11} {'Python calls':>13}")
     for name in median:
-        print(f"  {name:17} {median[name]:8.1f} {cpu_median[name]:11.1f}")
+        print(f"  {name:17} {median[name]:8.1f} {cpu_median[name]:11.1f} {work[name]['python_calls']:13.0f}")
     print(f"  sync - (local+collectives): {beyond:+.1f} us wall, {cpu_beyond:+.1f} us thread CPU")
     print(f"  sync - local - collectives, timed apart: {beyond_apart:+.1f} us wall, "
           f"{cpu_beyond_apart:+.1f} us thread CPU")
