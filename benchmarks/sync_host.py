@@ -114,9 +114,10 @@ def _time_in_turns(rank: int, rounds: int, calls: int) -> tuple[dict, dict, dict
 
 def _work_per_step(step, steps: int = 20) -> dict[str, float]:
     """Python function calls per step (cProfile), counted over `steps` steps.
-    Operator calls are not counted here: torch.profiler, whose events would
-    count them, also records gloo's worker threads, and one run of a loop
-    profiled that way aborted in malloc (benchmarks/README.md)."""
+    Operator calls are not counted here: after a torch.profiler session the
+    functional collectives' Python path makes more calls, which skewed the
+    comparison, and one run profiled that way ended with a rank killed by a
+    signal (benchmarks/README.md)."""
     profile = cProfile.Profile()
     profile.enable()
     for _ in range(steps):
