@@ -34,6 +34,7 @@
 
 #include "checks.h"
 #include "composite.h"
+#include "group_batch.h"
 #include "layout.h"
 
 namespace safebn {
@@ -62,13 +63,14 @@ SAFEBN_TYPED_OP(eval_op, "safebn::batch_norm_eval",
                 Tensor(const Tensor&, const OptionalTensor&, const OptionalTensor&, const Tensor&, const Tensor&,
                        const OptionalTensor&, double, int64_t, double))
 SAFEBN_TYPED_OP(sync_op, "safebn::sync_batch_norm_train",
+                std::tuple<Tensor, Tensor, Tensor, Tensor>(
+                    const Tensor&, const OptionalTensor&, const OptionalTensor&, const OptionalTensor&,
+                    const OptionalTensor&, const OptionalTensor&, const OptionalTensor&, std::optional<double>, double,
+                    c10::string_view, int64_t, int64_t, int64_t, bool, bool, int64_t, double))
+SAFEBN_TYPED_OP(sync_normalize_op, "safebn::sync_normalize",
                 Tensor(const Tensor&, const OptionalTensor&, const OptionalTensor&, const OptionalTensor&,
-                       const OptionalTensor&, const OptionalTensor&, const OptionalTensor&, const Tensor&,
-                       const Tensor&, const Tensor&, std::optional<double>, double, c10::string_view, bool, bool,
+                       const OptionalTensor&, const Tensor&, const Tensor&, const Tensor&, double, c10::string_view,
                        int64_t, double))
-SAFEBN_TYPED_OP(sync_stats_op, "safebn::sync_batch_stats",
-                std::tuple<Tensor, Tensor, Tensor>(const Tensor&, double, c10::string_view, int64_t, int64_t,
-                                                   int64_t))
 SAFEBN_TYPED_OP(backward_op, "safebn::backward",
                 Grads(const Tensor&, const Tensor&, const OptionalTensor&, const OptionalTensor&, const Tensor&,
                       const Tensor&, bool, std::array<bool, 3>, int64_t, double, c10::SymInt))
@@ -291,46 +293,75 @@ Tensor batch_norm_eval_autograd(const Tensor& input, const OptionalTensor& weigh
   return output;
 }
 
-// The group's statistics enter sync_batch_norm_train as constants: its
-// backward accounts for their dependence on every rank's input (the
-// all-reduce of its two sums), as native's SyncBatchNorm does.
-std::tuple<Tensor, Tensor, Tensor> sync_batch_stats_autograd(const Tensor& input, double eps,
-                                                             c10::string_view group_name, int64_t group_size,
-                                                             int64_t module, int64_t name) {
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return sync_stats_op().call(input, eps, group_name, group_size, module, name);
-}
-
-Tensor sync_batch_norm_train_autograd(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
-                                      const OptionalTensor& running_mean, const OptionalTensor& running_var,
-                                      const OptionalTensor& num_batches_tracked, const OptionalTensor& counters,
-                                      const Tensor& mean, const Tensor& invstd, const Tensor& group_batch,
-                                      std::optional<double> momentum, double eps, c10::string_view group_name,
-                                      bool degenerate_uses_running_stats, bool refuse_single_sample,
-                                      int64_t activation, double activation_param) {
-  check_not_differentiated(running_mean, "running_mean");
-  check_not_differentiated(running_var, "running_var");
+void check_no_tangent_for_group(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias) {
   TORCH_CHECK(!any_tangent(input, weight, bias), "SafeSyncBatchNorm has no forward-mode AD (nn.SyncBatchNorm "
               "neither): its statistics come from the process group.");
+}
+
+// The history of a synchronized forward's output. The group's statistics are
+// constants of its graph: its backward accounts for their dependence on every
+// rank's input (the all-reduce of its two sums), as native's SyncBatchNorm
+// does. A degenerate group batch normalized with the running statistics has
+// eval mode's backward, which takes them; only then are they saved, so that
+// a later forward's update of them does not invalidate this backward.
+void record_group_backward(const c10::intrusive_ptr<BatchNormBackward>& node, const Tensor& output,
+                           const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
+                           const Tensor& mean, const Tensor& invstd, const Tensor& group_batch,
+                           c10::string_view group_name, const OptionalTensor& running_mean,
+                           const OptionalTensor& running_var) {
+  if (!node) return;
+  torch::autograd::set_history(output, node);
+  save_inputs(*node, input, weight, bias);
+  save_statistics(*node, mean, invstd);
+  node->group = Group{std::string(group_name), SavedVariable(group_batch, false), SavedVariable(), SavedVariable()};
+  if (running_mean.has_value() && totals(group_batch).degenerate()) {
+    node->group->running_mean = SavedVariable(*running_mean, false);
+    node->group->running_var = SavedVariable(*running_var, false);
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> sync_batch_norm_train_autograd(
+    const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias, const OptionalTensor& running_mean,
+    const OptionalTensor& running_var, const OptionalTensor& num_batches_tracked, const OptionalTensor& counters,
+    std::optional<double> momentum, double eps, c10::string_view group_name, int64_t group_size, int64_t module,
+    int64_t name, bool degenerate_uses_running_stats, bool refuse_single_sample, int64_t activation,
+    double activation_param) {
+  check_not_differentiated(running_mean, "running_mean");
+  check_not_differentiated(running_var, "running_var");
+  check_no_tangent_for_group(input, weight, bias);
+  const auto node = backward_node(input, weight, bias, eps, activation, activation_param);
+  std::tuple<Tensor, Tensor, Tensor, Tensor> result;
+  {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    result = sync_op().call(input, weight, bias, running_mean, running_var, num_batches_tracked, counters, momentum,
+                            eps, group_name, group_size, module, name, degenerate_uses_running_stats,
+                            refuse_single_sample, activation, activation_param);
+  }
+  bump_versions({&running_mean, &running_var, &num_batches_tracked, &counters});
+  const auto& [output, mean, invstd, group_batch] = result;
+  const bool with_running_stats = degenerate_uses_running_stats && running_mean.has_value();
+  record_group_backward(node, output, input, weight, bias, mean, invstd, group_batch, group_name,
+                        with_running_stats ? running_mean : std::nullopt,
+                        with_running_stats ? running_var : std::nullopt);
+  return result;
+}
+
+Tensor sync_normalize_autograd(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
+                               const OptionalTensor& running_mean, const OptionalTensor& running_var,
+                               const Tensor& mean, const Tensor& invstd, const Tensor& group_batch, double eps,
+                               c10::string_view group_name, int64_t activation, double activation_param) {
+  check_not_differentiated(running_mean, "running_mean");
+  check_not_differentiated(running_var, "running_var");
+  check_no_tangent_for_group(input, weight, bias);
   const auto node = backward_node(input, weight, bias, eps, activation, activation_param);
   Tensor output;
   {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    output = sync_op().call(input, weight, bias, running_mean, running_var, num_batches_tracked, counters, mean,
-                            invstd, group_batch, momentum, eps, group_name, degenerate_uses_running_stats,
-                            refuse_single_sample, activation, activation_param);
+    output = sync_normalize_op().call(input, weight, bias, running_mean, running_var, mean, invstd, group_batch, eps,
+                                      group_name, activation, activation_param);
   }
-  bump_versions({&running_mean, &running_var, &num_batches_tracked, &counters});
-  if (node) {
-    torch::autograd::set_history(output, node);
-    save_inputs(*node, input, weight, bias);
-    save_statistics(*node, mean, invstd);
-    node->group = Group{std::string(group_name), SavedVariable(group_batch, false), SavedVariable(), SavedVariable()};
-    if (degenerate_uses_running_stats && running_mean.has_value()) {
-      node->group->running_mean = SavedVariable(*running_mean, false);
-      node->group->running_var = SavedVariable(*running_var, false);
-    }
-  }
+  record_group_backward(node, output, input, weight, bias, mean, invstd, group_batch, group_name, running_mean,
+                        running_var);
   return output;
 }
 
@@ -339,8 +370,8 @@ Tensor sync_batch_norm_train_autograd(const Tensor& input, const OptionalTensor&
 TORCH_LIBRARY_IMPL(safebn, Autograd, m) {
   m.impl("forward_train", &forward_train_autograd);
   m.impl("batch_norm_eval", &batch_norm_eval_autograd);
-  m.impl("sync_batch_stats", &sync_batch_stats_autograd);
   m.impl("sync_batch_norm_train", &sync_batch_norm_train_autograd);
+  m.impl("sync_normalize", &sync_normalize_autograd);
 }
 
 }  // namespace safebn

@@ -77,6 +77,12 @@ void check_eps(double eps) {
                     ": it keeps 1 / sqrt(var + eps) finite for a constant channel. The usual value is 1e-5.");
 }
 
+void check_grad_output(const at::Tensor& grad_output, const at::Tensor& input) {
+  TORCH_CHECK(grad_output.sizes() == input.sizes(), "grad_output has shape ", grad_output.sizes(),
+              " but the input has shape ", input.sizes(), ": the gradient of the op's output has its shape.");
+  check_same_device(grad_output, input.device(), "grad_output", "the input");
+}
+
 ActivationArg activation_arg(int64_t code, double param) {
   TORCH_CHECK_VALUE(code >= 0 && code < int64_t(Activation::kCount), "activation must be a code of ",
                     "torch_safebn.activations.Activation (0 to ", int64_t(Activation::kCount) - 1, "), got ", code);

@@ -27,7 +27,7 @@ at::Tensor with_kernel_layout(const at::Tensor& input) {
 }
 
 at::Tensor with_layout_of(const at::Tensor& t, const at::Tensor& like) {
-  const at::MemoryFormat format = *kernel_memory_format(like);
+  const at::MemoryFormat format = kernel_memory_format(like).value_or(at::MemoryFormat::Contiguous);
   return t.is_contiguous(format) ? t : t.contiguous(format);
 }
 

@@ -14,7 +14,8 @@ namespace safebn {
 // to contiguous (the one case where the activation is copied).
 at::Tensor with_kernel_layout(const at::Tensor& input);
 
-// `t` (a gradient) laid out exactly like `like`, which has a kernel layout.
+// `t` (a gradient) laid out as the kernels walk `like`: exactly like it where
+// it has a kernel layout, else contiguous (with_kernel_layout's copy).
 at::Tensor with_layout_of(const at::Tensor& t, const at::Tensor& like);
 
 Geometry geometry_of(const at::Tensor& input_with_kernel_layout);

@@ -7,6 +7,7 @@
 // same on every rank, so that every rank takes the same one and none is left
 // waiting in a collective the others skipped.
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
@@ -21,6 +22,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "group_batch.h"
 #include "layout.h"
 #include "welford.h"
 
@@ -37,6 +39,12 @@ Tensor on_device(const Tensor& t, c10::Device device) {
   return t.device() == device ? t : t.to(device, /*non_blocking=*/true);
 }
 
+// A host tensor, pinned where it is copied to a GPU: allocated directly, not
+// through the dispatcher, as a forward makes several on the host's hot path.
+Tensor host_empty(at::IntArrayRef sizes, at::ScalarType dtype, bool pinned = false) {
+  return at::detail::empty_cpu(sizes, dtype, pinned);
+}
+
 // `t` as `dtype`, no op where it is already.
 Tensor as_type(const Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
 
@@ -51,15 +59,33 @@ Tensor wait(Tensor t) {
   return op.call(t);
 }
 
+std::string gather_failed() {
+  return "the all_gather of the process group's batch statistics failed. Another rank may have failed, exited or "
+         "timed out, or made other collectives: every rank must make the same synchronized forwards, in training "
+         "mode, in the same order.";
+}
+
+// A failed gather is explained, in the class it came in: torch's errors
+// (a DistBackendError, an OutOfMemoryError) keep theirs, the explanation
+// added as context; a transport's std::runtime_error becomes a RuntimeError
+// (which Python made of it anyway); anything else passes as it is.
 Tensor all_gather(const Tensor& t, int64_t group_size, c10::string_view group_name) {
   static const c10::OperatorHandle op = operator_handle("_c10d_functional::all_gather_into_tensor");
   torch::jit::Stack stack{t, group_size, std::string(group_name)};
-  op.callBoxed(stack);
-  return wait(stack.back().toTensor());
+  try {
+    op.callBoxed(stack);
+    return wait(stack.back().toTensor());
+  } catch (c10::Error& error) {
+    error.add_context(gather_failed());
+    throw;
+  } catch (const std::runtime_error& error) {
+    TORCH_CHECK(false, error.what(), "\n", gather_failed());
+  }
 }
 
-Tensor all_reduce_sum(const Tensor& t, c10::string_view group_name) {
-  static const c10::OperatorHandle op = operator_handle("_c10d_functional::all_reduce");
+// In place: `t` is the caller's own, and the out-of-place collective would clone it.
+Tensor all_reduce_sum_(const Tensor& t, c10::string_view group_name) {
+  static const c10::OperatorHandle op = operator_handle("_c10d_functional::all_reduce_");
   torch::jit::Stack stack{t, std::string("sum"), std::string(group_name)};
   op.callBoxed(stack);
   return wait(stack.back().toTensor());
@@ -92,21 +118,6 @@ SAFEBN_TYPED_OP(backward_elemt_op, "safebn::backward_elemt",
                 Tensor(const Tensor&, const Tensor&, const OptionalTensor&, const Tensor&, const Tensor&,
                        const Tensor&, const Tensor&, c10::SymInt, const OptionalTensor&, int64_t, double))
 #undef SAFEBN_TYPED_OP
-
-// The group's batch from group_batch: values per channel and examples over every rank.
-struct GroupTotals {
-  int64_t count = 0, examples = 0;
-};
-
-GroupTotals totals(const Tensor& group_batch) {
-  GroupTotals t;
-  const auto rows = group_batch.accessor<int64_t, 2>();
-  for (int64_t rank = 0; rank < rows.size(0); ++rank) {
-    t.count += rows[rank][0];
-    t.examples += rows[rank][1];
-  }
-  return t;
-}
 
 // ---- the group's protocol ----------------------------------------------------
 // Every rank must make the same synchronized forwards, module by module, in
@@ -193,7 +204,7 @@ Tensor rank_row(const double (&header)[kStats], const std::optional<std::tuple<T
                 int64_t row_size, const Tensor& input) {
   const int64_t stats_size = stats.has_value() ? 2 * input.size(1) : 0;
   if (input.is_cpu()) {
-    const Tensor row = at::empty({row_size}, at::kDouble);
+    const Tensor row = host_empty({row_size}, at::kDouble);
     double* const out = row.data_ptr<double>();
     std::copy(header, header + kStats, out);
     if (stats.has_value()) {
@@ -207,7 +218,7 @@ Tensor rank_row(const double (&header)[kStats], const std::optional<std::tuple<T
     std::fill(out + kStats + stats_size, out + row_size, 0.0);
     return row;
   }
-  const Tensor host = at::empty({kStats}, at::TensorOptions().dtype(at::kDouble).pinned_memory(input.is_cuda()));
+  const Tensor host = host_empty({kStats}, at::kDouble, input.is_cuda());
   std::copy(header, header + kStats, host.data_ptr<double>());
   std::vector<Tensor> parts{on_device(host, input.device())};
   if (stats.has_value()) parts.insert(parts.end(), {std::get<0>(*stats), std::get<1>(*stats)});
@@ -216,10 +227,12 @@ Tensor rank_row(const double (&header)[kStats], const std::optional<std::tuple<T
   return at::cat(parts);  // promotes the statistics to float64
 }
 
-std::tuple<Tensor, Tensor, Tensor> sync_batch_stats(const Tensor& input, double eps, c10::string_view group_name,
-                                                    int64_t group_size, int64_t module, int64_t name) {
-  check_eps(eps);
-  check_input(input);
+using GroupStatistics = std::tuple<Tensor, Tensor, Tensor>;  // mean, invstd, group_batch
+
+// The statistics of the group's concatenated batch: this rank's row, one
+// all_gather of every rank's, their merge.
+GroupStatistics gather_statistics(const Tensor& input, double eps, c10::string_view group_name, int64_t group_size,
+                                  int64_t module, int64_t name) {
   TORCH_CHECK_VALUE(group_size > 0, "group_size must be > 0, got ", group_size);
   const int64_t channels = input.size(1), count = values_per_channel(input);
   const at::ScalarType acc = accumulate_type(input.scalar_type());
@@ -247,7 +260,7 @@ std::tuple<Tensor, Tensor, Tensor> sync_batch_stats(const Tensor& input, double 
   const Tensor rows = gathered.is_cpu() ? gathered : gathered.cpu();
   const int64_t sizes[2] = {group_size, row_size}, strides[2] = {row_size, 1};
   const at::TensorAccessor<double, 2> all(rows.data_ptr<double>(), sizes, strides);
-  Tensor group_batch = at::empty({group_size, 3}, at::kLong);
+  Tensor group_batch = host_empty({group_size, 3}, at::kLong);
   auto batch = group_batch.accessor<int64_t, 2>();
   // Chan's merge (welford.h): the statistics of the concatenated batch. A
   // rank with non-finite statistics and a positive count makes them
@@ -272,9 +285,9 @@ std::tuple<Tensor, Tensor, Tensor> sync_batch_stats(const Tensor& input, double 
   }
   // In the accumulation type, invstd as the local kernels compute it. An
   // empty group batch gives 0 and 1/sqrt(eps), which update nothing.
-  const at::TensorOptions host = at::TensorOptions().dtype(acc).pinned_memory(input.is_cuda());
-  Tensor mean = at::empty({channels}, host), invstd = at::empty({channels}, host);
-  AT_DISPATCH_FLOATING_TYPES(acc, "safebn_sync_batch_stats", [&] {
+  const bool pinned = input.is_cuda();
+  Tensor mean = host_empty({channels}, acc, pinned), invstd = host_empty({channels}, acc, pinned);
+  AT_DISPATCH_FLOATING_TYPES(acc, "safebn_gather_statistics", [&] {
     scalar_t* mean_out = mean.data_ptr<scalar_t>();
     scalar_t* invstd_out = invstd.data_ptr<scalar_t>();
     for (int64_t c = 0; c < channels; ++c) {
@@ -286,34 +299,68 @@ std::tuple<Tensor, Tensor, Tensor> sync_batch_stats(const Tensor& input, double 
   return {on_device(mean, input.device()), on_device(invstd, input.device()), group_batch};
 }
 
-Tensor sync_batch_norm_train(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
-                             const OptionalTensor& running_mean, const OptionalTensor& running_var,
-                             const OptionalTensor& num_batches_tracked, const OptionalTensor& counters,
-                             const Tensor& mean, const Tensor& invstd, const Tensor& group_batch,
-                             std::optional<double> momentum, double eps, c10::string_view group_name,
-                             bool degenerate_uses_running_stats, bool refuse_single_sample, int64_t activation,
-                             double activation_param) {
+// A degenerate group batch (one value per channel over the group): 0/0
+// variance, normalized with the running statistics where given, else left
+// unnormalized (zeros).
+Tensor degenerate_output(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
+                         const OptionalTensor& running_mean, const OptionalTensor& running_var,
+                         const OptionalTensor& counters, double eps, int64_t activation, double activation_param) {
+  if (running_mean.has_value())
+    return eval_op().call(input, weight, bias, *running_mean, *running_var, counters, eps, activation,
+                          activation_param);
+  return at::zeros_like(input);
+}
+
+Tensor normalized(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias, const Tensor& mean,
+                  const Tensor& invstd, int64_t activation, double activation_param) {
+  return values_per_channel(input) > 0
+             ? normalize_op().call(input, weight, bias, mean, invstd, activation, activation_param)
+             : at::empty_like(input);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> sync_batch_norm_train(
+    const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias, const OptionalTensor& running_mean,
+    const OptionalTensor& running_var, const OptionalTensor& num_batches_tracked, const OptionalTensor& counters,
+    std::optional<double> momentum, double eps, c10::string_view group_name, int64_t group_size, int64_t module,
+    int64_t name, bool degenerate_uses_running_stats, bool refuse_single_sample, int64_t activation,
+    double activation_param) {
+  // Every argument checked before the collective: no gather is made with bad ones.
   check_eps(eps);
   check_input(input);
+  check_channel_tensor(weight, input, "weight");
+  check_channel_tensor(bias, input, "bias");
   check_training_buffers(input, running_mean, running_var, num_batches_tracked, counters, momentum);
-  check_channel_tensor(mean, input, "mean");
-  check_channel_tensor(invstd, input, "invstd");
   activation_arg(activation, activation_param);
+  auto [mean, invstd, group_batch] = gather_statistics(input, eps, group_name, group_size, module, name);
   const GroupTotals group = totals(group_batch);
-  if (group.count == 1) {  // degenerate: 0/0 variance over the whole group
-    if (degenerate_uses_running_stats && running_mean.has_value())
-      return eval_op().call(input, weight, bias, *running_mean, *running_var, counters, eps, activation,
-                            activation_param);
-    return at::zeros_like(input);
+  if (group.degenerate()) {
+    const bool with_running_stats = degenerate_uses_running_stats && running_mean.has_value();
+    return {degenerate_output(input, weight, bias, with_running_stats ? running_mean : std::nullopt, running_var,
+                              counters, eps, activation, activation_param),
+            mean, invstd, group_batch};
   }
   const bool single_sample = group.examples == 1 && group.count > 1;
   if (!(single_sample && refuse_single_sample)) {
     update_op().call(running_mean, running_var, num_batches_tracked, counters, mean, invstd, weight, bias,
                      group.count, eps, momentum, single_sample);
   }
-  return values_per_channel(input) > 0
-             ? normalize_op().call(input, weight, bias, mean, invstd, activation, activation_param)
-             : at::empty_like(input);
+  return {normalized(input, weight, bias, mean, invstd, activation, activation_param), mean, invstd, group_batch};
+}
+
+Tensor sync_normalize(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
+                      const OptionalTensor& running_mean, const OptionalTensor& running_var, const Tensor& mean,
+                      const Tensor& invstd, const Tensor& group_batch, double eps,
+                      c10::string_view /*group_name: its backward's*/, int64_t activation, double activation_param) {
+  check_eps(eps);
+  check_input(input);
+  check_channel_tensor(mean, input, "mean");
+  check_channel_tensor(invstd, input, "invstd");
+  TORCH_CHECK(running_mean.has_value() == running_var.has_value(), "sync_normalize takes running_mean and "
+              "running_var together, or neither");
+  if (totals(group_batch).degenerate())
+    return degenerate_output(input, weight, bias, running_mean, running_var, std::nullopt, eps, activation,
+                             activation_param);
+  return normalized(input, weight, bias, mean, invstd, activation, activation_param);
 }
 
 Grads sync_batch_norm_backward(const Tensor& grad_output, const Tensor& input, const OptionalTensor& weight,
@@ -323,7 +370,7 @@ Grads sync_batch_norm_backward(const Tensor& grad_output, const Tensor& input, c
                                const OptionalTensor& running_var, double eps, int64_t activation,
                                double activation_param) {
   const GroupTotals group = totals(group_batch);
-  if (group.count == 1) {  // normalized with the running statistics: constants, no collective
+  if (group.degenerate()) {  // normalized with the running statistics: constants, no collective
     TORCH_CHECK(running_mean.has_value() && running_var.has_value(), "the backward of a degenerate batch "
                 "normalized with the running statistics needs them");
     const at::ScalarType acc = accumulate_type(input.scalar_type());
@@ -331,8 +378,12 @@ Grads sync_batch_norm_backward(const Tensor& grad_output, const Tensor& input, c
                               (running_var->to(acc) + eps).rsqrt(), /*train=*/false, output_mask, activation,
                               activation_param, /*virtual_batch_size=*/0);
   }
-  auto [sum_dy, sum_dy_xmu] =
-      backward_reduce_op().call(grad_output, input, mean, weight, bias, invstd, activation, activation_param);
+  // The gradient in the kernels' layout once, rather than in each of the two
+  // ops: an expanded one (the gradient of .sum()) would be copied twice.
+  check_grad_output(grad_output, input);
+  const Tensor dy = with_layout_of(grad_output, input);
+  auto [sum_dy, sum_dy_xmu] = backward_reduce_op().call(dy, input, mean, weight, bias, invstd, activation,
+                                                        activation_param);
   Tensor grad_input, grad_weight, grad_bias;
   // grad_weight and grad_bias are this rank's share, as nn.SyncBatchNorm
   // returns them: DDP averages parameter gradients over the ranks, and summing
@@ -343,10 +394,10 @@ Grads sync_batch_norm_backward(const Tensor& grad_output, const Tensor& input, c
     grad_weight = as_type(group.count > 0 ? sum_dy_xmu * invstd : at::zeros_like(sum_dy_xmu), param_type);
   if (output_mask[2]) grad_bias = as_type(sum_dy, param_type);
   if (output_mask[0]) {
-    const Tensor sums = all_reduce_sum(at::cat({sum_dy, sum_dy_xmu}), group_name);
+    const Tensor sums = all_reduce_sum_(at::cat({sum_dy, sum_dy_xmu}), group_name);
     const int64_t channels = sum_dy.numel();
     grad_input = values_per_channel(input) > 0
-                     ? backward_elemt_op().call(grad_output, input, weight, mean, invstd, sums.narrow(0, 0, channels),
+                     ? backward_elemt_op().call(dy, input, weight, mean, invstd, sums.narrow(0, 0, channels),
                                                 sums.narrow(0, channels, channels), group.count, bias, activation,
                                                 activation_param)
                      : at::empty_like(input);
@@ -357,8 +408,8 @@ Grads sync_batch_norm_backward(const Tensor& grad_output, const Tensor& input, c
 }  // namespace
 
 TORCH_LIBRARY_IMPL(safebn, CompositeExplicitAutograd, m) {
-  m.impl("sync_batch_stats", &sync_batch_stats);
   m.impl("sync_batch_norm_train", &sync_batch_norm_train);
+  m.impl("sync_normalize", &sync_normalize);
   m.impl("sync_batch_norm_backward", &sync_batch_norm_backward);
 }
 

@@ -11,8 +11,11 @@ import datetime
 import importlib.util
 import os
 import re
+import subprocess
 import sys
+import textwrap
 import time
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -184,6 +187,30 @@ def _check_one_value_per_channel_in_the_group(rank, world_size):
     for name, value in before.items():
         assert torch.equal(raising.state_dict()[name], value), f"{name} changed on rank {rank}"
         assert torch.equal(safe.state_dict()[name], value), f"{name} changed on rank {rank}"
+    # checkpointed, the recomputation normalizes with the running statistics as the first pass did,
+    # and the backward is theirs (eval mode's), with no collective
+    for use_reentrant in (False, True):
+        plain_x, checkpointed_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            safe(plain_x).pow(2).sum().backward()
+            torch.utils.checkpoint.checkpoint(safe, checkpointed_x, use_reentrant=use_reentrant).pow(2).sum().backward()
+        torch.testing.assert_close(checkpointed_x.grad, plain_x.grad, **TIGHT)
+
+
+def _check_a_module_called_twice_before_its_backward(rank):
+    """A shared layer: the second call's update of the running statistics leaves the first call's
+    backward valid (native's SyncBatchNorm saves no buffer for it either), whatever the policy."""
+    g = torch.Generator().manual_seed(rank)
+    batches = [torch.randn(2 + rank, 3, 2, 2, dtype=torch.float64, generator=g) for _ in range(2)]
+    grads = []
+    for options in ({}, {"on_degenerate": "running_stats"}):
+        shared = _module_pair(3, 4, **options)[1]
+        inputs = [x.clone().requires_grad_() for x in batches]
+        (shared(inputs[0]) * shared(inputs[1])).sum().backward()
+        grads.append([x.grad for x in inputs])
+    for got, expected in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got, expected, **TIGHT)
 
 
 def _check_single_example_in_the_group_warns(rank, world_size):
@@ -245,7 +272,9 @@ def _check_checkpointed_recompute_needs_no_collective(rank, world_size):
             plain(x).sum().backward()
             with _CountingOps() as counting:
                 torch.utils.checkpoint.checkpoint(checked, x, use_reentrant=use_reentrant).sum().backward()
-            assert counting.calls["safebn.sync_batch_stats"] == 2, counting.calls  # two layers, once each
+            # two layers, each gathering once (the first pass) and normalizing again without a collective
+            assert counting.calls["safebn.sync_batch_norm_train"] == 2, counting.calls
+            assert counting.calls["safebn.sync_normalize"] == 2, counting.calls
         for name, value in plain.state_dict().items():
             assert torch.equal(checked.state_dict()[name], value), name
 
@@ -280,6 +309,7 @@ def three_ranks(rank, world_size):
     _check_nonfinite_skip_counts_on_every_rank(rank, bad_rank=2)
     _check_one_value_per_channel_in_the_group(rank, world_size)
     _check_single_example_in_the_group_warns(rank, world_size)
+    _check_a_module_called_twice_before_its_backward(rank)
     _check_empty_group_batch_changes_nothing(rank)
     _check_checkpointed_recompute_needs_no_collective(rank, world_size)
     _check_accumulated_micro_batches_over_the_group(rank, world_size)
@@ -420,8 +450,8 @@ def _check_a_rank_that_leaves_mid_step(rank, world_size, how):
             os._exit(0)
         return  # as after an exception: the harness leaves the group
     start = time.monotonic()
-    with pytest.raises(RuntimeError, match=r"'a', rank 0 .*the all_gather of the process group's batch statistics "
-                                           r"failed.*Another rank may have failed, exited or timed out"):
+    with pytest.raises(RuntimeError, match=r"(?s)'a', rank 0 .*the all_gather of the process group's batch "
+                                           r"statistics failed.*Another rank may have failed, exited or timed out"):
         model(x).sum().backward()
     assert time.monotonic() - start < 60
 
@@ -493,6 +523,49 @@ def test_a_group_of_one_is_safe_batch_norm(tmp_path):
         _assert_same_training(native, safe, torch.randn(5, 4, 6, dtype=torch.float64))
     finally:
         dist.destroy_process_group()
+
+
+def test_the_reference_fallback_synchronizes_too(tmp_path):
+    """With _C unimportable, SafeSyncBatchNorm runs reference.py's ops: two ranks match one
+    process's nn.BatchNorm2d on the whole batch (output, input and parameter gradients summed
+    over the ranks, running statistics)."""
+    script = tmp_path / "fallback_ranks.py"
+    script.write_text(textwrap.dedent("""
+        import os, sys, warnings
+        sys.modules["torch_safebn._C"] = None  # the extension cannot load (each rank runs this too)
+        import torch, torch.distributed as dist, torch.multiprocessing as mp
+
+        def rank(r, init_method):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                import torch_safebn
+            assert torch_safebn.backend() == "reference", torch_safebn.backend()
+            dist.init_process_group("gloo", init_method=init_method, rank=r, world_size=2)
+            close = dict(atol=1e-10, rtol=1e-10)
+            whole = torch.randn(6, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+            native, safe = torch.nn.BatchNorm2d(3).double(), torch_safebn.SafeSyncBatchNorm(3).double()
+            expected_input, input = whole.clone().requires_grad_(), whole[3 * r:3 * r + 3].clone().requires_grad_()
+            expected, output = native(expected_input), safe(input)
+            expected.pow(2).sum().backward()
+            output.pow(2).sum().backward()
+            torch.testing.assert_close(output, expected[3 * r:3 * r + 3], **close)
+            torch.testing.assert_close(input.grad, expected_input.grad[3 * r:3 * r + 3], **close)
+            for mine, theirs in ((safe.weight.grad, native.weight.grad), (safe.bias.grad, native.bias.grad)):
+                summed = mine.clone()
+                dist.all_reduce(summed)
+                torch.testing.assert_close(summed, theirs, **close)
+            torch.testing.assert_close(safe.running_var, native.running_var, **close)
+            dist.destroy_process_group()
+            sys.stdout.flush()
+            os._exit(0)  # as run_on_ranks' ranks: gloo may abort in interpreter finalization
+
+        if __name__ == "__main__":
+            mp.spawn(rank, args=(sys.argv[1],), nprocs=2)
+            print("fallback ok")
+    """))
+    result = subprocess.run([sys.executable, str(script), (tmp_path / "rendezvous").as_uri()], capture_output=True,
+                            text=True, cwd=ROOT, timeout=JOB_TIMEOUT_S)
+    assert result.returncode == 0 and "fallback ok" in result.stdout, result.stderr[-4000:]
 
 
 def test_a_state_pickled_by_an_earlier_version_keeps_counts_by_rank_a_method():

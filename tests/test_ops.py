@@ -177,6 +177,28 @@ def test_an_input_without_channels_gives_empty_results(layout):
     assert [t.numel() for t in torch.ops.safebn.batch_stats(x)] == [0, 0]
 
 
+@pytest.mark.parametrize("op", ["backward", "backward_reduce", "backward_elemt", "sync_batch_norm_backward"])
+def test_every_backward_refuses_a_gradient_of_another_shape(op):
+    """grad_output must have the input's shape; SafeSyncBatchNorm's backward
+    checks it before laying the gradient out like the input (a 3-d gradient
+    cannot be made channels_last) and before its collective."""
+    x, w, b = (t.detach() for t in _args((4, 6, 5, 3), torch.float32, "channels_last"))
+    mean, var = OPS.batch_stats(x)
+    invstd = torch.rsqrt(var + 1e-5)
+    sum_dy, sum_dy_xmu = OPS.backward_reduce(torch.ones_like(x), x, mean)
+    grad = torch.ones(4, 6, 5)
+    group_batch = torch.tensor([[60, 4, 1], [60, 4, 1]])  # two ranks; no process group is reached
+    calls = {
+        "backward": lambda: OPS.backward(grad, x, w, b, mean, invstd, True, [True, True, True]),
+        "backward_reduce": lambda: OPS.backward_reduce(grad, x, mean),
+        "backward_elemt": lambda: OPS.backward_elemt(grad, x, w, mean, invstd, sum_dy, sum_dy_xmu, 120),
+        "sync_batch_norm_backward": lambda: OPS.sync_batch_norm_backward(grad, x, w, b, mean, invstd, group_batch,
+                                                                         "no group", [True, True, True]),
+    }
+    with pytest.raises(RuntimeError, match=r"grad_output has shape \[4, 6, 5\] but the input has shape \[4, 6, 5, 3\]"):
+        calls[op]()
+
+
 def test_an_empty_batch_has_undefined_statistics():
     """N = 0: no values, so every channel's mean and variance are NaN (the CUDA ops alike)."""
     x = torch.randn(0, 3, 4, 4)

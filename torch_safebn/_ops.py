@@ -15,8 +15,8 @@ __all__ = ["BACKEND", "OPS", "LIBRARY", "events_pending", "snapshot_counters"]
 # Composites of other ops, which autograd, fake tensors and compilers see
 # through (CompositeImplicitAutograd): batch_norm_train and activation always,
 # the reference's differentiable forwards when they stand in for the kernels.
-_TRACED_THROUGH = ("forward_train", "batch_norm_eval", "batch_norm_train", "activation", "sync_batch_stats",
-                   "sync_batch_norm_train")
+_TRACED_THROUGH = ("forward_train", "batch_norm_eval", "batch_norm_train", "activation", "sync_batch_norm_train",
+                   "sync_normalize")
 # Kernels written in Python for every device, extension or not (state.py).
 _PYTHON_KERNELS = ("observe",)
 
@@ -160,18 +160,21 @@ def _(counters, running_mean, running_var, weight, bias, eps):
     return None
 
 
-@_register_fake("sync_batch_stats")
-def _(input, eps, group_name, group_size, module, name=0):
-    group_batch = torch.empty((group_size, 3), dtype=torch.int64, device="cpu")
-    return _channel_stats_like(input), _channel_stats_like(input), group_batch
-
-
 @_register_fake("sync_batch_norm_train")
-def _(input, weight, bias, running_mean, running_var, num_batches_tracked, counters, mean, invstd, group_batch,
-      momentum, eps, group_name, degenerate_uses_running_stats=False, refuse_single_sample=False, activation=0,
+def _(input, weight, bias, running_mean, running_var, num_batches_tracked, counters, momentum, eps, group_name,
+      group_size, module, name=0, degenerate_uses_running_stats=False, refuse_single_sample=False, activation=0,
       activation_param=0.0):
     _check_devices(input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var,
-                   num_batches_tracked=num_batches_tracked, counters=counters, mean=mean, invstd=invstd)
+                   num_batches_tracked=num_batches_tracked, counters=counters)
+    group_batch = torch.empty((group_size, 3), dtype=torch.int64, device="cpu")
+    return _output_like(input), _channel_stats_like(input), _channel_stats_like(input), group_batch
+
+
+@_register_fake("sync_normalize")
+def _(input, weight, bias, running_mean, running_var, mean, invstd, group_batch, eps, group_name, activation=0,
+      activation_param=0.0):
+    _check_devices(input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var, mean=mean,
+                   invstd=invstd)
     return _output_like(input)
 
 

@@ -2,12 +2,13 @@
 process group, as nn.SyncBatchNorm computes them, with SafeBatchNorm's guards
 applied to the group's statistics.
 
-A training forward (group_forward.py) is two ops of csrc/sync.cpp:
-safebn::sync_batch_stats makes its one collective, an all_gather of each
+A training forward (group_forward.py) is one op of csrc/sync.cpp,
+safebn::sync_batch_norm_train: its one collective, an all_gather of each
 rank's row (a header, count, batch size, mean and variance: 2C + 7 float64
-values, padded to the group's longest row), and merges the rows on the
-host; safebn::sync_batch_norm_train normalizes with the group's statistics
-and runs the local path's guarded update on them. A backward that needs the
+values, padded to the group's longest row), the rows merged on the host,
+the normalization with the group's statistics and the local path's guarded
+update on them. A recomputation under activation checkpointing normalizes
+with the first pass's statistics (safebn::sync_normalize). A backward that needs the
 input's gradient makes one more collective, an all_reduce of the two
 per-channel sums (2C values). The collectives are torch's functional ones,
 and torch.compile keeps the ops whole (their fake kernels give the shapes).
@@ -153,7 +154,7 @@ class SafeSyncBatchNorm(_SafeBatchNormMixin, _BatchNorm):
         rank on its own, as does a group of one."""
         # dist.get_world_size's decisions, spelled out: this runs at every call.
         world = dist.group.WORLD if _DISTRIBUTED else None  # None before init_process_group and after its destroy
-        if world is None or not self.training or self.policy.freeze_stats:
+        if world is None or not self.training or self.safety_state.policy.freeze_stats:
             return None
         group = self.process_group if self.process_group is not None else world
         if group == dist.GroupMember.NON_GROUP_MEMBER:  # what new_group gives a rank outside the group

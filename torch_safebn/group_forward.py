@@ -1,21 +1,21 @@
 """The training forward of a batch norm whose statistics are a process
 group's (SafeSyncBatchNorm's, through functional.guarded_forward): the
-group's statistics gathered by safebn::sync_batch_stats, then normalized and
-guarded by safebn::sync_batch_norm_train (csrc/sync.cpp), and what the host
-does about them. It lives apart from the module (distributed.py, which
-imports functional.py) so that functional.py imports it once, at the top,
-rather than at every call."""
+group's statistics gathered, normalized with and guarded in one op,
+safebn::sync_batch_norm_train (csrc/sync.cpp), and what the host does about
+them. It lives apart from the module (distributed.py, which imports
+functional.py) so that functional.py imports it once, at the top, rather than
+at every call."""
 from __future__ import annotations
 
 import torch
 
-from ._ops import OPS
+from ._ops import BACKEND, OPS
 from .state import Event
 
 __all__ = ["sync_forward", "RecomputedStatistics"]
 
 # The ops of a synchronized forward, looked up once (as functional.py's).
-_GROUP_STATS, _GROUP_TRAIN = OPS.sync_batch_stats.default, OPS.sync_batch_norm_train.default
+_GROUP_TRAIN, _GROUP_NORMALIZE = OPS.sync_batch_norm_train.default, OPS.sync_normalize.default
 
 
 def sync_forward(bn, input: torch.Tensor, weight, bias, buffers, counters, group, compiling: bool, recomputing: bool,
@@ -23,50 +23,60 @@ def sync_forward(bn, input: torch.Tensor, weight, bias, buffers, counters, group
     """guarded_forward's training call with the statistics of `group`, given
     the module's parameters, running buffers (mean, var, batches tracked) and
     counters as guarded_forward read them (a module attribute costs a lookup).
-    A recomputation reuses the statistics of the first pass where it can
-    (RecomputedStatistics.reuse), else gathers them again, and
-    updates and counts nothing, as does a micro-batch whose statistics are
-    pooled (statistics.accumulate_stats)."""
+    A recomputation normalizes with the statistics of the first pass where it
+    can (RecomputedStatistics.reuse), else gathers them again, and updates
+    and counts nothing, as does a micro-batch whose statistics are pooled
+    (statistics.accumulate_stats)."""
     state = bn.safety_state
     policy = state.policy
-    name = group.group_name
-    statistics = state.recomputed.reuse(input.shape) if recomputing else None
-    if statistics is None:
-        statistics = _gathered(state, input, bn.eps, name, group.size(), compiling)
-    if recomputing or state.pool is not None:
-        mean, invstd, group_batch = statistics
-        if not recomputing:
-            count, examples = (int(v) for v in group_batch[:, :2].sum(0))
-            state.pool.add_invstd(mean, invstd, bn.eps, count, examples)
-        return _GROUP_TRAIN(input, weight, bias, None, None, None, None, *statistics, bn.momentum, bn.eps, name,
-                            False, False, activation, activation_param)
-    if not compiling:
-        state.recomputed.remember(statistics, input.shape)
-    running_mean = buffers[0]
+    fused = (activation, activation_param) if activation else ()
+    running_mean, running_var, _ = buffers
     uses_running_stats = policy.on_degenerate == "running_stats" and running_mean is not None
-    output = _GROUP_TRAIN(
-        input, weight, bias, *buffers, counters, *statistics, bn.momentum, bn.eps, name, uses_running_stats,
-        counters is not None and policy.on_single_sample == "raise", activation, activation_param)
-    event = Event.GROUP_BATCH_WITH_RUNNING_STATS if uses_running_stats else Event.GROUP_BATCH
+    unguarded = (None, None, None), None, group, compiling, False, False, fused  # no buffers, no counters
+    if recomputing:
+        if BACKEND == "reference":
+            raise NotImplementedError(
+                f"{state.describe()}: activation checkpointing of SafeSyncBatchNorm needs torch_safebn's compiled "
+                "extension (the reference implementation differentiates through the group's statistics, which a "
+                "recomputation reuses). Rebuild the extension, or leave this module outside the checkpoint.")
+        # Normalized as the first pass was, saving what it saved for the backward.
+        statistics = state.recomputed.reuse(input.shape)
+        if statistics is None:  # gathered again, as on every rank (its normalization dropped: a rare path)
+            with torch.no_grad():
+                statistics = _train(bn, input, weight, bias, *unguarded)[1:]
+        held = (running_mean, running_var) if uses_running_stats else (None, None)
+        return _GROUP_NORMALIZE(input, weight, bias, *held, *statistics, bn.eps, group.group_name, *fused)
+    if state.pool is not None:
+        output, mean, invstd, group_batch = _train(bn, input, weight, bias, *unguarded)
+        count, examples = (int(v) for v in group_batch[:, :2].sum(0))
+        state.pool.add_invstd(mean, invstd, bn.eps, count, examples)
+        return output
+    output, *statistics = _train(bn, input, weight, bias, buffers, counters, group, compiling, uses_running_stats,
+                                 counters is not None and policy.on_single_sample == "raise", fused)
     group_batch = statistics[2]
-    if not compiling:
-        state.observe(counters, input.shape, event, group_batch, name)
+    if not compiling:  # the hot path, spelled out: state.observe's branch for a group batch
+        state.recomputed.remember(statistics, input.shape)
+        state.after_group_batch(counters, input.shape, group_batch.tolist(), group.group_name, uses_running_stats)
     elif not torch.compiler.is_exporting():
-        OPS.observe.default(counters, state.id, list(input.shape), int(event), group_batch, name)
+        event = Event.GROUP_BATCH_WITH_RUNNING_STATS if uses_running_stats else Event.GROUP_BATCH
+        OPS.observe.default(counters, state.id, list(input.shape), int(event), group_batch, group.group_name)
     return output
 
 
-def _gathered(state, input: torch.Tensor, eps: float, name: str, size: int, compiling: bool):
-    """safebn::sync_batch_stats; in eager code, a failed gather is explained."""
+def _train(bn, input, weight, bias, buffers, counters, group, compiling: bool, uses_running_stats: bool,
+           refuse_single_sample: bool, fused: tuple):
+    """safebn::sync_batch_norm_train: (output, mean, invstd, group_batch). In
+    eager code, its errors name the module (and, for a failed gather, its rank)."""
+    state = bn.safety_state
+    arguments = (input, weight, bias, *buffers, counters, bn.momentum, bn.eps, group.group_name, group.size(),
+                 state.id, state.name_key, uses_running_stats, refuse_single_sample, *fused)
     if compiling:
-        return _GROUP_STATS(input, eps, name, size, state.id, state.name_key)
+        return _GROUP_TRAIN(*arguments)
     try:
-        return _GROUP_STATS(input, eps, name, size, state.id, state.name_key)
+        return _GROUP_TRAIN(*arguments)
     except RuntimeError as error:
-        text = (f"{state.describe()}: the all_gather of the process group's batch statistics failed: {error} (Another "
-                "rank may have failed, exited or timed out, or made other collectives: every rank must make the same "
-                "synchronized forwards, in training mode, in the same order.)")
-        try:  # the same class (a DistBackendError stays one), with the module and what to look for
+        text = f"{state.describe()}: {error}"
+        try:  # the same class (a DistBackendError stays one), with the module
             explained = type(error)(text)
         except TypeError:
             explained = RuntimeError(text)

@@ -21,8 +21,8 @@ __all__ = [
     "backward_reduce",
     "backward_elemt",
     "update_running_stats",
-    "sync_batch_stats",
     "sync_batch_norm_train",
+    "sync_normalize",
     "sync_batch_norm_backward",
 ]
 
@@ -304,7 +304,25 @@ def batch_norm_eval(input, weight, bias, running_mean, running_var, counters, ep
     return output
 
 
-def sync_batch_stats(input, eps, group_name, group_size, module, name=0):
+class _AllGather(torch.autograd.Function):
+    """all_gather_into_tensor, differentiable: its gradient is the
+    reduce-scatter (sum) of the output's. (torch 2.14's
+    _c10d_functional_autograd.all_gather_into_tensor refuses a gloo input
+    that requires grad: "A view was created in no_grad mode ...".)"""
+
+    @staticmethod
+    def forward(ctx, t, group_size, group_name):
+        ctx.group = group_size, group_name
+        ops = torch.ops._c10d_functional
+        return ops.wait_tensor(ops.all_gather_into_tensor(t, group_size, group_name))
+
+    @staticmethod
+    def backward(ctx, grad):
+        ops = torch.ops._c10d_functional
+        return ops.wait_tensor(ops.reduce_scatter_tensor(grad.contiguous(), "sum", *ctx.group)), None, None
+
+
+def _group_statistics(input, eps, group_name, group_size):
     """The process group's mean and invstd, differentiable: the all_gather's
     gradient is the gradients' reduce-scatter. (The ranks' check that they
     make the same forwards is the extension's.)"""
@@ -316,9 +334,7 @@ def sync_batch_stats(input, eps, group_name, group_size, module, name=0):
     else:
         mean = var = torch.zeros(channels, dtype=torch.float64, device=input.device)
     head = torch.tensor([count, input.shape[0]], dtype=torch.float64, device=input.device)
-    gathered = torch.ops._c10d_functional_autograd.all_gather_into_tensor(torch.cat([head, mean, var]), group_size,
-                                                                         group_name)
-    rows = torch.ops._c10d_functional.wait_tensor(gathered).view(group_size, 2 * channels + 2)
+    rows = _AllGather.apply(torch.cat([head, mean, var]), group_size, group_name).view(group_size, 2 * channels + 2)
     counts, means, variances = rows[:, :1], rows[:, 2:2 + channels], rows[:, 2 + channels:]
     finite = torch.isfinite(rows[:, 2:]).all(1, keepdim=True)
     group_batch = torch.cat([rows[:, :2].detach(), finite.double()], 1).long().cpu()
@@ -329,21 +345,38 @@ def sync_batch_stats(input, eps, group_name, group_size, module, name=0):
     return mean.to(acc), torch.rsqrt(var.to(acc) + eps), group_batch
 
 
-def sync_batch_norm_train(input, weight, bias, running_mean, running_var, num_batches_tracked, counters, mean, invstd,
-                          group_batch, momentum, eps, group_name, degenerate_uses_running_stats=False,
+def _degenerate_output(input, weight, bias, running_mean, running_var, counters, eps, activation, activation_param):
+    if running_mean is not None:
+        return batch_norm_eval(input, weight, bias, running_mean, running_var, counters, eps, activation,
+                               activation_param)
+    return torch.zeros_like(input)
+
+
+def sync_batch_norm_train(input, weight, bias, running_mean, running_var, num_batches_tracked, counters, momentum, eps,
+                          group_name, group_size, module, name=0, degenerate_uses_running_stats=False,
                           refuse_single_sample=False, activation=0, activation_param=0.0):
+    mean, invstd, group_batch = _group_statistics(input, eps, group_name, group_size)
     count, examples = (int(v) for v in group_batch[:, :2].sum(0))
     if count == 1:
-        if degenerate_uses_running_stats and running_mean is not None:
-            return batch_norm_eval(input, weight, bias, running_mean, running_var, counters, eps, activation,
-                                   activation_param)
-        return torch.zeros_like(input)
+        uses_running_stats = degenerate_uses_running_stats and running_mean is not None
+        output = _degenerate_output(input, weight, bias, running_mean if uses_running_stats else None, running_var,
+                                    counters, eps, activation, activation_param)
+        return output, mean, invstd, group_batch
     single_sample = examples == 1 and count > 1
     if not (single_sample and refuse_single_sample):
         with torch.no_grad():
             _update(running_mean, running_var, num_batches_tracked, counters, mean.detach(), invstd.detach(),
                     None if weight is None else weight.detach(), None if bias is None else bias.detach(), count, eps,
                     momentum, single_sample)
+    output = _normalize_activate(input, weight, bias, mean, invstd, activation, activation_param)
+    return output, mean, invstd, group_batch
+
+
+def sync_normalize(input, weight, bias, running_mean, running_var, mean, invstd, group_batch, eps, group_name,
+                   activation=0, activation_param=0.0):
+    if int(group_batch[:, 0].sum()) == 1:
+        return _degenerate_output(input, weight, bias, running_mean, running_var, None, eps, activation,
+                                  activation_param)
     return _normalize_activate(input, weight, bias, mean, invstd, activation, activation_param)
 
 

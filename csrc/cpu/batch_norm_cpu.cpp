@@ -191,8 +191,7 @@ Prepared prepare_backward(const at::Tensor& grad_output, const at::Tensor& input
                           const at::Tensor& mean, at::Tensor* dy) {
   Prepared p = prepare(input_arg, weight, bias);
   check_channel_tensor(mean, input_arg, "mean");
-  TORCH_CHECK(grad_output.sizes() == input_arg.sizes(), "grad_output has shape ", grad_output.sizes(),
-              " but the input has shape ", input_arg.sizes());
+  check_grad_output(grad_output, input_arg);
   *dy = with_layout_of(grad_output.to(p.input.scalar_type()), p.input);
   return p;
 }
@@ -224,8 +223,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   const int64_t C = prepared.geometry.channels;
   check_statistics(mean_arg, input, virtual_batch_size, "mean");
   check_statistics(invstd_arg, input, virtual_batch_size, "invstd");
-  TORCH_CHECK(grad_output.sizes() == input_arg.sizes(), "grad_output has shape ", grad_output.sizes(),
-              " but the input has shape ", input_arg.sizes());
+  check_grad_output(grad_output, input_arg);
   dy = with_layout_of(grad_output.to(input.scalar_type()), input);
   const bool has_weight = weight.has_value() && weight->defined();
   const bool want_input = output_mask[0], want_weight = output_mask[1] && has_weight, want_bias = output_mask[2];

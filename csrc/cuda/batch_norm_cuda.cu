@@ -241,10 +241,7 @@ void check_backward_args(const at::Tensor& grad_output, const at::Tensor& input,
                          const at::Tensor& mean) {
   check_forward_args(input, weight, bias);
   check_channel_tensor(mean, input, "mean");
-  TORCH_CHECK(grad_output.sizes() == input.sizes(), "grad_output has shape ", grad_output.sizes(),
-              " but the input has shape ", input.sizes());
-  TORCH_CHECK(grad_output.device() == input.device(), "grad_output is on ", grad_output.device(),
-              " but the input is on ", input.device(), ".");
+  check_grad_output(grad_output, input);
 }
 
 // grad_output in the input's dtype and exactly the input's layout.
@@ -277,10 +274,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   check_forward_args(input_arg, weight, bias);
   check_statistics(mean_arg, input_arg, virtual_batch_size, "mean");
   check_statistics(invstd_arg, input_arg, virtual_batch_size, "invstd");
-  TORCH_CHECK(grad_output.sizes() == input_arg.sizes(), "grad_output has shape ", grad_output.sizes(),
-              " but the input has shape ", input_arg.sizes());
-  TORCH_CHECK(grad_output.device() == input_arg.device(), "grad_output is on ", grad_output.device(),
-              " but the input is on ", input_arg.device(), ".");
+  check_grad_output(grad_output, input_arg);
   const c10::cuda::CUDAGuard device_guard(input_arg.device());
   const at::Tensor input = with_kernel_layout(input_arg);
   const at::Tensor dy = grad_in_layout_of(grad_output, input);
