@@ -32,7 +32,9 @@ def sync_forward(bn, input: torch.Tensor, weight, bias, buffers, counters, group
     fused = (activation, activation_param) if activation else ()
     running_mean, running_var, _ = buffers
     uses_running_stats = policy.on_degenerate == "running_stats" and running_mean is not None
-    unguarded = (None, None, None), None, group, compiling, False, False, fused  # no buffers, no counters
+    name = group.group_name  # a property of the C++ group: read once
+    where = name, group.size()
+    unguarded = (None, None, None), None, where, compiling, False, False, fused  # no buffers, no counters
     if recomputing:
         if BACKEND == "reference":
             raise NotImplementedError(
@@ -45,31 +47,32 @@ def sync_forward(bn, input: torch.Tensor, weight, bias, buffers, counters, group
             with torch.no_grad():
                 statistics = _train(bn, input, weight, bias, *unguarded)[1:]
         held = (running_mean, running_var) if uses_running_stats else (None, None)
-        return _GROUP_NORMALIZE(input, weight, bias, *held, *statistics, bn.eps, group.group_name, *fused)
+        return _GROUP_NORMALIZE(input, weight, bias, *held, *statistics, bn.eps, name, *fused)
     if state.pool is not None:
         output, mean, invstd, group_batch = _train(bn, input, weight, bias, *unguarded)
         count, examples = (int(v) for v in group_batch[:, :2].sum(0))
         state.pool.add_invstd(mean, invstd, bn.eps, count, examples)
         return output
-    output, *statistics = _train(bn, input, weight, bias, buffers, counters, group, compiling, uses_running_stats,
+    output, *statistics = _train(bn, input, weight, bias, buffers, counters, where, compiling, uses_running_stats,
                                  counters is not None and policy.on_single_sample == "raise", fused)
     group_batch = statistics[2]
     if not compiling:  # the hot path, spelled out: state.observe's branch for a group batch
         state.recomputed.remember(statistics, input.shape)
-        state.after_group_batch(counters, input.shape, group_batch.tolist(), group.group_name, uses_running_stats)
+        state.after_group_batch(counters, input.shape, group_batch.tolist(), name, uses_running_stats)
     elif not torch.compiler.is_exporting():
         event = Event.GROUP_BATCH_WITH_RUNNING_STATS if uses_running_stats else Event.GROUP_BATCH
-        OPS.observe.default(counters, state.id, list(input.shape), int(event), group_batch, group.group_name)
+        OPS.observe.default(counters, state.id, list(input.shape), int(event), group_batch, name)
     return output
 
 
-def _train(bn, input, weight, bias, buffers, counters, group, compiling: bool, uses_running_stats: bool,
+def _train(bn, input, weight, bias, buffers, counters, where: tuple, compiling: bool, uses_running_stats: bool,
            refuse_single_sample: bool, fused: tuple):
-    """safebn::sync_batch_norm_train: (output, mean, invstd, group_batch). In
-    eager code, its errors name the module (and, for a failed gather, its rank)."""
+    """safebn::sync_batch_norm_train over the group `where` (its name and
+    size): (output, mean, invstd, group_batch). In eager code, its errors
+    name the module (and, for a failed gather, its rank)."""
     state = bn.safety_state
-    arguments = (input, weight, bias, *buffers, counters, bn.momentum, bn.eps, group.group_name, group.size(),
-                 state.id, state.name_key, uses_running_stats, refuse_single_sample, *fused)
+    arguments = (input, weight, bias, *buffers, counters, bn.momentum, bn.eps, *where, state.id, state.name_key,
+                 uses_running_stats, refuse_single_sample, *fused)
     if compiling:
         return _GROUP_TRAIN(*arguments)
     try:
