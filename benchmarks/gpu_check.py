@@ -342,7 +342,7 @@ def _op_calls(x, weight, bias, grad_output, mean, invstd, running_mean, running_
     """(label, call, reference call, which outputs are gradients) for every op
     that returns tensors; the reference is reference.py in float64."""
     count = x.numel() // x.shape[1]
-    sums = OPS.backward_reduce(grad_output, x, mean)
+    sums = OPS.backward_reduce(grad_output, x, mean, invstd, weight, bias, [False, False])[0]
     f64 = lambda *ts: [t.double() if isinstance(t, torch.Tensor) else t for t in ts]  # noqa: E731
     all_grads = [True, True, True]
     no_buffers = (None, None, None, None, 0.1)
@@ -360,10 +360,11 @@ def _op_calls(x, weight, bias, grad_output, mean, invstd, running_mean, running_
          lambda: reference.backward(*f64(grad_output, x, weight, bias, mean, invstd), True, all_grads), (True,) * 3),
         ("backward (eval)", lambda: OPS.backward(grad_output, x, weight, bias, mean, invstd, False, all_grads),
          lambda: reference.backward(*f64(grad_output, x, weight, bias, mean, invstd), False, all_grads), (True,) * 3),
-        ("backward_reduce", lambda: OPS.backward_reduce(grad_output, x, mean),
-         lambda: reference.backward_reduce(*f64(grad_output, x, mean)), (True, True)),
-        ("backward_elemt", lambda: OPS.backward_elemt(grad_output, x, weight, mean, invstd, *sums, count),
-         lambda: reference.backward_elemt(*f64(grad_output, x, weight, mean, invstd, *sums), count), (True,)),
+        ("backward_reduce", lambda: OPS.backward_reduce(grad_output, x, mean, invstd, weight, bias, [True, True]),
+         lambda: reference.backward_reduce(*f64(grad_output, x, mean, invstd, weight, bias), [True, True]),
+         (True,) * 3),
+        ("backward_elemt", lambda: OPS.backward_elemt(grad_output, x, weight, mean, invstd, sums, count),
+         lambda: reference.backward_elemt(*f64(grad_output, x, weight, mean, invstd, sums), count), (True,)),
     ]
 
 

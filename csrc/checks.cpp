@@ -72,6 +72,13 @@ void check_statistics(const at::Tensor& t, const at::Tensor& input, int64_t virt
   check_same_device(t, input.device(), name, "the input");
 }
 
+void check_grad_sums(const at::Tensor& sums, const at::Tensor& input) {
+  TORCH_CHECK(sums.dim() == 2 && sums.size(0) == 2 && sums.size(1) == input.size(1), "sums should have shape [2, ",
+              input.size(1), "] (sum(dz) and sum(dz * (x - mean)) per channel, as backward_reduce returns them), got ",
+              sums.sizes());
+  check_same_device(sums, input.device(), "sums", "the input");
+}
+
 void check_eps(double eps) {
   TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0, "eps must be finite and > 0, got ", eps,
                     ": it keeps 1 / sqrt(var + eps) finite for a constant channel. The usual value is 1e-5.");

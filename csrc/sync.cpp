@@ -45,9 +45,6 @@ Tensor host_empty(at::IntArrayRef sizes, at::ScalarType dtype, bool pinned = fal
   return at::detail::empty_cpu(sizes, dtype, pinned);
 }
 
-// `t` as `dtype`, no op where it is already.
-Tensor as_type(const Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
-
 c10::OperatorHandle operator_handle(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
 }
@@ -83,12 +80,13 @@ Tensor all_gather(const Tensor& t, int64_t group_size, c10::string_view group_na
   }
 }
 
-// In place: `t` is the caller's own, and the out-of-place collective would clone it.
-Tensor all_reduce_sum_(const Tensor& t, c10::string_view group_name) {
+// In place, and waited for: `t` is the caller's own, and the out-of-place
+// collective would clone it.
+void all_reduce_sum_(const Tensor& t, c10::string_view group_name) {
   static const c10::OperatorHandle op = operator_handle("_c10d_functional::all_reduce_");
   torch::jit::Stack stack{t, std::string("sum"), std::string(group_name)};
   op.callBoxed(stack);
-  return wait(stack.back().toTensor());
+  wait(stack.back().toTensor());
 }
 
 #define SAFEBN_TYPED_OP(function, name, ...)                                                 \
@@ -112,11 +110,11 @@ SAFEBN_TYPED_OP(backward_op, "safebn::backward",
                 Grads(const Tensor&, const Tensor&, const OptionalTensor&, const OptionalTensor&, const Tensor&,
                       const Tensor&, bool, std::array<bool, 3>, int64_t, double, c10::SymInt))
 SAFEBN_TYPED_OP(backward_reduce_op, "safebn::backward_reduce",
-                std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const OptionalTensor&,
-                                           const OptionalTensor&, const OptionalTensor&, int64_t, double))
+                Grads(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptionalTensor&,
+                      const OptionalTensor&, std::array<bool, 2>, int64_t, double))
 SAFEBN_TYPED_OP(backward_elemt_op, "safebn::backward_elemt",
                 Tensor(const Tensor&, const Tensor&, const OptionalTensor&, const Tensor&, const Tensor&,
-                       const Tensor&, const Tensor&, c10::SymInt, const OptionalTensor&, int64_t, double))
+                       const Tensor&, c10::SymInt, const OptionalTensor&, int64_t, double))
 #undef SAFEBN_TYPED_OP
 
 // ---- the group's protocol ----------------------------------------------------
@@ -382,23 +380,16 @@ Grads sync_batch_norm_backward(const Tensor& grad_output, const Tensor& input, c
   // ops: an expanded one (the gradient of .sum()) would be copied twice.
   check_grad_output(grad_output, input);
   const Tensor dy = with_layout_of(grad_output, input);
-  auto [sum_dy, sum_dy_xmu] = backward_reduce_op().call(dy, input, mean, weight, bias, invstd, activation,
-                                                        activation_param);
-  Tensor grad_input, grad_weight, grad_bias;
   // grad_weight and grad_bias are this rank's share, as nn.SyncBatchNorm
   // returns them: DDP averages parameter gradients over the ranks, and summing
   // them here as well would scale them by the world size.
-  const bool has_weight = weight.has_value() && weight->defined();
-  const at::ScalarType param_type = has_weight ? weight->scalar_type() : sum_dy.scalar_type();
-  if (output_mask[1] && has_weight)
-    grad_weight = as_type(group.count > 0 ? sum_dy_xmu * invstd : at::zeros_like(sum_dy_xmu), param_type);
-  if (output_mask[2]) grad_bias = as_type(sum_dy, param_type);
+  auto [sums, grad_weight, grad_bias] = backward_reduce_op().call(
+      dy, input, mean, invstd, weight, bias, {output_mask[1], output_mask[2]}, activation, activation_param);
+  Tensor grad_input;
   if (output_mask[0]) {
-    const Tensor sums = all_reduce_sum_(at::cat({sum_dy, sum_dy_xmu}), group_name);
-    const int64_t channels = sum_dy.numel();
+    all_reduce_sum_(sums, group_name);
     grad_input = values_per_channel(input) > 0
-                     ? backward_elemt_op().call(dy, input, weight, mean, invstd, sums.narrow(0, 0, channels),
-                                                sums.narrow(0, channels, channels), group.count, bias, activation,
+                     ? backward_elemt_op().call(dy, input, weight, mean, invstd, sums, group.count, bias, activation,
                                                 activation_param)
                      : at::empty_like(input);
   }

@@ -123,14 +123,18 @@ def test_every_op_matches_cpu(shape, layout, dtype):
                                  f"backward {name} train={train} mask={mask}")
     assert OPS.backward(ddy, dx, None, None, on_device(mean), on_device(invstd), True, [True, True, True])[1] is None
 
-    sums = OPS.backward_reduce(dy, x, mean)
-    sums_d = OPS.backward_reduce(ddy, dx, on_device(mean))
-    for a, e in zip(sums_d, sums):
-        scale = max(1.0, e.abs().max().item())
-        assert_close(a / scale, e / scale, acc_dtype(dtype), "backward_reduce")
+    for mask in ([True, True], [False, False]):
+        reduced = OPS.backward_reduce(dy, x, mean, invstd, w, None, mask)
+        reduced_d = OPS.backward_reduce(ddy, dx, on_device(mean), on_device(invstd), dw, None, mask)
+        for name, a, e in zip(("sums", "grad_weight", "grad_bias"), reduced_d, reduced):
+            assert (a is None) == (e is None), name
+            if e is not None:
+                scale = max(1.0, e.abs().max().item())
+                assert_close(a / scale, e / scale, acc_dtype(dtype), f"backward_reduce {name} mask={mask}")
+    sums = reduced[0]
     count = x.numel() // C
-    assert_close(OPS.backward_elemt(ddy, dx, dw, on_device(mean), on_device(invstd), *map(on_device, sums), count),
-                 OPS.backward_elemt(dy, x, w, mean, invstd, *sums, count), dtype, "backward_elemt")
+    assert_close(OPS.backward_elemt(ddy, dx, dw, on_device(mean), on_device(invstd), on_device(sums), count),
+                 OPS.backward_elemt(dy, x, w, mean, invstd, sums, count), dtype, "backward_elemt")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -292,7 +296,7 @@ def test_opcheck_every_op(shape, dtype, layout):
     eps, count = 1e-5, x.numel() // shape[1]
     mean, var = OPS.batch_stats(x)
     invstd = torch.rsqrt(var + eps)
-    sum_dy, sum_dy_xmu = OPS.backward_reduce(grad, x, mean)
+    sums = OPS.backward_reduce(grad, x, mean, invstd, w, b, [False, False])[0]
     counters = torch.zeros(NUM_COUNTERS, dtype=torch.int64, device=x.device)
     buffers = (torch.zeros_like(mean), torch.ones_like(mean), torch.tensor(0, device=x.device), counters)
     calls = [
@@ -302,8 +306,8 @@ def test_opcheck_every_op(shape, dtype, layout):
         (OPS.backward.default, (grad, x.detach(), w.detach(), b.detach(), mean, invstd, True, [True, True, True])),
         (OPS.batch_stats.default, (x.detach(),)),
         (OPS.normalize.default, (x.detach(), w.detach(), b.detach(), mean, invstd)),
-        (OPS.backward_reduce.default, (grad, x.detach(), mean)),
-        (OPS.backward_elemt.default, (grad, x.detach(), w.detach(), mean, invstd, sum_dy, sum_dy_xmu, count)),
+        (OPS.backward_reduce.default, (grad, x.detach(), mean, invstd, w.detach(), b.detach(), [True, True])),
+        (OPS.backward_elemt.default, (grad, x.detach(), w.detach(), mean, invstd, sums, count)),
         (OPS.update_running_stats.default, (*[t.clone() for t in buffers], mean, invstd,
                                             w.detach(), b.detach(), count, eps, None)),
         (OPS.check_running_stats.default, (counters.clone(), mean, var, w.detach(), b.detach(), eps)),

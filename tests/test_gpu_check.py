@@ -71,7 +71,7 @@ def test_correctness_checks_pass_on_this_build(dtype, param_dtype):
         assert set(details["errors"]) == {"output", "grad_input", "grad_weight", "grad_bias", "running_mean",
                                           "running_var"}
     details = gpu_check.op_check(CPU, (3, 4, 7), "contiguous", dtype, param_dtype, 0)
-    assert details["outputs"] == 19
+    assert details["outputs"] == 20
 
 
 def test_op_check_catches_an_op_that_is_off(monkeypatch):

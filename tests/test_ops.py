@@ -45,7 +45,7 @@ def test_opcheck_every_op(shape, dtype, layout):
     mean, var = OPS.batch_stats(x.detach())
     invstd = torch.rsqrt(var + eps)
     grad = make_input(shape, dtype, layout, seed=7)
-    sum_dy, sum_dy_xmu = OPS.backward_reduce(grad, x.detach(), mean)
+    sums = OPS.backward_reduce(grad, x.detach(), mean, invstd, w.detach(), b.detach(), [True, True])[0]
     count = x.numel() // C
     calls = [
         (OPS.forward_train.default, (x, w, b, *_buffers(C, acc), 0.1, eps)),
@@ -58,8 +58,9 @@ def test_opcheck_every_op(shape, dtype, layout):
         (OPS.backward.default, (grad, x.detach(), w.detach(), None, mean, invstd, False, [True, False, True])),
         (OPS.batch_stats.default, (x.detach(),)),
         (OPS.normalize.default, (x.detach(), w.detach(), b.detach(), mean, invstd)),
-        (OPS.backward_reduce.default, (grad, x.detach(), mean)),
-        (OPS.backward_elemt.default, (grad, x.detach(), w.detach(), mean, invstd, sum_dy, sum_dy_xmu, count)),
+        (OPS.backward_reduce.default, (grad, x.detach(), mean, invstd, w.detach(), b.detach(), [True, True])),
+        (OPS.backward_reduce.default, (grad, x.detach(), mean, invstd, None, None, [False, False])),
+        (OPS.backward_elemt.default, (grad, x.detach(), w.detach(), mean, invstd, sums, count)),
         (OPS.update_running_stats.default, (*_buffers(C, acc), mean, invstd, w.detach(), b.detach(), count, eps, None)),
         (OPS.update_running_stats.default, (*_buffers(C, acc), mean, invstd, None, None, count, eps, 0.1, True)),
         (OPS.check_running_stats.default, (_buffers(C, acc)[3], mean, var, w.detach(), b.detach(), eps)),
@@ -185,18 +186,65 @@ def test_every_backward_refuses_a_gradient_of_another_shape(op):
     x, w, b = (t.detach() for t in _args((4, 6, 5, 3), torch.float32, "channels_last"))
     mean, var = OPS.batch_stats(x)
     invstd = torch.rsqrt(var + 1e-5)
-    sum_dy, sum_dy_xmu = OPS.backward_reduce(torch.ones_like(x), x, mean)
+    sums = OPS.backward_reduce(torch.ones_like(x), x, mean, invstd, w, b, [False, False])[0]
     grad = torch.ones(4, 6, 5)
     group_batch = torch.tensor([[60, 4, 1], [60, 4, 1]])  # two ranks; no process group is reached
     calls = {
         "backward": lambda: OPS.backward(grad, x, w, b, mean, invstd, True, [True, True, True]),
-        "backward_reduce": lambda: OPS.backward_reduce(grad, x, mean),
-        "backward_elemt": lambda: OPS.backward_elemt(grad, x, w, mean, invstd, sum_dy, sum_dy_xmu, 120),
+        "backward_reduce": lambda: OPS.backward_reduce(grad, x, mean, invstd, w, b, [True, True]),
+        "backward_elemt": lambda: OPS.backward_elemt(grad, x, w, mean, invstd, sums, 120),
         "sync_batch_norm_backward": lambda: OPS.sync_batch_norm_backward(grad, x, w, b, mean, invstd, group_batch,
                                                                          "no group", [True, True, True]),
     }
     with pytest.raises(RuntimeError, match=r"grad_output has shape \[4, 6, 5\] but the input has shape \[4, 6, 5, 3\]"):
         calls[op]()
+
+
+@pytest.mark.parametrize("shape,dtype,layout", CASES)
+@pytest.mark.parametrize("activation", [0, 2])
+def test_the_split_backward_matches_the_reference_in_float64(shape, dtype, layout, activation):
+    """backward_reduce's [2, C] sums and this process's parameter gradients
+    (in the weight's dtype), and backward_elemt from those sums, against
+    reference.py in float64; together they make the one-op backward."""
+    x, w, b = _args(shape, dtype, layout)
+    mean, var = OPS.batch_stats(x)
+    invstd = torch.rsqrt(var + 1e-5)
+    dy = make_input(shape, dtype, layout, seed=5)
+    f64 = [t.double() for t in (dy, x, mean, invstd, w, b)]
+    sums, grad_weight, grad_bias = OPS.backward_reduce(dy, x, mean, invstd, w, b, [True, True], activation, 0.0)
+    want = reference.backward_reduce(*f64, [True, True], activation, 0.0)
+    assert sums.shape == (2, shape[1]) and sums.dtype == mean.dtype
+    assert grad_weight.dtype == grad_bias.dtype == w.dtype
+    tol = {torch.float64: 1e-10}.get(dtype, 1e-4 if dtype == torch.float32 else 2e-2)
+    for name, got, expected in zip(("sums", "grad_weight", "grad_bias"), (sums, grad_weight, grad_bias), want):
+        scale = expected.abs().max().item() + 1.0
+        assert (got.double() - expected).abs().max().item() <= tol * scale, name
+    count = x.numel() // shape[1]
+    got = OPS.backward_elemt(dy, x, w, mean, invstd, sums, count, b, activation, 0.0)
+    expected = reference.backward_elemt(*f64[:2], f64[4], f64[2], f64[3], sums.double(), count, f64[5], activation,
+                                        0.0)
+    assert (got.double() - expected).abs().max().item() <= tol * (expected.abs().max().item() + 1.0)
+    # the one-op backward computes the same
+    dx, dw, db = OPS.backward(dy, x, w, b, mean, invstd, True, [True, True, True], activation, 0.0)
+    torch.testing.assert_close((dx, dw, db), (got, grad_weight, grad_bias))
+    assert OPS.backward_reduce(dy, x, mean, invstd, None, None, [False, False])[1:] == (None, None)
+
+
+def test_the_split_backward_of_an_empty_batch_has_zero_sums_and_gradients():
+    """A rank without values still takes part in the all-reduce: zeros, not 0 * invstd (NaN or not)."""
+    x, w, b = _args((0, 3, 4), torch.float32, "contiguous")
+    nan = torch.full((3,), float("nan"))
+    sums, grad_weight, grad_bias = OPS.backward_reduce(x, x, nan, nan, w, b, [True, True])
+    assert sums.shape == (2, 3) and not sums.any() and not grad_weight.any() and not grad_bias.any()
+    assert OPS.backward_elemt(x, x, w, nan, nan, sums, 5, b).shape == x.shape
+
+
+@pytest.mark.parametrize("sums_shape", [(6,), (3, 3), (2, 4)])
+def test_backward_elemt_refuses_sums_of_another_shape(sums_shape):
+    x, w, b = _args((4, 3, 5), torch.float32, "contiguous")
+    mean, var = OPS.batch_stats(x)
+    with pytest.raises(RuntimeError, match=r"sums should have shape \[2, 3\]"):
+        OPS.backward_elemt(x, x, w, mean, var, torch.zeros(sums_shape), 20, b)
 
 
 def test_an_empty_batch_has_undefined_statistics():
@@ -218,13 +266,13 @@ def test_large_outputs_reuse_freed_blocks_and_write_every_element(shape, layout)
     w, b = torch.rand(8) + 0.5, torch.randn(8)
     mean, var = OPS.batch_stats(x)
     invstd = torch.rsqrt(var + 1e-5)
-    sum_dy, sum_dy_xmu = OPS.backward_reduce(dy, x, mean)
+    sums = OPS.backward_reduce(dy, x, mean, invstd, w, b, [False, False])[0]
     calls = {
         "forward_train": lambda: forward_train(x, w, b)[0],
         "batch_norm_eval": lambda: forward_eval(x, w, b, mean, var),
         "normalize": lambda: OPS.normalize(x, w, b, mean, invstd),
         "backward": lambda: OPS.backward(dy, x, w, b, mean, invstd, True, [True, False, False])[0],
-        "backward_elemt": lambda: OPS.backward_elemt(dy, x, w, mean, invstd, sum_dy, sum_dy_xmu, x.numel() // 8),
+        "backward_elemt": lambda: OPS.backward_elemt(dy, x, w, mean, invstd, sums, x.numel() // 8),
     }
     # A fresh block faults at least once per 2 MB (a huge page, where the system gives them).
     fresh_block_faults = max(1, x.nbytes // (2 << 20))

@@ -86,6 +86,14 @@ def _output_like(input: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(input, memory_format=torch.contiguous_format)
 
 
+def _parameter_grads_like(input: torch.Tensor, weight: torch.Tensor | None, mask) -> tuple:
+    """The weight's and the bias's gradients where `mask` (weight, bias) wants
+    them: in the weight's dtype, the statistics' without a weight."""
+    grad_weight = torch.empty_like(weight) if weight is not None and mask[0] else None
+    grad_bias = (torch.empty_like(weight) if weight is not None else _channel_stats_like(input)) if mask[1] else None
+    return grad_weight, grad_bias
+
+
 def _check_devices(input: torch.Tensor, **tensors: torch.Tensor | None) -> None:
     """What the device kernels check first, for a call that mixes devices
     and so lands here (a meta tensor among CPU ones, say)."""
@@ -121,11 +129,7 @@ def _(input, weight, bias, running_mean, running_var, counters, eps, activation=
 @_register_fake("backward")
 def _(grad_output, input, weight, bias, mean, invstd, train, output_mask, activation=0, activation_param=0.0,
       virtual_batch_size=0):
-    grad_input = _output_like(input) if output_mask[0] else None
-    grad_weight = torch.empty_like(weight) if weight is not None and output_mask[1] else None
-    # without a weight the bias gradient comes in the statistics' dtype
-    grad_bias = (torch.empty_like(weight) if weight is not None else _channel_stats_like(input)) if output_mask[2] else None
-    return grad_input, grad_weight, grad_bias
+    return _output_like(input) if output_mask[0] else None, *_parameter_grads_like(input, weight, output_mask[1:])
 
 
 @_register_fake("batch_stats")
@@ -139,13 +143,13 @@ def _(input, weight, bias, mean, invstd, activation=0, activation_param=0.0):
 
 
 @_register_fake("backward_reduce")
-def _(grad_output, input, mean, weight=None, bias=None, invstd=None, activation=0, activation_param=0.0):
-    return _channel_stats_like(input), _channel_stats_like(input)
+def _(grad_output, input, mean, invstd, weight, bias, param_mask, activation=0, activation_param=0.0):
+    sums = input.new_empty((2, input.shape[1]), dtype=accumulate_dtype(input.dtype))
+    return sums, *_parameter_grads_like(input, weight, param_mask)
 
 
 @_register_fake("backward_elemt")
-def _(grad_output, input, weight, mean, invstd, sum_dy, sum_dy_xmu, count, bias=None, activation=0,
-      activation_param=0.0):
+def _(grad_output, input, weight, mean, invstd, sums, count, bias=None, activation=0, activation_param=0.0):
     return _output_like(input)
 
 
@@ -181,10 +185,7 @@ def _(input, weight, bias, running_mean, running_var, mean, invstd, group_batch,
 @_register_fake("sync_batch_norm_backward")
 def _(grad_output, input, weight, bias, mean, invstd, group_batch, group_name, output_mask, running_mean=None,
       running_var=None, eps=0.0, activation=0, activation_param=0.0):
-    grad_input = _output_like(input) if output_mask[0] else None
-    grad_weight = torch.empty_like(weight) if weight is not None and output_mask[1] else None
-    grad_bias = (torch.empty_like(weight) if weight is not None else _channel_stats_like(input)) if output_mask[2] else None
-    return grad_input, grad_weight, grad_bias
+    return _output_like(input) if output_mask[0] else None, *_parameter_grads_like(input, weight, output_mask[1:])
 
 
 @_register_fake("observe")

@@ -122,13 +122,31 @@ def _before_activation(grad_output, input, weight, bias, mean, invstd, kind, par
     return (grad_output.to(z.dtype) * activation_derivative(z, kind, param)).to(input.dtype)
 
 
-def backward_reduce(grad_output, input, mean, weight=None, bias=None, invstd=None, activation=0,
-                    activation_param=0.0):
-    grad_output = _before_activation(grad_output, input, weight, bias, mean, invstd, activation, activation_param)
+def _grad_sums(grad_output, input, mean):
+    """sum(dy) and sum(dy * (x - mean)) per channel, in the accumulation dtype."""
     acc = accumulate_dtype(input.dtype)
     x, dy = input.to(acc), grad_output.to(acc)
     dims = _reduce_dims(x)
     return dy.sum(dims), (dy * (x - _per_channel(mean, x, 0, acc))).sum(dims)
+
+
+def _parameter_grads(input, weight, invstd, sum_dy, sum_dy_xmu, mask):
+    """The weight's and the bias's gradients where `mask` (weight, bias) wants
+    them, in the weight's dtype (F.batch_norm takes a bias alone: then the sums')."""
+    param_dtype = sum_dy.dtype if weight is None else weight.dtype
+    grad_weight = grad_bias = None
+    if weight is not None and mask[0]:
+        empty = input.numel() == 0  # then zero, not 0 * NaN
+        grad_weight = (sum_dy_xmu if empty else sum_dy_xmu * invstd.to(sum_dy_xmu.dtype)).to(param_dtype)
+    if mask[1]:
+        grad_bias = sum_dy.to(param_dtype)
+    return grad_weight, grad_bias
+
+
+def backward_reduce(grad_output, input, mean, invstd, weight, bias, param_mask, activation=0, activation_param=0.0):
+    grad_output = _before_activation(grad_output, input, weight, bias, mean, invstd, activation, activation_param)
+    sum_dy, sum_dy_xmu = _grad_sums(grad_output, input, mean)
+    return torch.stack([sum_dy, sum_dy_xmu]), *_parameter_grads(input, weight, invstd, sum_dy, sum_dy_xmu, param_mask)
 
 
 def _grad_input(grad_output, input, weight, mean, invstd, sum_dy, sum_dy_xmu, count, train):
@@ -141,10 +159,10 @@ def _grad_input(grad_output, input, weight, mean, invstd, sum_dy, sum_dy_xmu, co
     return (dy * inv * _per_channel(weight, x, 1, acc)).to(input.dtype)
 
 
-def backward_elemt(grad_output, input, weight, mean, invstd, sum_dy, sum_dy_xmu, count, bias=None, activation=0,
+def backward_elemt(grad_output, input, weight, mean, invstd, sums, count, bias=None, activation=0,
                    activation_param=0.0):
     grad_output = _before_activation(grad_output, input, weight, bias, mean, invstd, activation, activation_param)
-    return _grad_input(grad_output, input, weight, mean, invstd, sum_dy, sum_dy_xmu, count, True)
+    return _grad_input(grad_output, input, weight, mean, invstd, sums[0], sums[1], count, True)
 
 
 def _chunks(t, virtual_batch_size):
@@ -161,18 +179,12 @@ def backward(grad_output, input, weight, bias, mean, invstd, train, output_mask,
         grad_input = torch.cat([p[0] for p in parts]) if output_mask[0] else None
         return (grad_input, *(sum(p[k] for p in parts) if parts[0][k] is not None else None for k in (1, 2)))
     grad_output = _before_activation(grad_output, input, weight, bias, mean, invstd, activation, activation_param)
-    sum_dy, sum_dy_xmu = backward_reduce(grad_output, input, mean)
-    grad_input = grad_weight = grad_bias = None
+    sum_dy, sum_dy_xmu = _grad_sums(grad_output, input, mean)
+    grad_input = None
     if output_mask[0]:
         count = input.numel() // max(input.shape[1], 1)
         grad_input = _grad_input(grad_output, input, weight, mean, invstd, sum_dy, sum_dy_xmu, count, train)
-    param_dtype = sum_dy.dtype if weight is None else weight.dtype  # F.batch_norm takes a bias alone
-    if weight is not None and output_mask[1]:
-        empty = input.numel() == 0  # then zero, not 0 * NaN
-        grad_weight = (sum_dy_xmu if empty else sum_dy_xmu * invstd.to(sum_dy_xmu.dtype)).to(param_dtype)
-    if output_mask[2]:
-        grad_bias = sum_dy.to(param_dtype)
-    return grad_input, grad_weight, grad_bias
+    return grad_input, *_parameter_grads(input, weight, invstd, sum_dy, sum_dy_xmu, output_mask[1:])
 
 
 def _faults(mean, var_ok, weight, bias):
@@ -387,16 +399,12 @@ def sync_batch_norm_backward(grad_output, input, weight, bias, mean, invstd, gro
         acc = accumulate_dtype(input.dtype)
         return backward(grad_output, input, weight, bias, running_mean.to(acc), torch.rsqrt(running_var.to(acc) + eps),
                         False, output_mask, activation, activation_param)
-    sum_dy, sum_dy_xmu = backward_reduce(grad_output, input, mean, weight, bias, invstd, activation, activation_param)
-    param_dtype = sum_dy.dtype if weight is None else weight.dtype
-    grad_weight = (sum_dy_xmu * invstd).to(param_dtype) if weight is not None and output_mask[1] else None
-    grad_bias = sum_dy.to(param_dtype) if output_mask[2] else None
+    sums, grad_weight, grad_bias = backward_reduce(grad_output, input, mean, invstd, weight, bias, output_mask[1:],
+                                                   activation, activation_param)
     grad_input = None
     if output_mask[0]:
-        sums = torch.ops._c10d_functional.wait_tensor(
-            torch.ops._c10d_functional.all_reduce(torch.cat([sum_dy, sum_dy_xmu]), "sum", group_name))
-        sum_dy, sum_dy_xmu = sums.chunk(2)
-        grad_input = (backward_elemt(grad_output, input, weight, mean, invstd, sum_dy, sum_dy_xmu, count, bias,
-                                     activation, activation_param)
+        sums = torch.ops._c10d_functional.wait_tensor(torch.ops._c10d_functional.all_reduce(sums, "sum", group_name))
+        grad_input = (backward_elemt(grad_output, input, weight, mean, invstd, sums, count, bias, activation,
+                                     activation_param)
                       if values_per_channel(input) else torch.empty_like(input))
     return grad_input, grad_weight, grad_bias

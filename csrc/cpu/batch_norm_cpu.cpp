@@ -46,16 +46,6 @@ T* mutable_data_of(at::Tensor& t) {
   return t.defined() ? reinterpret_cast<T*>(t.mutable_data_ptr()) : nullptr;
 }
 
-// Per-channel sums, accumulated in double, as a [C] tensor of the input's
-// accumulation type: written in place, rounded as .to() would, without the
-// two ops of making a double tensor and converting it.
-at::Tensor channel_tensor(c10::ArrayRef<double> values, const at::Tensor& input) {
-  at::Tensor t = channel_stat_tensor(input);
-  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "safebn_channel_tensor",
-                             [&] { std::copy(values.begin(), values.end(), t.mutable_data_ptr<scalar_t>()); });
-  return t;
-}
-
 // An output the size of the input. From a megabyte up, at::empty_like would
 // be fresh memory every step, faulted in page by page at more than the cost
 // of the kernels that write it (large_buffers.h).
@@ -198,12 +188,12 @@ Prepared prepare_backward(const at::Tensor& grad_output, const at::Tensor& input
 
 // grad_weight = sum(dy * xhat) and grad_bias = sum(dy) per channel, in the
 // weight's dtype (the statistics' without a weight: F.batch_norm takes a bias
-// alone), from their sums in double.
+// alone), from their sums in double. Allocated directly, not through the
+// dispatcher: these few values are a small op's host cost.
 at::Tensor parameter_grad(c10::ArrayRef<double> values, const std::optional<at::Tensor>& weight,
-                          const at::TensorOptions& stats_options) {
-  const at::ScalarType type = weight.has_value() && weight->defined() ? weight->scalar_type()
-                                                                      : c10::typeMetaToScalarType(stats_options.dtype());
-  at::Tensor t = at::empty({int64_t(values.size())}, stats_options.dtype(type));
+                          at::ScalarType stats_type) {
+  const at::ScalarType type = weight.has_value() && weight->defined() ? weight->scalar_type() : stats_type;
+  at::Tensor t = at::detail::empty_cpu({int64_t(values.size())}, type);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, type, "safebn_parameter_grads", [&] {
     scalar_t* out = t.mutable_data_ptr<scalar_t>();
     for (size_t c = 0; c < values.size(); ++c) out[c] = static_cast<scalar_t>(values[c]);
@@ -259,56 +249,60 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
       }
     });
   }
-  const at::TensorOptions stats_options = input.options().dtype(accumulate_type(input.scalar_type()));
-  return {grad_input, want_weight ? parameter_grad(weight_sums, weight, stats_options) : at::Tensor(),
-          want_bias ? parameter_grad(bias_sums, weight, stats_options) : at::Tensor()};
+  const at::ScalarType stats_type = accumulate_type(input.scalar_type());
+  return {grad_input, want_weight ? parameter_grad(weight_sums, weight, stats_type) : at::Tensor(),
+          want_bias ? parameter_grad(bias_sums, weight, stats_type) : at::Tensor()};
 }
 
-std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad_output, const at::Tensor& input_arg,
-                                                   const at::Tensor& mean_arg, const std::optional<at::Tensor>& weight,
-                                                   const std::optional<at::Tensor>& bias,
-                                                   const std::optional<at::Tensor>& invstd_arg,
-                                                   int64_t activation_code, double activation_param) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_reduce(
+    const at::Tensor& grad_output, const at::Tensor& input_arg, const at::Tensor& mean_arg,
+    const at::Tensor& invstd_arg, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    std::array<bool, 2> param_mask, int64_t activation_code, double activation_param) {
   const ActivationArg activation = activation_arg(activation_code, activation_param);
   at::Tensor dy;
   const auto [input, g] = prepare_backward(grad_output, input_arg, weight, bias, mean_arg, &dy);
-  TORCH_CHECK_VALUE(activation.kind == Activation::kIdentity || invstd_arg.has_value(),
-                    "backward_reduce with an activation needs invstd: the activation's derivative is taken at the "
-                    "batch norm's output, recomputed");
   check_channel_tensor(invstd_arg, input, "invstd");
   GradSums sums(g.channels);
-  if (input.numel() > 0) {
-    SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_backward_reduce", [&] {
-      const ChannelValues<acc_t> mean(mean_arg), invstd(invstd_arg, 1), w(weight, 1), b(bias, 0);
+  ChannelVector<double> weight_sums(g.channels, 0.0);
+  const at::ScalarType stats_type = accumulate_type(input.scalar_type());
+  // sum(dz) and sum(dz * (x - mean)) as rows of one tensor, all-reduced as one
+  at::Tensor out = at::detail::empty_cpu({2, g.channels}, stats_type);
+  SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_backward_reduce", [&] {
+    const ChannelValues<acc_t> mean(mean_arg), invstd(invstd_arg), w(weight, 1), b(bias, 0);
+    if (input.numel() > 0) {
       NormalizeParams<acc_t> z(g.channels, activation);
       for (int64_t c = 0; c < g.channels; ++c) z.set(c, mean[c], w[c] * invstd[c], b[c]);
       sums = reduce_grads<T, acc_t>(data_of<T>(dy), data_of<T>(input), nullptr, chunks_of(g), z,
                                     [](int64_t, int64_t, const GradSums&) { return GradInputCoefficients<acc_t>{}; });
-    });
-  }
-  return {channel_tensor(sums.dy, input), channel_tensor(sums.dy_xmu, input)};
+      // as backward's: no values, a zero gradient, not 0 * invstd
+      for (int64_t c = 0; c < g.channels; ++c) weight_sums[c] = sums.dy_xmu[c] * double(invstd[c]);
+    }
+    acc_t* out_sums = out.mutable_data_ptr<acc_t>();
+    std::copy(sums.dy.begin(), sums.dy.end(), out_sums);  // rounded as .to() would
+    std::copy(sums.dy_xmu.begin(), sums.dy_xmu.end(), out_sums + g.channels);
+  });
+  const bool want_weight = param_mask[0] && weight.has_value() && weight->defined();
+  return {out, want_weight ? parameter_grad(weight_sums, weight, stats_type) : at::Tensor(),
+          param_mask[1] ? parameter_grad(sums.dy, weight, stats_type) : at::Tensor()};
 }
 
 at::Tensor backward_elemt(const at::Tensor& grad_output, const at::Tensor& input_arg,
                           const std::optional<at::Tensor>& weight, const at::Tensor& mean_arg,
-                          const at::Tensor& invstd_arg, const at::Tensor& sum_dy_arg,
-                          const at::Tensor& sum_dy_xmu_arg, int64_t count, const std::optional<at::Tensor>& bias,
-                          int64_t activation_code, double activation_param) {
+                          const at::Tensor& invstd_arg, const at::Tensor& sums_arg, int64_t count,
+                          const std::optional<at::Tensor>& bias, int64_t activation_code, double activation_param) {
   const ActivationArg activation = activation_arg(activation_code, activation_param);
   at::Tensor dy;
   const auto [input, g] = prepare_backward(grad_output, input_arg, weight, bias, mean_arg, &dy);
   check_channel_tensor(invstd_arg, input, "invstd");
-  check_channel_tensor(sum_dy_arg, input, "sum_dy");
-  check_channel_tensor(sum_dy_xmu_arg, input, "sum_dy_xmu");
+  check_grad_sums(sums_arg, input);
   TORCH_CHECK_VALUE(count > 0, "count (values per channel over every process) must be > 0, got ", count);
   at::Tensor grad_input = empty_output_like(input);
   if (grad_input.numel() == 0) return grad_input;
   SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_backward_elemt", [&] {
-    const ChannelValues<acc_t> mean(mean_arg, 0), invstd(invstd_arg, 0), w(weight, 1), b(bias, 0),
-        sum_dy(sum_dy_arg, 0), sum_dy_xmu(sum_dy_xmu_arg, 0);
+    const ChannelValues<acc_t> mean(mean_arg, 0), invstd(invstd_arg, 0), w(weight, 1), b(bias, 0), sums(sums_arg, 0);
     ChannelVector<GradInputCoefficients<acc_t>> k(g.channels);
     for (int64_t c = 0; c < g.channels; ++c)
-      k[c] = grad_input_coefficients<acc_t>(mean[c], invstd[c], w[c], b[c], sum_dy[c], sum_dy_xmu[c],
+      k[c] = grad_input_coefficients<acc_t>(mean[c], invstd[c], w[c], b[c], sums[c], sums[g.channels + c],
                                             acc_t(count), true);
     grad_input_all(data_of<T>(dy), data_of<T>(input), mutable_data_of<T>(grad_input), chunks_of(g), k,
                    activation);

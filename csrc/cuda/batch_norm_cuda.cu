@@ -255,12 +255,11 @@ template <typename acc_t, typename scalar_t>
 void launch_grad_sums(const at::Tensor& input, const Geometry& g, const scalar_t* dy, const scalar_t* x,
                       const ChannelValues<acc_t>& mean, const ChannelValues<acc_t>& invstd,
                       const ChannelValues<acc_t>& w, const ChannelValues<acc_t>& b, ActivationArg activation,
-                      at::Tensor& sum_dy, at::Tensor& sum_dy_xmu, at::Tensor& grad_weight) {
+                      acc_t* sum_dy, acc_t* sum_dy_xmu, acc_t* grad_weight) {
   with_fusion(activation, [&](auto fused) {
-    reduce_channels(GradSumsOp<acc_t, decltype(fused)::value>{
-                        mean.data(), sum_dy.mutable_data_ptr<acc_t>(), sum_dy_xmu.mutable_data_ptr<acc_t>(),
-                        invstd.data(), grad_weight.defined() ? grad_weight.mutable_data_ptr<acc_t>() : nullptr,
-                        w.data(), b.data(), activation.kind, acc_t(activation.param)},
+    reduce_channels(GradSumsOp<acc_t, decltype(fused)::value>{mean.data(), sum_dy, sum_dy_xmu, invstd.data(),
+                                                              grad_weight, w.data(), b.data(), activation.kind,
+                                                              acc_t(activation.param)},
                     input, g, dy, x);
   });
 }
@@ -305,8 +304,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
           sum_dy = at::empty({g.channels}, stats_options);
           sum_dy_xmu = at::empty({g.channels}, stats_options);
           at::Tensor part_grad_weight = want_weight ? at::empty({g.channels}, stats_options) : at::Tensor();
-          launch_grad_sums(x_part, part_geometry, dy_data, x, mean, invstd, w, b, activation, sum_dy, sum_dy_xmu,
-                           part_grad_weight);
+          launch_grad_sums(x_part, part_geometry, dy_data, x, mean, invstd, w, b, activation,
+                           sum_dy.mutable_data_ptr<acc_t>(), sum_dy_xmu.mutable_data_ptr<acc_t>(),
+                           want_weight ? part_grad_weight.mutable_data_ptr<acc_t>() : nullptr);
           // out of place: sum_dy is read by this chunk's input gradient, queued after
           grad_weight = part == 0 || !want_weight ? part_grad_weight : grad_weight + part_grad_weight;
           grad_bias = part == 0 ? sum_dy : grad_bias + sum_dy;
@@ -331,43 +331,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
           want_bias ? grad_bias.to(param_type) : at::Tensor()};
 }
 
-std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad_output, const at::Tensor& input_arg,
-                                                   const at::Tensor& mean_arg, const std::optional<at::Tensor>& weight,
-                                                   const std::optional<at::Tensor>& bias,
-                                                   const std::optional<at::Tensor>& invstd_arg,
-                                                   int64_t activation_code, double activation_param) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_reduce(
+    const at::Tensor& grad_output, const at::Tensor& input_arg, const at::Tensor& mean_arg,
+    const at::Tensor& invstd_arg, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    std::array<bool, 2> param_mask, int64_t activation_code, double activation_param) {
   const ActivationArg activation = activation_arg(activation_code, activation_param);
   check_backward_args(grad_output, input_arg, weight, bias, mean_arg);
-  TORCH_CHECK_VALUE(activation.kind == Activation::kIdentity || invstd_arg.has_value(),
-                    "backward_reduce with an activation needs invstd: the activation's derivative is taken at the "
-                    "batch norm's output, recomputed");
   check_channel_tensor(invstd_arg, input_arg, "invstd");
   const c10::cuda::CUDAGuard device_guard(input_arg.device());
   const at::Tensor input = with_kernel_layout(input_arg);
   const at::Tensor dy = grad_in_layout_of(grad_output, input);
   const Geometry g = geometry_of(input);
+  const bool has_weight = weight.has_value() && weight->defined();
+  const bool want_weight = param_mask[0] && has_weight;
+  // sum(dz) and sum(dz * (x - mean)) as rows of one tensor, all-reduced as
+  // one; as on the CPU, a batch without values has zero sums and gradients.
+  const bool no_values = input.numel() == 0;
   const at::TensorOptions stats_options = input.options().dtype(accumulate_type(input.scalar_type()));
-  if (input.numel() == 0) return {at::zeros({g.channels}, stats_options), at::zeros({g.channels}, stats_options)};
-  at::Tensor sum_dy = at::empty({g.channels}, stats_options), sum_dy_xmu = at::empty({g.channels}, stats_options);
-  at::Tensor no_grad_weight;
-  SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_backward_reduce", [&] {
-    const ChannelValues<acc_t> mean(mean_arg), invstd(invstd_arg), w(weight), b(bias);
-    launch_grad_sums(input, g, dy.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(), mean, invstd, w, b,
-                     activation, sum_dy, sum_dy_xmu, no_grad_weight);
-  });
-  return {sum_dy, sum_dy_xmu};
+  const auto stats = [&](at::IntArrayRef sizes) {
+    return no_values ? at::zeros(sizes, stats_options) : at::empty(sizes, stats_options);
+  };
+  at::Tensor sums = stats({2, g.channels});
+  at::Tensor grad_weight = want_weight ? stats({g.channels}) : at::Tensor();
+  if (!no_values) {
+    SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_backward_reduce", [&] {
+      const ChannelValues<acc_t> mean(mean_arg), invstd(invstd_arg), w(weight), b(bias);
+      acc_t* out = sums.mutable_data_ptr<acc_t>();
+      launch_grad_sums(input, g, dy.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(), mean, invstd, w, b,
+                       activation, out, out + g.channels,
+                       want_weight ? grad_weight.mutable_data_ptr<acc_t>() : nullptr);
+    });
+  }
+  // In the weight's dtype, the statistics' without a weight (a copy: an op's
+  // outputs do not alias each other).
+  const at::ScalarType param_type = has_weight ? weight->scalar_type() : sums.scalar_type();
+  return {sums, want_weight ? grad_weight.to(param_type) : at::Tensor(),
+          param_mask[1] ? sums[0].to(param_type, /*non_blocking=*/false, /*copy=*/true) : at::Tensor()};
 }
 
 at::Tensor backward_elemt(const at::Tensor& grad_output, const at::Tensor& input_arg,
                           const std::optional<at::Tensor>& weight, const at::Tensor& mean_arg,
-                          const at::Tensor& invstd_arg, const at::Tensor& sum_dy_arg,
-                          const at::Tensor& sum_dy_xmu_arg, int64_t count, const std::optional<at::Tensor>& bias,
-                          int64_t activation_code, double activation_param) {
+                          const at::Tensor& invstd_arg, const at::Tensor& sums_arg, int64_t count,
+                          const std::optional<at::Tensor>& bias, int64_t activation_code, double activation_param) {
   const ActivationArg activation = activation_arg(activation_code, activation_param);
   check_backward_args(grad_output, input_arg, weight, bias, mean_arg);
   check_channel_tensor(invstd_arg, input_arg, "invstd");
-  check_channel_tensor(sum_dy_arg, input_arg, "sum_dy");
-  check_channel_tensor(sum_dy_xmu_arg, input_arg, "sum_dy_xmu");
+  check_grad_sums(sums_arg, input_arg);
   TORCH_CHECK_VALUE(count > 0, "count (values per channel over every process) must be > 0, got ", count);
   const c10::cuda::CUDAGuard device_guard(input_arg.device());
   const at::Tensor input = with_kernel_layout(input_arg);
@@ -376,11 +385,10 @@ at::Tensor backward_elemt(const at::Tensor& grad_output, const at::Tensor& input
   at::Tensor grad_input = at::empty_like(input);
   if (grad_input.numel() == 0) return grad_input;
   SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_backward_elemt", [&] {
-    const ChannelValues<acc_t> mean(mean_arg), invstd(invstd_arg), w(weight), b(bias), sum_dy(sum_dy_arg),
-        sum_dy_xmu(sum_dy_xmu_arg);
+    const ChannelValues<acc_t> mean(mean_arg), invstd(invstd_arg), w(weight), b(bias), sums(sums_arg);
     with_fusion(activation, [&](auto fused) {
       map_channels(GradInputOp<acc_t, decltype(fused)::value>{mean.data(), invstd.data(), w.data(), b.data(),
-                                                              sum_dy.data(), sum_dy_xmu.data(), acc_t(count),
+                                                              sums.data(), sums.data() + g.channels, acc_t(count),
                                                               /*train=*/true, activation.kind,
                                                               acc_t(activation.param)},
                    g, dy.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),

@@ -205,7 +205,7 @@ def op_samples(device: torch.device, shape=(4, 3, 5, 6), layout: str = "contiguo
     arguments or flags twice: with and without them."""
     x, weight, bias, grad_output = sample(shape, layout, dtype, device, torch.Generator().manual_seed(2))
     _, mean, invstd = OPS.forward_train(x, weight, bias, None, None, None, None, MOMENTUM, EPS)
-    sum_dy, sum_dy_xmu = OPS.backward_reduce(grad_output, x, mean)
+    sums = OPS.backward_reduce(grad_output, x, mean, invstd, weight, bias, [False, False])[0]
     count = x.numel() // x.shape[1]
     running_mean, running_var = OPS.batch_stats(x)  # statistics that eval mode may use
 
@@ -225,8 +225,10 @@ def op_samples(device: torch.device, shape=(4, 3, 5, 6), layout: str = "contiguo
          (grad_output, x, weight, None, mean, invstd, False, [True, False, True])),
         ("batch_stats", "batch_stats", (x,)),
         ("normalize", "normalize", (x, weight, bias, mean, invstd)),
-        ("backward_reduce", "backward_reduce", (grad_output, x, mean)),
-        ("backward_elemt", "backward_elemt", (grad_output, x, weight, mean, invstd, sum_dy, sum_dy_xmu, count)),
+        ("backward_reduce", "backward_reduce", (grad_output, x, mean, invstd, weight, bias, [True, True])),
+        ("backward_reduce (no affine, no parameter gradients)", "backward_reduce",
+         (grad_output, x, mean, invstd, None, None, [False, False])),
+        ("backward_elemt", "backward_elemt", (grad_output, x, weight, mean, invstd, sums, count)),
         ("update_running_stats", "update_running_stats", (*buffers(), mean, invstd, weight, bias, count, EPS, MOMENTUM)),
     ]
 
