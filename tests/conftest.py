@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -28,6 +29,15 @@ def make_input(shape, dtype=torch.float32, layout="contiguous", offset=0.5, scal
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=g, dtype=torch.float64) * scale + offset
     return x.to(dtype).contiguous(memory_format=LAYOUTS[layout])
+
+
+@pytest.fixture
+def two_threads():
+    """Two threads, so that inputs large enough are split into two tasks on any machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
 
 
 def module_pair(num_features, dim, param_dtype=torch.float32, seed=0, **native_options):

@@ -82,15 +82,6 @@ def test_bfloat16_rounds_like_torch_in_every_walk(shape, layout):
     assert_same_bits(dx, (dy.float() * w).to(torch.bfloat16))
 
 
-@pytest.fixture
-def two_threads():
-    """Two threads, so that inputs large enough are split into two tasks on any machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("shape", [(3, 5, 7), (3, 5, 33), (3, 5, 65), (15, 17, 143), (2, 3, 1025), (5, 2, 3001)])
 def test_bfloat16_statistics_count_every_value(shape, two_threads):
     """The sums take bfloat16 in pairs: a run of odd length (S = 7, 33, 65, 143, 1025) leaves a last

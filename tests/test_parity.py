@@ -104,6 +104,27 @@ def test_matches_native_over_training_then_eval(shape, layout, dtypes, options):
             assert safe.num_batches_tracked.item() == expected_module.num_batches_tracked.item()
 
 
+# (shape, layout) whose elementwise pass after its reduction walks each of
+# its two tasks backwards in several pieces (csrc/cpu/passes.h, walk_rows):
+# rows of blocks, (n, c) rows, and the rows after a plane split into slices.
+PIECEWISE = [((64, 64, 16, 16), "channels_last"), ((64, 64, 16, 16), "contiguous"), ((8, 2, 130, 130), "contiguous")]
+
+
+@pytest.mark.parametrize("shape,layout", PIECEWISE)
+def test_passes_walked_backwards_in_pieces_match_native(shape, layout, two_threads):
+    native, safe = module_pair(shape[1], len(shape))
+    x = make_input(shape, torch.float32, layout, seed=1)
+    grad = make_input(shape, torch.float32, layout, offset=0.0, scale=1.0, seed=2)
+    y_safe, gx_safe = _step(safe, x, grad)
+    y_native, gx_native = _step(native, x, grad)
+    assert_close(y_safe, y_native, torch.float32, "output")
+    assert_close(gx_safe, gx_native, torch.float32, "grad_input")
+    scale = (x.numel() / shape[1]) ** 0.5  # parameter gradients sum over N * S values
+    for name in ("weight", "bias"):
+        assert_close(getattr(safe, name).grad / scale, getattr(native, name).grad / scale, torch.float32, name)
+    assert_close(safe.running_var, native.running_var, torch.float32, "running_var")
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_non_standard_strides_are_accepted(layout):
     """A transposed view is neither contiguous nor channels_last: it is copied

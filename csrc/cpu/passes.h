@@ -206,19 +206,41 @@ Tasks elementwise_pass(const Chunks& chunks, bool after_reduction) {
   return Tasks(chunks, [&](const Chunk& chunk) { return elementwise_tasks(chunk, after_reduction); });
 }
 
-// fn(i, chunk, lo, hi) for each task of a pass by rows: chunk i's (n, c) rows [lo, hi).
+// fn(lo, hi) over rows [lo, hi) of `row_values` values each: at once, or,
+// for an elementwise pass right after its reduction (`backwards`), from the
+// end back to the start, a piece of about kPieceValues values at a time,
+// each piece forwards as the prefetchers expect. The reduction read the range
+// from start to end, so its end is what the last-level cache still holds:
+// over an input larger than that cache, the pass reads part of it from the
+// cache rather than from memory.
 template <typename Fn>
-void run_by_rows(const Tasks& tasks, const Chunks& chunks, Fn fn) {
+void walk_rows(int64_t lo, int64_t hi, int64_t row_values, bool backwards, Fn fn) {
+  constexpr int64_t kPieceValues = int64_t(1) << 17;
+  if (!backwards) return fn(lo, hi);
+  const int64_t piece = std::max<int64_t>(1, kPieceValues / std::max<int64_t>(1, row_values));
+  for (int64_t end = hi; end > lo; end -= piece) fn(std::max(lo, end - piece), end);
+}
+
+// fn(i, chunk, lo, hi) for each task of a pass by rows: chunk i's (n, c)
+// rows [lo, hi), walked backwards after a reduction (walk_rows).
+template <typename Fn>
+void run_by_rows(const Tasks& tasks, const Chunks& chunks, bool after_reduction, Fn fn) {
   tasks.run([&](size_t i, int64_t task, int64_t) {
     const auto [lo, hi] = row_task_range(chunks[i].g, chunks[i].plan, task);
-    fn(i, chunks[i], lo, hi);
+    walk_rows(lo, hi, chunks[i].g.spatial, after_reduction,
+              [&](int64_t first, int64_t last) { fn(i, chunks[i], first, last); });
   });
 }
 
-// fn(i, chunk, range) for each task of a pass over blocks: a BlockRange of chunk i.
+// fn(i, chunk, range) for each task of a pass over blocks: a BlockRange of
+// chunk i, walked backwards after a reduction (walk_rows).
 template <typename Fn>
-void run_by_blocks(const Tasks& tasks, const Chunks& chunks, Fn fn) {
-  tasks.run([&](size_t i, int64_t task, int64_t) { fn(i, chunks[i], block_range(chunks[i].plan, task)); });
+void run_by_blocks(const Tasks& tasks, const Chunks& chunks, bool after_reduction, Fn fn) {
+  tasks.run([&](size_t i, int64_t task, int64_t) {
+    const BlockRange r = block_range(chunks[i].plan, task);
+    walk_rows(r.lo, r.hi, chunks[i].plan.blocks[r.block].width, after_reduction,
+              [&](int64_t first, int64_t last) { fn(i, chunks[i], BlockRange{r.block, first, last}); });
+  });
 }
 
 // A per-channel array (a row of C per chunk) repeated over the lanes of a row
@@ -267,14 +289,14 @@ void normalize_all(const T* x, T* y, const Chunks& chunks, const NormalizeParams
   const int64_t C = chunks[0].g.channels;
   const Tasks tasks = elementwise_pass(chunks, after_reduction);
   if (chunks[0].plan.elementwise_by_rows) {
-    run_by_rows(tasks, chunks, [&](size_t i, const Chunk& chunk, int64_t lo, int64_t hi) {
+    run_by_rows(tasks, chunks, after_reduction, [&](size_t i, const Chunk& chunk, int64_t lo, int64_t hi) {
       kern.rows_normalize(x + chunk.offset, y + chunk.offset, chunk.g, lo, hi, k.mean.data() + i * C,
                           k.scale.data() + i * C, k.bias.data() + i * C, k.param());
     });
     return;
   }
   const Tiled<T, acc_t> mean(chunks, k.mean.data()), scale(chunks, k.scale.data()), bias(chunks, k.bias.data());
-  run_by_blocks(tasks, chunks, [&](size_t i, const Chunk& chunk, const BlockRange& r) {
+  run_by_blocks(tasks, chunks, after_reduction, [&](size_t i, const Chunk& chunk, const BlockRange& r) {
     kern.blocks_normalize(x + chunk.offset, y + chunk.offset, chunk.plan.blocks[r.block], r.lo, r.hi,
                           mean(i, r.block), scale(i, r.block), bias(i, r.block), k.param());
   });
@@ -359,7 +381,7 @@ void grad_input_all(const T* dy, const T* x, T* dx, const Chunks& chunks,
   const int64_t C = chunks[0].g.channels;
   const Tasks tasks = elementwise_pass(chunks, after_reduction);
   if (chunks[0].plan.elementwise_by_rows) {
-    run_by_rows(tasks, chunks, [&](size_t i, const Chunk& chunk, int64_t lo, int64_t hi) {
+    run_by_rows(tasks, chunks, after_reduction, [&](size_t i, const Chunk& chunk, int64_t lo, int64_t hi) {
       kern.rows_grad_input(dy + chunk.offset, x + chunk.offset, dx + chunk.offset, chunk.g, lo, hi,
                            k.data() + i * C, param);
     });
@@ -376,7 +398,7 @@ void grad_input_all(const T* dy, const T* x, T* dx, const Chunks& chunks,
   }
   const Tiled<T, acc_t> mean(chunks, fields[0].data()), scale(chunks, fields[1].data()),
       shift(chunks, fields[2].data()), mean_dy(chunks, fields[3].data()), proj(chunks, fields[4].data());
-  run_by_blocks(tasks, chunks, [&](size_t i, const Chunk& chunk, const BlockRange& r) {
+  run_by_blocks(tasks, chunks, after_reduction, [&](size_t i, const Chunk& chunk, const BlockRange& r) {
     const cpu::GradInputLanes<acc_t> lanes{mean(i, r.block), scale(i, r.block), shift(i, r.block),
                                            mean_dy(i, r.block), proj(i, r.block)};
     kern.blocks_grad_input(dy + chunk.offset, x + chunk.offset, dx + chunk.offset, chunk.plan.blocks[r.block],
