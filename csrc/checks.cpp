@@ -77,6 +77,10 @@ void check_grad_sums(const at::Tensor& sums, const at::Tensor& input) {
               input.size(1), "] (sum(dz) and sum(dz * (x - mean)) per channel, as backward_reduce returns them), got ",
               sums.sizes());
   check_same_device(sums, input.device(), "sums", "the input");
+  const at::ScalarType acc = accumulate_type(input.scalar_type());
+  TORCH_CHECK(input.numel() == 0 || sums.scalar_type() == acc, "sums has dtype ", dtype_name(sums.scalar_type()),
+              " but backward_reduce returns them in ", dtype_name(acc), " for an input of dtype ",
+              dtype_name(input.scalar_type()), ": pass its sums as they come.");
 }
 
 void check_eps(double eps) {

@@ -25,7 +25,8 @@ void check_eps(double eps);
 // a ghost batch norm's per chunk ([chunks, C], layout.h), on the input's device.
 void check_statistics(const at::Tensor& t, const at::Tensor& input, int64_t virtual_batch_size, const char* name);
 
-// backward_elemt's sums, as backward_reduce returns them: [2, C], on the input's device.
+// backward_elemt's sums, as backward_reduce returns them: [2, C] in the input's
+// accumulation dtype, on its device.
 void check_grad_sums(const at::Tensor& sums, const at::Tensor& input);
 
 // A backward's grad_output: the input's shape, on the input's device.

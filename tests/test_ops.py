@@ -227,7 +227,26 @@ def test_the_split_backward_matches_the_reference_in_float64(shape, dtype, layou
     # the one-op backward computes the same
     dx, dw, db = OPS.backward(dy, x, w, b, mean, invstd, True, [True, True, True], activation, 0.0)
     torch.testing.assert_close((dx, dw, db), (got, grad_weight, grad_bias))
-    assert OPS.backward_reduce(dy, x, mean, invstd, None, None, [False, False])[1:] == (None, None)
+    # each parameter gradient where the mask asks for it, and only there
+    for mask in ([True, False], [False, True], [False, False]):
+        _, *grads = OPS.backward_reduce(dy, x, mean, invstd, w, b, mask, activation, 0.0)
+        for wanted, got, expected in zip(mask, grads, (grad_weight, grad_bias)):
+            assert got is None if not wanted else torch.equal(got, expected)
+    assert OPS.backward_reduce(dy, x, mean, invstd, None, None, [True, True])[1] is None  # no weight, no gradient
+
+
+def test_the_split_backward_gives_parameter_gradients_in_the_weights_dtype():
+    """bfloat16 parameters (as module.to(torch.bfloat16) makes them): their gradients in bfloat16, as
+    the one-op backward's; without a weight, the bias's in the statistics' float32."""
+    x, w, b = (t.to(torch.bfloat16) for t in _args((4, 6, 5), torch.float32, "contiguous"))
+    mean, var = OPS.batch_stats(x)
+    invstd = torch.rsqrt(var + 1e-5)
+    dy = make_input((4, 6, 5), torch.bfloat16, "contiguous", seed=5)
+    _, grad_weight, grad_bias = OPS.backward_reduce(dy, x, mean, invstd, w, b, [True, True])
+    _, dw, db = OPS.backward(dy, x, w, b, mean, invstd, True, [False, True, True])
+    assert grad_weight.dtype == grad_bias.dtype == torch.bfloat16
+    assert torch.equal(grad_weight, dw) and torch.equal(grad_bias, db)
+    assert OPS.backward_reduce(dy, x, mean, invstd, None, b, [False, True])[2].dtype == torch.float32
 
 
 def test_the_split_backward_of_an_empty_batch_has_zero_sums_and_gradients():
@@ -245,6 +264,14 @@ def test_backward_elemt_refuses_sums_of_another_shape(sums_shape):
     mean, var = OPS.batch_stats(x)
     with pytest.raises(RuntimeError, match=r"sums should have shape \[2, 3\]"):
         OPS.backward_elemt(x, x, w, mean, var, torch.zeros(sums_shape), 20, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64, torch.int64])
+def test_backward_elemt_refuses_sums_of_another_dtype(dtype):
+    x, w, b = _args((4, 3, 5), torch.float32, "contiguous")
+    mean, var = OPS.batch_stats(x)
+    with pytest.raises(RuntimeError, match="but backward_reduce returns them in torch.float32"):
+        OPS.backward_elemt(x, x, w, mean, var, torch.zeros(2, 3, dtype=dtype), 20, b)
 
 
 def test_an_empty_batch_has_undefined_statistics():

@@ -268,8 +268,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_reduce(
   // sum(dz) and sum(dz * (x - mean)) as rows of one tensor, all-reduced as one
   at::Tensor out = at::detail::empty_cpu({2, g.channels}, stats_type);
   SAFEBN_DISPATCH_INPUT(input.scalar_type(), "safebn_backward_reduce", [&] {
-    const ChannelValues<acc_t> mean(mean_arg), invstd(invstd_arg), w(weight, 1), b(bias, 0);
     if (input.numel() > 0) {
+      const ChannelValues<acc_t> mean(mean_arg), invstd(invstd_arg), w(weight, 1), b(bias, 0);
       NormalizeParams<acc_t> z(g.channels, activation);
       for (int64_t c = 0; c < g.channels; ++c) z.set(c, mean[c], w[c] * invstd[c], b[c]);
       sums = reduce_grads<T, acc_t>(data_of<T>(dy), data_of<T>(input), nullptr, chunks_of(g), z,
