@@ -3,6 +3,7 @@ registration), the contract the extension and the fallback share, and the
 counters layout."""
 from __future__ import annotations
 
+import gc
 import resource
 
 import pytest
@@ -303,20 +304,28 @@ def test_large_outputs_reuse_freed_blocks_and_write_every_element(shape, layout)
     }
     # A fresh block faults at least once per 2 MB (a huge page, where the system gives them).
     fresh_block_faults = max(1, x.nbytes // (2 << 20))
-    for name, call in calls.items():
-        expected = call()
-        want = expected.clone(memory_format=torch.preserve_format)
-        address = expected.data_ptr()
-        expected.fill_(float("nan"))
-        del expected
-        faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        got = call()
-        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
-        assert got.data_ptr() == address, f"{name}: the freed block was not reused"
-        # The address alone could be a new mapping that happens to land there.
-        assert faults < fresh_block_faults, f"{name}: {faults} page faults writing a reused block"
-        assert got.is_contiguous(memory_format=LAYOUTS[layout]), name
-        assert torch.equal(got, want), f"{name}: an element kept the freed block's NaN"
+    # Python's collector, run by an allocation between the free and the call, would free an
+    # earlier test's garbage (a traceback's frames hold tensors) into the cache first: the call
+    # would reuse that block, as it should, and the check below would fail.
+    gc.collect()
+    gc.disable()
+    try:
+        for name, call in calls.items():
+            expected = call()
+            want = expected.clone(memory_format=torch.preserve_format)
+            address = expected.data_ptr()
+            expected.fill_(float("nan"))
+            del expected
+            faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            got = call()
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
+            assert got.data_ptr() == address, f"{name}: the freed block was not reused"
+            # The address alone could be a new mapping that happens to land there.
+            assert faults < fresh_block_faults, f"{name}: {faults} page faults writing a reused block"
+            assert got.is_contiguous(memory_format=LAYOUTS[layout]), name
+            assert torch.equal(got, want), f"{name}: an element kept the freed block's NaN"
+    finally:
+        gc.enable()
 
 
 @pytest.mark.parametrize("impl", ["compiled", "reference"])
