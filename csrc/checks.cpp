@@ -19,6 +19,10 @@ std::string dtype_name(at::ScalarType type) { return "torch." + std::string(c10:
 
 bool is_reduced_float(at::ScalarType type) { return type == at::kHalf || type == at::kBFloat16; }
 
+// Whether the dtypes of the per-channel tensors that go with `input` are
+// checked: native does not look at them for a batch without values.
+bool checks_dtypes_for(const at::Tensor& input) { return input.numel() > 0; }
+
 void check_same_device(const at::Tensor& t, const at::Device& device, const char* name, const char* device_of) {
   TORCH_CHECK(t.device() == device, name, " is on ", t.device(), " but ", device_of, " is on ", device,
               ". Move the module and the input to the same device.");
@@ -49,9 +53,8 @@ void check_channel_tensor(const at::Tensor& t, const at::Tensor& input, const ch
               "). Check num_features of the module against the input's dimension 1.");
   check_same_device(t, input.device(), name, "the input");
   // nn.BatchNorm's rule: the input's dtype, or float32 for a half-precision
-  // input (autocast's pairing); native does not look at the dtypes of a batch
-  // without values.
-  TORCH_CHECK(input.numel() == 0 || t.scalar_type() == input.scalar_type() ||
+  // input (autocast's pairing).
+  TORCH_CHECK(!checks_dtypes_for(input) || t.scalar_type() == input.scalar_type() ||
                   (t.scalar_type() == at::kFloat && is_reduced_float(input.scalar_type())),
               "mixed dtype: ", name, " has dtype ", dtype_name(t.scalar_type()), ", which does not go with an input "
               "of dtype ", dtype_name(input.scalar_type()), ": use the input's dtype (module.to(",
@@ -78,7 +81,7 @@ void check_grad_sums(const at::Tensor& sums, const at::Tensor& input) {
               sums.sizes());
   check_same_device(sums, input.device(), "sums", "the input");
   const at::ScalarType acc = accumulate_type(input.scalar_type());
-  TORCH_CHECK(input.numel() == 0 || sums.scalar_type() == acc, "sums has dtype ", dtype_name(sums.scalar_type()),
+  TORCH_CHECK(!checks_dtypes_for(input) || sums.scalar_type() == acc, "sums has dtype ", dtype_name(sums.scalar_type()),
               " but backward_reduce returns them in ", dtype_name(acc), " for an input of dtype ",
               dtype_name(input.scalar_type()), ": pass its sums as they come.");
 }
