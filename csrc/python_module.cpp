@@ -1,10 +1,12 @@
 // The Python module torch_safebn._C: importing it loads this library, which
 // registers the ops. Its functions are the two reads of a module's counters
 // that every guarded call makes, written here because a Tensor method or a
-// dispatcher call would cost more than a small batch's kernels.
+// dispatcher call would cost more than a small batch's kernels, and the read
+// of the group statistics that SafeSyncBatchNorm's eager forward keeps in C++.
 #include <Python.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/autograd/utils/wrap_outputs.h>
 
 #ifdef SAFEBN_WITH_CUDA
 #include <ATen/core/CachingHostAllocator.h>
@@ -14,6 +16,7 @@
 
 #include "contract.h"
 #include "cpu/kernels.h"
+#include "sync.h"
 
 namespace safebn {
 namespace {
@@ -63,6 +66,23 @@ PyObject* snapshot_counters(PyObject*, PyObject* const* args, Py_ssize_t nargs) 
 }
 #endif
 
+// group_statistics(group_name, module) -> (mean, invstd, group_batch): what the
+// module's latest eager synchronized forward over the group gathered.
+PyObject* group_statistics(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  const char* usage = "group_statistics(group_name: str, module: int)";
+  TORCH_CHECK(nargs == 2 && PyUnicode_Check(args[0]) && PyLong_Check(args[1]), usage);
+  Py_ssize_t length = 0;
+  const char* group = PyUnicode_AsUTF8AndSize(args[0], &length);
+  const int64_t module = PyLong_AsLongLong(args[1]);
+  if (group == nullptr || PyErr_Occurred()) return nullptr;
+  const auto statistics = latest_group_statistics(c10::string_view(group, length), module);
+  TORCH_CHECK(statistics.has_value(), "SafeSyncBatchNorm #", module, " has made no synchronized forward over the "
+              "process group ", group, " in this process");
+  return torch::autograd::utils::wrap(*statistics);
+  END_HANDLE_TH_ERRORS
+}
+
 // kernel_isa() -> str: the instruction set of the CPU kernels this processor runs.
 PyObject* kernel_isa(PyObject*, PyObject*) { return PyUnicode_FromString(cpu::kernel_isa()); }
 
@@ -75,6 +95,8 @@ PyMethodDef methods[] = {
     {"kernel_isa", kernel_isa, METH_NOARGS, "The instruction set of the CPU kernels this processor runs."},
     {"events_pending", fastcall<&events_pending>(), METH_FASTCALL,
      "Whether CPU counters count a non-finite event the host has not reported."},
+    {"group_statistics", fastcall<&group_statistics>(), METH_FASTCALL,
+     "The group statistics of a SafeSyncBatchNorm's latest eager synchronized forward."},
 #ifdef SAFEBN_WITH_CUDA
     {"snapshot_counters", fastcall<&snapshot_counters>(), METH_FASTCALL,
      "Copies CUDA counters into their module's pinned host buffer, asynchronously."},

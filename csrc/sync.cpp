@@ -24,6 +24,7 @@
 #include "checks.h"
 #include "group_batch.h"
 #include "layout.h"
+#include "sync.h"
 #include "welford.h"
 
 namespace safebn {
@@ -95,6 +96,11 @@ void all_reduce_sum_(const Tensor& t, c10::string_view group_name) {
     return op;                                                                               \
   }
 
+SAFEBN_TYPED_OP(sync_train_op, "safebn::sync_batch_norm_train",
+                std::tuple<Tensor, Tensor, Tensor, Tensor>(
+                    const Tensor&, const OptionalTensor&, const OptionalTensor&, const OptionalTensor&,
+                    const OptionalTensor&, const OptionalTensor&, const OptionalTensor&, std::optional<double>, double,
+                    c10::string_view, int64_t, int64_t, int64_t, bool, bool, int64_t, double))
 SAFEBN_TYPED_OP(batch_stats_op, "safebn::batch_stats", std::tuple<Tensor, Tensor>(const Tensor&))
 SAFEBN_TYPED_OP(normalize_op, "safebn::normalize",
                 Tensor(const Tensor&, const OptionalTensor&, const OptionalTensor&, const Tensor&, const Tensor&,
@@ -131,6 +137,8 @@ SAFEBN_TYPED_OP(backward_elemt_op, "safebn::backward_elemt",
 // module's ordinal, its forward count, its channels, its name's hash) that
 // every rank checks after the gather.
 
+using GroupStatistics = std::tuple<Tensor, Tensor, Tensor>;  // mean, invstd, group_batch
+
 constexpr double kProtocol = 20261206;  // marks a row of this protocol
 constexpr int64_t kHeader = 5;          // kProtocol, ordinal, forwards, channels, name
 constexpr int64_t kStats = kHeader + 2;  // then count and examples; the statistics start here
@@ -138,6 +146,7 @@ constexpr int64_t kStats = kHeader + 2;  // then count and examples; the statist
 struct Registration {
   int64_t ordinal = 0;
   int64_t forwards = 0;
+  std::optional<GroupStatistics> latest;  // its latest eager forward's (sync_batch_norm)
 };
 
 struct GroupState {
@@ -147,7 +156,9 @@ struct GroupState {
 
 std::mutex protocol_mutex;
 std::map<std::string, GroupState> groups;
-std::map<std::pair<std::string, int64_t>, Registration> registrations;
+// Leaked, as the statistics it keeps may be a GPU's: destroyed at exit, they
+// would be freed after CUDA's own teardown.
+auto& registrations = *new std::map<std::pair<std::string, int64_t>, Registration>();
 
 std::string describe_rows(const Tensor& headers, const char* what) {
   std::ostringstream text;
@@ -224,8 +235,6 @@ Tensor rank_row(const double (&header)[kStats], const std::optional<std::tuple<T
   if (padding > 0) parts.push_back(at::zeros({padding}, input.options().dtype(at::kDouble)));
   return at::cat(parts);  // promotes the statistics to float64
 }
-
-using GroupStatistics = std::tuple<Tensor, Tensor, Tensor>;  // mean, invstd, group_batch
 
 // The statistics of the group's concatenated batch: this rank's row, one
 // all_gather of every rank's, their merge.
@@ -396,7 +405,36 @@ Grads sync_batch_norm_backward(const Tensor& grad_output, const Tensor& input, c
   return {grad_input, grad_weight, grad_bias};
 }
 
+// sync_batch_norm_train's output and group_batch alone (ops.def), its
+// statistics kept as the module's latest. Tracing runs this kernel (a
+// composite) on fake tensors: only real ones are kept.
+std::tuple<Tensor, Tensor> sync_batch_norm(
+    const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias, const OptionalTensor& running_mean,
+    const OptionalTensor& running_var, const OptionalTensor& num_batches_tracked, const OptionalTensor& counters,
+    std::optional<double> momentum, double eps, c10::string_view group_name, int64_t group_size, int64_t module,
+    int64_t name, bool degenerate_uses_running_stats, bool refuse_single_sample, int64_t activation,
+    double activation_param) {
+  auto [output, mean, invstd, group_batch] = sync_train_op().call(
+      input, weight, bias, running_mean, running_var, num_batches_tracked, counters, momentum, eps, group_name,
+      group_size, module, name, degenerate_uses_running_stats, refuse_single_sample, activation, activation_param);
+  if (!mean.key_set().has(c10::DispatchKey::Python)) {
+    const std::lock_guard<std::mutex> lock(protocol_mutex);
+    registrations.at({std::string(group_name), module}).latest = GroupStatistics{mean, invstd, group_batch};
+  }
+  return {std::move(output), std::move(group_batch)};
+}
+
 }  // namespace
+
+std::optional<std::tuple<Tensor, Tensor, Tensor>> latest_group_statistics(c10::string_view group_name,
+                                                                           int64_t module) {
+  const std::lock_guard<std::mutex> lock(protocol_mutex);
+  const auto found = registrations.find({std::string(group_name), module});
+  if (found == registrations.end()) return std::nullopt;
+  return found->second.latest;
+}
+
+TORCH_LIBRARY_IMPL(safebn, CompositeImplicitAutograd, m) { m.impl("sync_batch_norm", &sync_batch_norm); }
 
 TORCH_LIBRARY_IMPL(safebn, CompositeExplicitAutograd, m) {
   m.impl("sync_batch_norm_train", &sync_batch_norm_train);

@@ -262,19 +262,24 @@ class _CountingOps(TorchDispatchMode):
 
 def _check_checkpointed_recompute_needs_no_collective(rank, world_size):
     """A checkpointed block of SafeSyncBatchNorm: its recomputation reuses the first pass's group
-    statistics (no second all_gather) and updates nothing; buffers as an unchecked twin's."""
+    statistics (no second all_gather), kept in C++ by the eager forward, and updates nothing;
+    gradients and buffers as an unchecked twin's."""
     for use_reentrant in (False, True):
         plain = torch_safebn.convert_model(_conv_net(), distributed=True)
         checked = torch_safebn.convert_model(_conv_net(), distributed=True)
         for step in range(2):
-            x = torch.randn(2 + rank, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(step),
-                            requires_grad=True)
-            plain(x).sum().backward()
+            x = torch.randn(2 + rank, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
+            plain_x, checked_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+            plain(plain_x).pow(2).sum().backward()
             with _CountingOps() as counting:
-                torch.utils.checkpoint.checkpoint(checked, x, use_reentrant=use_reentrant).sum().backward()
+                checkpointed = torch.utils.checkpoint.checkpoint(checked, checked_x, use_reentrant=use_reentrant)
+                checkpointed.pow(2).sum().backward()
             # two layers, each gathering once (the first pass) and normalizing again without a collective
             assert counting.calls["safebn.sync_batch_norm_train"] == 2, counting.calls
             assert counting.calls["safebn.sync_normalize"] == 2, counting.calls
+            torch.testing.assert_close(checked_x.grad, plain_x.grad, **TIGHT)
+        for (name, value), checked_value in zip(plain.named_parameters(), checked.parameters()):
+            torch.testing.assert_close(checked_value.grad, value.grad, **TIGHT, msg=name)
         for name, value in plain.state_dict().items():
             assert torch.equal(checked.state_dict()[name], value), name
 
@@ -523,6 +528,22 @@ def test_a_group_of_one_is_safe_batch_norm(tmp_path):
         _assert_same_training(native, safe, torch.randn(5, 4, 6, dtype=torch.float64))
     finally:
         dist.destroy_process_group()
+
+
+def test_traced_eager_forward_keeps_no_statistics_for_a_recomputation():
+    """Tracing runs sync_batch_norm, a composite, on fake tensors: it gives its schema's shapes
+    and keeps nothing for a recomputation, whose read then says what is missing."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from torch_safebn import _ops
+
+    with FakeTensorMode():
+        x = torch.randn(4, 3, 2, 2)
+        output, group_batch = _ops.OPS.sync_batch_norm(x, None, None, None, None, None, None, 0.1, 1e-5, "traced", 2,
+                                                       424242)
+    assert output.shape == x.shape and group_batch.shape == (2, 3) and group_batch.dtype == torch.int64
+    with pytest.raises(RuntimeError, match="#424242 has made no synchronized forward over the process group traced"):
+        _ops.group_statistics("traced", 424242)
 
 
 def test_the_reference_fallback_synchronizes_too(tmp_path):

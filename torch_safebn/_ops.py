@@ -10,13 +10,13 @@ import torch
 from . import reference
 from .contract import SCHEMAS, Counter, accumulate_dtype
 
-__all__ = ["BACKEND", "OPS", "LIBRARY", "events_pending", "snapshot_counters"]
+__all__ = ["BACKEND", "OPS", "LIBRARY", "events_pending", "snapshot_counters", "group_statistics"]
 
 # Composites of other ops, which autograd, fake tensors and compilers see
 # through (CompositeImplicitAutograd): batch_norm_train and activation always,
 # the reference's differentiable forwards when they stand in for the kernels.
 _TRACED_THROUGH = ("forward_train", "batch_norm_eval", "batch_norm_train", "activation", "sync_batch_norm_train",
-                   "sync_normalize")
+                   "sync_batch_norm", "sync_normalize")
 # Kernels written in Python for every device, extension or not (state.py).
 _PYTHON_KERNELS = ("observe",)
 
@@ -55,17 +55,22 @@ LIBRARY = torch.library.Library("safebn", "IMPL")  # the Python kernels' registr
 # How every guarded call reads its counters: whether CPU counters count a
 # non-finite event not reported yet, and a CUDA snapshot into a pinned
 # buffer. The extension's functions cost a fraction of the Tensor methods.
+# And the group statistics a SafeSyncBatchNorm's eager forward kept in C++,
+# which only the extension keeps (group_forward.py).
 if BACKEND == "reference":
     def events_pending(counters: torch.Tensor) -> bool:
         return counters[Counter.NONFINITE_EVENTS].item() != counters[Counter.REPORTED_EVENTS].item()
 
     def snapshot_counters(counters: torch.Tensor, host: torch.Tensor) -> None:
         host.copy_(counters, non_blocking=True)
+
+    group_statistics = None
 else:
     from . import _C
 
     events_pending = _C.events_pending
     snapshot_counters = getattr(_C, "snapshot_counters", None)
+    group_statistics = _C.group_statistics
 
 
 # -- fake (meta) kernels: shapes and dtypes only -----------------------------------

@@ -3,7 +3,8 @@ process group, as nn.SyncBatchNorm computes them, with SafeBatchNorm's guards
 applied to the group's statistics.
 
 A training forward (group_forward.py) is one op of csrc/sync.cpp,
-safebn::sync_batch_norm_train: its one collective, an all_gather of each
+safebn::sync_batch_norm_train (in eager code sync_batch_norm, which keeps
+the group's statistics in C++): its one collective, an all_gather of each
 rank's row (a header, count, batch size, mean and variance: 2C + 7 float64
 values, padded to the group's longest row), the rows merged on the host,
 the normalization with the group's statistics and the local path's guarded
@@ -91,9 +92,12 @@ class GroupSafetyState(SafetyState):
             self.group_ranks = dist.get_process_group_ranks(dist.distributed_c10d._resolve_process_group(group))
         self.group_batch = group_batch
         if counters is not None and self.policy.on_nonfinite != "skip" and not self.nonfinite_ranks:
-            # kept for the message that reports the event (the first not reported yet)
-            self.nonfinite_ranks = [rank for rank, row in zip(self.group_ranks, group_batch) if row[0] and not row[2]]
-        super().after_group_batch(counters, shape, group_batch, group, uses_running_stats)
+            for values, _, finite in group_batch:  # a loop, not a comprehension: this runs at every call
+                if values and not finite:  # kept for the message that reports the event (the first not reported yet)
+                    self.nonfinite_ranks = [rank for rank, (values, _, finite) in zip(self.group_ranks, group_batch)
+                                            if values and not finite]
+                    break
+        SafetyState.after_group_batch(self, counters, shape, group_batch, group, uses_running_stats)
 
     def nonfinite_message(self, values: list[int], shape: tuple | None) -> str:
         message = super().nonfinite_message(values, shape)

@@ -22,6 +22,7 @@ __all__ = [
     "backward_elemt",
     "update_running_stats",
     "sync_batch_norm_train",
+    "sync_batch_norm",
     "sync_normalize",
     "sync_batch_norm_backward",
 ]
@@ -382,6 +383,15 @@ def sync_batch_norm_train(input, weight, bias, running_mean, running_var, num_ba
                     momentum, single_sample)
     output = _normalize_activate(input, weight, bias, mean, invstd, activation, activation_param)
     return output, mean, invstd, group_batch
+
+
+def sync_batch_norm(input, weight, bias, running_mean, running_var, num_batches_tracked, counters, momentum, eps,
+                    group_name, group_size, module, name=0, degenerate_uses_running_stats=False,
+                    refuse_single_sample=False, activation=0, activation_param=0.0):
+    output, _, _, group_batch = sync_batch_norm_train(
+        input, weight, bias, running_mean, running_var, num_batches_tracked, counters, momentum, eps, group_name,
+        group_size, module, name, degenerate_uses_running_stats, refuse_single_sample, activation, activation_param)
+    return output, group_batch
 
 
 def sync_normalize(input, weight, bias, running_mean, running_var, mean, invstd, group_batch, eps, group_name,
