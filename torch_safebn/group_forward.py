@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _ops
-from ._ops import BACKEND, OPS
+from ._ops import BACKEND, OPS, group_statistics
 from .state import Event
 
 __all__ = ["sync_forward", "RecomputedStatistics"]
@@ -47,7 +46,7 @@ def sync_forward(bn, input: torch.Tensor, weight, bias, buffers, counters, group
                 "recomputation reuses). Rebuild the extension, or leave this module outside the checkpoint.")
         # Normalized as the first pass was, saving what it saved for the backward.
         if state.recomputed.reusable(input.shape):
-            statistics = _ops.group_statistics(name, state.id)
+            statistics = group_statistics(name, state.id)
         else:  # gathered again, as on every rank (its normalization dropped: a rare path)
             with torch.no_grad():
                 statistics = _train(bn, _GROUP_TRAIN, input, weight, bias, *unguarded)[1:]
