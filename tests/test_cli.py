@@ -152,7 +152,8 @@ def bench_result(tmp_path_factory):
 def test_bench_prints_a_table_within_100_columns(bench_result):
     result, _, out = bench_result
     lines = out.splitlines()
-    assert lines[0].startswith("Layer benchmark: ") and "copy bandwidth" in out
+    # The heading wraps at 100 columns, where depends on the processor's name.
+    assert lines[0].startswith("Layer benchmark: ") and "copy bandwidth" in " ".join(out.split())
     assert max(map(len, lines)) <= WIDTH
     header = next(line.split() for line in lines if line.startswith("pass "))
     assert header == ["pass", "safebn", "no", "checks", "native", "GB/s", "%", "copy", "vs", "peer", "checks"]
