@@ -1,18 +1,28 @@
 """SafeSyncBatchNorm's host cost in instructions, which, unlike the clocks of
-sync_host.py, do not move from run to run: each of 2 gloo ranks runs under
-valgrind's callgrind, 30 warm-up training steps on [16, 8, 2, 2] and then K
-more; the calling thread's instructions per step are the difference between
-K = 200 and K = 0, divided by 200. Two implementations, as sync_host.py's:
+sync_host.py, barely move from run to run: each of 2 gloo ranks runs under
+valgrind's callgrind, 30 warm-up training steps on [16, 8, 2, 2] and then 200
+counted ones; the calling thread's instructions per counted step. Two
+implementations, as sync_host.py's:
 
   sync               SafeSyncBatchNorm2d
   local+collectives  SafeBatchNorm2d with the all_gather of a row and the
                      all_reduce of 2C sums around it, as functional collectives
 
-PYTHONHASHSEED is fixed, so that Python's dictionaries (and their lookups) are
-the same in every run. Four runs of both ranks under valgrind, about 13 minutes on 2 cores:
+Only the counted steps are counted: callgrind zeroes its counters when a rank
+calls getppid() right before them and dumps them when it calls getpgrp()
+right after (neither is called anywhere else in a step). An earlier version
+took the difference of two whole processes (200 steps and none), start-up
+and teardown included, and its teardown (freeing the interpreter's objects)
+moved the result by up to 15k instructions per step from run to run.
+PYTHONHASHSEED is fixed, so that Python's string hashes are the same in every
+run; where the gloo threads' allocations land still moves Python's objects,
+and with them the collisions in dictionaries keyed by address, so the
+measurement is repeated (--runs, the two modes alternating) and every run
+is reported with the median. A run is two processes of both ranks under
+valgrind, about 3 minutes on 2 cores:
 
-    python benchmarks/sync_instructions.py            # runs them, then reads them
-    python benchmarks/sync_instructions.py --read DIR  # reads the outputs of an earlier run
+    python benchmarks/sync_instructions.py --runs 3     # runs them, then reads them
+    python benchmarks/sync_instructions.py --read DIR   # reads the outputs of an earlier run
 
 writes benchmarks/results/sync-instructions-cpu.json and prints the counts.
 """
@@ -20,6 +30,7 @@ import argparse
 import glob
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,7 +47,7 @@ WARM_UP, STEPS = 30, 200
 MODES = ("sync", "local+collectives")
 
 
-def _rank(rank: int, mode: str, steps: int, init_method: str) -> None:
+def _rank(rank: int, mode: str, init_method: str) -> None:
     """One rank's steps (run under callgrind by main)."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2, timeout=timedelta(minutes=10))
@@ -55,62 +66,76 @@ def _rank(rank: int, mode: str, steps: int, init_method: str) -> None:
             ops.wait_tensor(ops.all_gather_into_tensor(row, 2, group))
             local(x).sum().backward()
             ops.wait_tensor(ops.all_reduce(sums, "sum", group))
-    for _ in range(WARM_UP + steps):
+    for _ in range(WARM_UP):
         step()
+    os.getppid()  # callgrind zeroes its counters here
+    for _ in range(STEPS):
+        step()
+    os.getpgrp()  # and dumps them here
     dist.barrier()
     dist.destroy_process_group()
 
 
-def _run(folder: str) -> None:
-    """Both ranks of every (mode, K) under callgrind, one thread per output file."""
-    for mode in MODES:
-        for steps in (0, STEPS):
-            tag = f"{mode.replace('+', '_')}-{steps}"
+def _tag(run: int, mode: str) -> str:
+    return f"run{run}-{mode.replace('+', '_')}"
+
+
+def _run(folder: str, runs: int) -> None:
+    """Both ranks of every (run, mode) under callgrind, one thread per output file."""
+    for run in range(runs):
+        for mode in MODES:
+            tag = _tag(run, mode)
             with tempfile.TemporaryDirectory() as rendezvous:
                 ranks = [subprocess.Popen(
-                    ["valgrind", "--tool=callgrind", "--separate-threads=yes",
-                     f"--callgrind-out-file={folder}/{tag}.r{rank}.%p", sys.executable, __file__, "--rank",
-                     str(rank), mode, str(steps), f"file://{rendezvous}/init"],
+                    ["valgrind", "--tool=callgrind", "--separate-threads=yes", "--zero-before=getppid",
+                     "--dump-before=getpgrp", f"--callgrind-out-file={folder}/{tag}.r{rank}.%p", sys.executable,
+                     __file__, "--rank", str(rank), mode, f"file://{rendezvous}/init"],
                     env={**os.environ, "PYTHONHASHSEED": "0"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                     for rank in (0, 1)]
                 if any([process.wait() for process in ranks]):
                     raise SystemExit(f"a rank of {tag} failed: rerun it by hand to see why")
 
 
-def _main_thread_instructions(folder: str, tag: str, rank: int) -> int:
-    """The `totals:` line of the calling thread's output (callgrind's -01 file)."""
-    (path,) = glob.glob(os.path.join(folder, f"{tag}.r{rank}.*-01"))
+def _per_step(folder: str, run: int, mode: str, rank: int) -> float:
+    """The calling thread's count in the dump of the counted steps (callgrind's .1-01 file): its
+    `summary:`, the instructions executed. (Its `totals:` adds the inclusive cost of the calls still
+    running at the dump, the interpreter's frames around the steps, once more.)"""
+    (path,) = glob.glob(os.path.join(folder, f"{_tag(run, mode)}.r{rank}.*.1-01"))
     with open(path) as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("totals:"))
+        return next(int(line.split()[1]) for line in f if line.startswith("summary:")) / STEPS
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3, help="repetitions of the whole measurement (default 3)")
     parser.add_argument("--read", metavar="DIR", help="read the callgrind outputs of an earlier run from DIR")
     parser.add_argument("--json", default=os.path.join(RESULTS, "sync-instructions-cpu.json"))
-    parser.add_argument("--rank", nargs=4, help=argparse.SUPPRESS)  # rank, mode, steps, init method
+    parser.add_argument("--rank", nargs=3, help=argparse.SUPPRESS)  # rank, mode, init method
     args = parser.parse_args()
     if args.rank:
-        rank, mode, steps, init_method = args.rank
-        return _rank(int(rank), mode, int(steps), init_method)
+        rank, mode, init_method = args.rank
+        return _rank(int(rank), mode, init_method)
     folder = args.read or tempfile.mkdtemp(prefix="sync-instructions-")
     if not args.read:
-        _run(folder)
-    per_step = {mode: [(_main_thread_instructions(folder, f"{mode.replace('+', '_')}-{STEPS}", rank)
-                        - _main_thread_instructions(folder, f"{mode.replace('+', '_')}-0", rank)) / STEPS
-                       for rank in (0, 1)] for mode in MODES}
-    beyond = [s - c for s, c in zip(per_step["sync"], per_step["local+collectives"])]
-    result = {"format": "torch_safebn.sync_instructions/1", "created": datetime.now(timezone.utc).isoformat(),
+        _run(folder, args.runs)
+    runs = len(glob.glob(os.path.join(folder, f"run*-{MODES[0]}.r0.*.1-01")))
+    per_run = [{mode: [_per_step(folder, run, mode, rank) for rank in (0, 1)] for mode in MODES}
+               for run in range(runs)]
+    beyond = [[s - c for s, c in zip(r["sync"], r["local+collectives"])] for r in per_run]
+    median_beyond = [statistics.median(b[rank] for b in beyond) for rank in (0, 1)]
+    result = {"format": "torch_safebn.sync_instructions/2", "created": datetime.now(timezone.utc).isoformat(),
               "machine": machine_block(torch.device("cpu"), 1), "world_size": 2, "backend": "gloo",
               "shape": [16, 8, 2, 2], "pass": "training forward + backward", "warm_up_steps": WARM_UP,
-              "steps": STEPS, "instructions_per_step_by_rank": per_step,
-              "sync_beyond_local_and_collectives_by_rank": beyond, "callgrind_outputs": folder}
+              "steps": STEPS, "runs": runs, "instructions_per_step_by_run_and_rank": per_run,
+              "sync_beyond_local_and_collectives_by_run_and_rank": beyond,
+              "median_sync_beyond_local_and_collectives_by_rank": median_beyond, "callgrind_outputs": folder}
     with open(args.json, "w") as f:
         json.dump(result, f, indent=1)
     print("calling thread's instructions per training step (callgrind), rank 0 / rank 1:")
-    for mode, counts in per_step.items():
-        print(f"  {mode:17} {counts[0]:10.0f} {counts[1]:10.0f}")
-    print(f"  sync - (local+collectives): {beyond[0]:+.0f} / {beyond[1]:+.0f}")
+    for run, (counts, gap) in enumerate(zip(per_run, beyond)):
+        print(f"  run {run}: " + "   ".join(f"{mode} {c[0]:.0f} / {c[1]:.0f}" for mode, c in counts.items())
+              + f"   sync - (local+collectives) {gap[0]:+.0f} / {gap[1]:+.0f}")
+    print(f"  median of sync - (local+collectives): {median_beyond[0]:+.0f} / {median_beyond[1]:+.0f}")
 
 
 if __name__ == "__main__":
