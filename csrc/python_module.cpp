@@ -1,8 +1,9 @@
 // The Python module torch_safebn._C: importing it loads this library, which
 // registers the ops. Its functions are the two reads of a module's counters
-// that every guarded call makes, written here because a Tensor method or a
-// dispatcher call would cost more than a small batch's kernels, and the read
-// of the group statistics that SafeSyncBatchNorm's eager forward keeps in C++.
+// that every guarded call makes and the totals of every synchronized batch,
+// written here because a Tensor method or a dispatcher call would cost more
+// than a small batch's kernels, and the read of the group statistics that
+// SafeSyncBatchNorm's eager forward keeps in C++.
 #include <Python.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
@@ -16,6 +17,7 @@
 
 #include "contract.h"
 #include "cpu/kernels.h"
+#include "group_batch.h"
 #include "sync.h"
 
 namespace safebn {
@@ -83,6 +85,18 @@ PyObject* group_statistics(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
+// group_totals(group_batch) -> (count, examples, finite): what the host
+// decides from a synchronized batch, read as the ops read it, at every
+// synchronized forward (Tensor.tolist() and a Python loop would cost more).
+PyObject* group_totals(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK(nargs == 1 && THPVariable_Check(args[0]), "group_totals(group_batch: Tensor)");
+  const GroupTotals group = totals(THPVariable_Unpack(args[0]));
+  return Py_BuildValue("(LLO)", static_cast<long long>(group.count), static_cast<long long>(group.examples),
+                       group.finite ? Py_True : Py_False);
+  END_HANDLE_TH_ERRORS
+}
+
 // kernel_isa() -> str: the instruction set of the CPU kernels this processor runs.
 PyObject* kernel_isa(PyObject*, PyObject*) { return PyUnicode_FromString(cpu::kernel_isa()); }
 
@@ -95,6 +109,8 @@ PyMethodDef methods[] = {
     {"kernel_isa", kernel_isa, METH_NOARGS, "The instruction set of the CPU kernels this processor runs."},
     {"events_pending", fastcall<&events_pending>(), METH_FASTCALL,
      "Whether CPU counters count a non-finite event the host has not reported."},
+    {"group_totals", fastcall<&group_totals>(), METH_FASTCALL,
+     "Values per channel, examples and whether the statistics were finite over a synchronized batch."},
     {"group_statistics", fastcall<&group_statistics>(), METH_FASTCALL,
      "The group statistics of a SafeSyncBatchNorm's latest eager synchronized forward."},
 #ifdef SAFEBN_WITH_CUDA

@@ -143,15 +143,16 @@ constexpr double kProtocol = 20261206;  // marks a row of this protocol
 constexpr int64_t kHeader = 5;          // kProtocol, ordinal, forwards, channels, name
 constexpr int64_t kStats = kHeader + 2;  // then count and examples; the statistics start here
 
-struct Registration {
-  int64_t ordinal = 0;
-  int64_t forwards = 0;
-  std::optional<GroupStatistics> latest;  // its latest eager forward's (sync_batch_norm)
-};
-
 struct GroupState {
   int64_t modules = 0;   // registered so far
   int64_t row_size = 0;  // every row's length, padding included
+};
+
+struct Registration {
+  const GroupState* group = nullptr;  // its group's (a node of `groups`, which never moves)
+  int64_t ordinal = 0;
+  int64_t forwards = 0;
+  std::optional<GroupStatistics> latest;  // its latest eager forward's (sync_batch_norm)
 };
 
 std::mutex protocol_mutex;
@@ -198,7 +199,7 @@ Registration& registration(const Tensor& input, c10::string_view group_name, int
               "this SafeSyncBatchNorm (", describe_rows(headers, "registration"), ")", kSameForwards);
   lock.lock();
   state.row_size = std::max(state.row_size, int64_t(all.select(1, kHeader).max().item<double>()));
-  return registrations[{group, module}] = Registration{state.modules++, 0};
+  return registrations[{group, module}] = Registration{&state, state.modules++};
 }
 
 // This rank's row: the header, then [count, examples, mean (C), variance
@@ -247,7 +248,7 @@ GroupStatistics gather_statistics(const Tensor& input, double eps, c10::string_v
   int64_t row_size;
   {
     const std::lock_guard<std::mutex> lock(protocol_mutex);
-    row_size = groups[std::string(group_name)].row_size;
+    row_size = me.group->row_size;
   }
   // Every row has the length the group agreed on when its modules registered:
   // a module called with more channels than that would not fit.

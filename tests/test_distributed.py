@@ -546,6 +546,20 @@ def test_traced_eager_forward_keeps_no_statistics_for_a_recomputation():
         _ops.group_statistics("traced", 424242)
 
 
+@pytest.mark.parametrize("rows, expected", [
+    ([[12, 3, 1], [8, 2, 1]], (20, 5, True)),
+    ([[12, 3, 1], [8, 2, 0]], (20, 5, False)),  # rank 1's statistics were not finite
+    ([[0, 0, 0], [1, 1, 1]], (1, 1, True)),  # an empty rank's flag says nothing: it sent no statistics
+    ([[0, 0, 1], [0, 0, 1], [0, 0, 1]], (0, 0, True)),
+])
+def test_group_totals_reads_a_group_batch_as_the_ops_do(rows, expected):
+    from torch_safebn import _ops
+
+    assert _ops.group_totals(torch.tensor(rows)) == expected
+    with pytest.raises(RuntimeError, match="group_batch must be the int64 CPU tensor"):
+        _ops.group_totals(torch.tensor(rows, dtype=torch.float64))
+
+
 def test_the_reference_fallback_synchronizes_too(tmp_path):
     """With _C unimportable, SafeSyncBatchNorm runs reference.py's ops: two ranks match one
     process's nn.BatchNorm2d on the whole batch (output, input and parameter gradients summed
@@ -598,7 +612,17 @@ def test_a_state_pickled_by_an_earlier_version_keeps_counts_by_rank_a_method():
     del state["group_batch"]
     loaded = GroupSafetyState.__new__(GroupSafetyState)
     loaded.__setstate__(state)
-    assert loaded.counts_by_rank() == {} and loaded.group_batch == []
+    assert loaded.counts_by_rank() == {} and loaded.group_batch.shape == (0, 3)
+
+
+def test_a_state_pickled_with_group_batch_as_a_list_reads_it_as_the_ops_tensor():
+    """Before group_batch was kept as the op's tensor, a state pickled it as a list of rows."""
+    state = SafeSyncBatchNorm(4).safety_state.__getstate__()
+    state["group_batch"], state["group_ranks"] = [[12, 3, 1], [8, 2, 1]], [0, 1]
+    loaded = GroupSafetyState.__new__(GroupSafetyState)
+    loaded.__setstate__(state)
+    assert loaded.counts_by_rank() == {0: 12, 1: 8}
+    assert loaded.group_batch.dtype == torch.int64 and loaded.group_batch.tolist() == [[12, 3, 1], [8, 2, 1]]
 
 
 def test_checkpoints_load_both_ways_with_nn_sync_batch_norm():

@@ -10,7 +10,7 @@ import torch
 from . import reference
 from .contract import SCHEMAS, Counter, accumulate_dtype
 
-__all__ = ["BACKEND", "OPS", "LIBRARY", "events_pending", "snapshot_counters", "group_statistics"]
+__all__ = ["BACKEND", "OPS", "LIBRARY", "events_pending", "snapshot_counters", "group_totals", "group_statistics"]
 
 # Composites of other ops, which autograd, fake tensors and compilers see
 # through (CompositeImplicitAutograd): batch_norm_train and activation always,
@@ -55,8 +55,11 @@ LIBRARY = torch.library.Library("safebn", "IMPL")  # the Python kernels' registr
 # How every guarded call reads its counters: whether CPU counters count a
 # non-finite event not reported yet, and a CUDA snapshot into a pinned
 # buffer. The extension's functions cost a fraction of the Tensor methods.
-# And the group statistics a SafeSyncBatchNorm's eager forward kept in C++,
-# which only the extension keeps (group_forward.py).
+# Likewise the totals of a synchronized batch (group_batch: values per
+# channel, examples, finite statistics by rank): values per channel and
+# examples over the group, and whether every rank with values had finite
+# statistics. And the group statistics a SafeSyncBatchNorm's eager forward
+# kept in C++, which only the extension keeps (group_forward.py).
 if BACKEND == "reference":
     def events_pending(counters: torch.Tensor) -> bool:
         return counters[Counter.NONFINITE_EVENTS].item() != counters[Counter.REPORTED_EVENTS].item()
@@ -64,12 +67,18 @@ if BACKEND == "reference":
     def snapshot_counters(counters: torch.Tensor, host: torch.Tensor) -> None:
         host.copy_(counters, non_blocking=True)
 
+    def group_totals(group_batch: torch.Tensor) -> tuple[int, int, bool]:
+        rows = group_batch.tolist()
+        return (sum(row[0] for row in rows), sum(row[1] for row in rows),
+                all(finite or not values for values, _, finite in rows))
+
     group_statistics = None
 else:
     from . import _C
 
     events_pending = _C.events_pending
     snapshot_counters = getattr(_C, "snapshot_counters", None)
+    group_totals = _C.group_totals
     group_statistics = _C.group_statistics
 
 

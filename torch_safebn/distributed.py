@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ._ops import group_totals
 from .group_forward import RecomputedStatistics
 from .modules import _SafeBatchNormMixin
 from .state import SafetyState
@@ -48,7 +49,8 @@ class GroupSafetyState(SafetyState):
         # gloo's threads can abort the process.
         self.group_name: str | None = None
         self.group_ranks: list[int] = []
-        self.group_batch: list[list[int]] = []  # the latest synchronized batch's, a row per rank of group_ranks
+        # The latest synchronized batch's, a row per rank of group_ranks, as the op returned it (messages read it).
+        self.group_batch = torch.empty(0, 3, dtype=torch.int64)
         self.nonfinite_ranks: list[int] = []  # ranks at fault in the latest event not yet reported
         self.recomputed = RecomputedStatistics()
 
@@ -57,8 +59,9 @@ class GroupSafetyState(SafetyState):
 
     def __setstate__(self, state: dict) -> None:
         # Pickled before counts_by_rank() was derived from group_batch, a state holds it as a dict.
+        # And before group_batch was kept as the op's tensor, as a list.
         state.pop("counts_by_rank", None)
-        state.setdefault("group_batch", [])
+        state["group_batch"] = torch.tensor(state.get("group_batch", []), dtype=torch.int64).reshape(-1, 3)
         super().__setstate__(state)
 
     @property
@@ -83,21 +86,20 @@ class GroupSafetyState(SafetyState):
 
     def counts_by_rank(self) -> dict[int, int]:
         """The latest synchronized batch's values per channel, by global rank."""
-        return {rank: row[0] for rank, row in zip(self.group_ranks, self.group_batch)}
+        return dict(zip(self.group_ranks, self.group_batch[:, 0].tolist()))
 
-    def after_group_batch(self, counters: torch.Tensor | None, shape: Sequence[int], group_batch: list[list[int]],
+    def after_group_batch(self, counters: torch.Tensor | None, shape: Sequence[int], group_batch: torch.Tensor,
                           group: str, uses_running_stats: bool) -> None:
+        count, examples, finite = group_totals(group_batch)
         if self.group_name != group:
             self.group_name = group
             self.group_ranks = dist.get_process_group_ranks(dist.distributed_c10d._resolve_process_group(group))
         self.group_batch = group_batch
-        if counters is not None and self.policy.on_nonfinite != "skip" and not self.nonfinite_ranks:
-            for values, _, finite in group_batch:  # a loop, not a comprehension: this runs at every call
-                if values and not finite:  # kept for the message that reports the event (the first not reported yet)
-                    self.nonfinite_ranks = [rank for rank, (values, _, finite) in zip(self.group_ranks, group_batch)
-                                            if values and not finite]
-                    break
-        SafetyState.after_group_batch(self, counters, shape, group_batch, group, uses_running_stats)
+        if not finite and counters is not None and self.policy.on_nonfinite != "skip" and not self.nonfinite_ranks:
+            # kept for the message that reports the event (the first not reported yet)
+            rows = group_batch.tolist()
+            self.nonfinite_ranks = [rank for rank, (values, _, ok) in zip(self.group_ranks, rows) if values and not ok]
+        self.after_group_totals(counters, shape, count, examples, group_batch, uses_running_stats)
 
     def nonfinite_message(self, values: list[int], shape: tuple | None) -> str:
         message = super().nonfinite_message(values, shape)
@@ -152,10 +154,10 @@ class SafeSyncBatchNorm(_SafeBatchNormMixin, _BatchNorm):
         if input.dim() < 2:
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
-    def _synchronizing(self):
-        """The process group whose statistics a call takes now, or None: in
-        eval mode (and with frozen statistics) nn.SyncBatchNorm normalizes each
-        rank on its own, as does a group of one."""
+    def _synchronizing(self) -> tuple[str, int] | None:
+        """The name and size of the process group whose statistics a call
+        takes now, or None: in eval mode (and with frozen statistics)
+        nn.SyncBatchNorm normalizes each rank on its own, as does a group of one."""
         # dist.get_world_size's decisions, spelled out: this runs at every call.
         world = dist.group.WORLD if _DISTRIBUTED else None  # None before init_process_group and after its destroy
         if world is None or not self.training or self.safety_state.policy.freeze_stats:
@@ -163,7 +165,8 @@ class SafeSyncBatchNorm(_SafeBatchNormMixin, _BatchNorm):
         group = self.process_group if self.process_group is not None else world
         if group == dist.GroupMember.NON_GROUP_MEMBER:  # what new_group gives a rank outside the group
             return None
-        return group if group.size() > 1 else None
+        size = group.size()
+        return (group.group_name, size) if size > 1 else None
 
     @classmethod
     def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group=None, **options) -> torch.nn.Module:

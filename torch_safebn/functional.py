@@ -134,7 +134,8 @@ def guarded_forward(bn: nn.Module, input: torch.Tensor, activation: int = 0, act
     module holds (weight, bias, the running buffers, momentum, eps,
     safety_state, safety_counters, training, track_running_stats); the
     activation (activations.Activation, 0: none) is fused after the batch
-    norm; `group`: a process group whose statistics a training call takes."""
+    norm; `group`: the name and size of a process group whose statistics a
+    training call takes."""
     state = bn.safety_state
     policy = state.policy
     training = bn.training and not policy.freeze_stats

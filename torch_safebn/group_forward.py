@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._ops import BACKEND, OPS, group_statistics
+from ._ops import BACKEND, OPS, group_statistics, group_totals
 from .state import Event
 
 __all__ = ["sync_forward", "RecomputedStatistics"]
@@ -23,7 +23,7 @@ _GROUP_NORMALIZE = OPS.sync_normalize.default
 
 def sync_forward(bn, input: torch.Tensor, weight, bias, buffers, counters, group, compiling: bool, recomputing: bool,
                  activation: int = 0, activation_param: float = 0.0) -> torch.Tensor:
-    """guarded_forward's training call with the statistics of `group`, given
+    """guarded_forward's training call with the statistics of `group` (its name and size), given
     the module's parameters, running buffers (mean, var, batches tracked) and
     counters as guarded_forward read them (a module attribute costs a lookup).
     A recomputation normalizes with the statistics of the first pass where it
@@ -35,9 +35,8 @@ def sync_forward(bn, input: torch.Tensor, weight, bias, buffers, counters, group
     fused = (activation, activation_param) if activation else ()
     running_mean, running_var, _ = buffers
     uses_running_stats = policy.on_degenerate == "running_stats" and running_mean is not None
-    name = group.group_name  # a property of the C++ group: read once
-    where = name, group.size()
-    unguarded = (None, None, None), None, where, compiling, False, False, fused  # no buffers, no counters
+    name = group[0]
+    unguarded = (None, None, None), None, group, compiling, False, False, fused  # no buffers, no counters
     if recomputing:
         if BACKEND == "reference":
             raise NotImplementedError(
@@ -54,17 +53,17 @@ def sync_forward(bn, input: torch.Tensor, weight, bias, buffers, counters, group
         return _GROUP_NORMALIZE(input, weight, bias, *held, *statistics, bn.eps, name, *fused)
     if state.pool is not None:
         output, mean, invstd, group_batch = _train(bn, _GROUP_TRAIN, input, weight, bias, *unguarded)
-        count, examples = (int(v) for v in group_batch[:, :2].sum(0))
+        count, examples, _ = group_totals(group_batch)
         state.pool.add_invstd(mean, invstd, bn.eps, count, examples)
         return output
     refuse_single_sample = counters is not None and policy.on_single_sample == "raise"
     if not compiling:  # the hot path, spelled out: state.observe's branch for a group batch
-        output, group_batch = _train(bn, _GROUP_EAGER, input, weight, bias, buffers, counters, where, compiling,
+        output, group_batch = _train(bn, _GROUP_EAGER, input, weight, bias, buffers, counters, group, compiling,
                                      uses_running_stats, refuse_single_sample, fused)
         state.recomputed.remember(input.shape)
-        state.after_group_batch(counters, input.shape, group_batch.tolist(), name, uses_running_stats)
+        state.after_group_batch(counters, input.shape, group_batch, name, uses_running_stats)
         return output
-    output, _, _, group_batch = _train(bn, _GROUP_TRAIN, input, weight, bias, buffers, counters, where, compiling,
+    output, _, _, group_batch = _train(bn, _GROUP_TRAIN, input, weight, bias, buffers, counters, group, compiling,
                                        uses_running_stats, refuse_single_sample, fused)
     if not torch.compiler.is_exporting():
         event = Event.GROUP_BATCH_WITH_RUNNING_STATS if uses_running_stats else Event.GROUP_BATCH
@@ -72,13 +71,13 @@ def sync_forward(bn, input: torch.Tensor, weight, bias, buffers, counters, group
     return output
 
 
-def _train(bn, op, input, weight, bias, buffers, counters, where: tuple, compiling: bool, uses_running_stats: bool,
+def _train(bn, op, input, weight, bias, buffers, counters, group: tuple, compiling: bool, uses_running_stats: bool,
            refuse_single_sample: bool, fused: tuple):
     """`op` (safebn::sync_batch_norm_train, or sync_batch_norm) over the
-    group `where` (its name and size). In eager code, its errors name the
+    process group `group` (its name and size). In eager code, its errors name the
     module (and, for a failed gather, its rank)."""
     state = bn.safety_state
-    arguments = (input, weight, bias, *buffers, counters, bn.momentum, bn.eps, *where, state.id, state.name_key,
+    arguments = (input, weight, bias, *buffers, counters, bn.momentum, bn.eps, *group, state.id, state.name_key,
                  uses_running_stats, refuse_single_sample, *fused)
     if compiling:
         return op(*arguments)

@@ -194,8 +194,9 @@ class _SafeBatchNormMixin:
         self._check_input_dim(input)
         return functional.guarded_forward(self, input, activation, activation_param, group=self._synchronizing())
 
-    def _synchronizing(self):
-        """The process group whose statistics a training call takes (SafeSyncBatchNorm), or None."""
+    def _synchronizing(self) -> tuple[str, int] | None:
+        """The name and size of the process group whose statistics a training call takes
+        (SafeSyncBatchNorm), or None."""
         return None
 
     def __prepare_scriptable__(self) -> nn.Module:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._ops import LIBRARY, events_pending, snapshot_counters
+from ._ops import LIBRARY, events_pending, group_totals, snapshot_counters
 from .caller_warnings import warn_per_call
 from .contract import NUM_COUNTERS, Counter
 from .errors import DegenerateBatchError, NonFiniteError
@@ -95,7 +95,9 @@ class SafetyState:
         """The one entry point of the forwards, eager and compiled (the observe
         op); `group_batch` and `group` (its name) after a synchronized batch."""
         if group_batch is not None:
-            self.after_group_batch(counters, shape, group_batch.tolist(), group,
+            # A copy: the state keeps it, and compiled code may reuse an op's
+            # output buffer for a later one once this op has read it.
+            self.after_group_batch(counters, shape, group_batch.clone(), group,
                                    uses_running_stats=event == Event.GROUP_BATCH_WITH_RUNNING_STATS)
         elif event == Event.TRAINING_BATCH or event == Event.EVAL_CALL:
             self.after_op(counters, shape, training=event == Event.TRAINING_BATCH)
@@ -148,21 +150,24 @@ class SafetyState:
             f"{torch.Size(shape)}: the batch variance is 0/0. {hint}"
         )
 
-    def after_group_batch(self, counters: torch.Tensor | None, shape: Sequence[int], group_batch: list[list[int]],
+    def after_group_batch(self, counters: torch.Tensor | None, shape: Sequence[int], group_batch: torch.Tensor,
                           group: str, uses_running_stats: bool) -> None:
         """After a training forward with a process group's statistics: what a
         local forward decides from its input's shape, decided from the group's
         batch (group_batch: values per channel, examples and finite statistics
         by rank), the same on every rank."""
-        count = examples = 0
-        for values, batch, _ in group_batch:
-            count, examples = count + values, examples + batch
+        count, examples, _ = group_totals(group_batch)
+        self.after_group_totals(counters, shape, count, examples, group_batch, uses_running_stats)
+
+    def after_group_totals(self, counters: torch.Tensor | None, shape: Sequence[int], count: int, examples: int,
+                           group_batch: torch.Tensor, uses_running_stats: bool) -> None:
+        """after_group_batch's decisions, given the group's totals."""
         if count == 0:
             return
         if count == 1:
             if counters is None:  # checks=False: native's error
                 raise ValueError(f"Expected more than 1 value per channel when training, got 1 over the process "
-                                 f"group (values per channel by rank: {[row[0] for row in group_batch]})")
+                                 f"group (values per channel by rank: {group_batch[:, 0].tolist()})")
             if not uses_running_stats:
                 self.degenerate_refused(shape)
             self.degenerate_handled(counters, shape)
