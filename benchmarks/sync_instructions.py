@@ -18,8 +18,8 @@ PYTHONHASHSEED is fixed, so that Python's string hashes are the same in every
 run; where the gloo threads' allocations land still moves Python's objects,
 and with them the collisions in dictionaries keyed by address, so the
 measurement is repeated (--runs, the two modes alternating) and every run
-is reported with the median. A run is two processes of both ranks under
-valgrind, about 3 minutes on 2 cores:
+is reported with the median. A run is both ranks of each mode under
+valgrind, four processes, about 4 minutes on 2 cores:
 
     python benchmarks/sync_instructions.py --runs 3     # runs them, then reads them
     python benchmarks/sync_instructions.py --read DIR   # reads the outputs of an earlier run
@@ -119,6 +119,8 @@ def main() -> None:
     if not args.read:
         _run(folder, args.runs)
     runs = len(glob.glob(os.path.join(folder, f"run*-{MODES[0]}.r0.*.1-01")))
+    if not runs:
+        raise SystemExit(f"{folder} holds no counted steps of this script's runs (--runs must be at least 1)")
     per_run = [{mode: [_per_step(folder, run, mode, rank) for rank in (0, 1)] for mode in MODES}
                for run in range(runs)]
     beyond = [[s - c for s, c in zip(r["sync"], r["local+collectives"])] for r in per_run]

@@ -615,6 +615,25 @@ def test_a_state_pickled_by_an_earlier_version_keeps_counts_by_rank_a_method():
     assert loaded.counts_by_rank() == {} and loaded.group_batch.shape == (0, 3)
 
 
+def test_a_synchronized_module_copies_and_pickles_without_a_warning():
+    """copy.deepcopy (an EMA model) and torch.save/load of a whole model round-trip group_batch
+    as the tensor it is, saying nothing."""
+    import copy
+    import io
+
+    module = SafeSyncBatchNorm(4)
+    module.safety_state.group_batch = torch.tensor([[12, 3, 1], [8, 2, 1]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        copied = copy.deepcopy(module)
+        buffer = io.BytesIO()
+        torch.save(module, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+    for state in (copied.safety_state, loaded.safety_state):
+        assert torch.equal(state.group_batch, module.safety_state.group_batch)
+
+
 def test_a_state_pickled_with_group_batch_as_a_list_reads_it_as_the_ops_tensor():
     """Before group_batch was kept as the op's tensor, a state pickled it as a list of rows."""
     state = SafeSyncBatchNorm(4).safety_state.__getstate__()

@@ -61,7 +61,9 @@ class GroupSafetyState(SafetyState):
         # Pickled before counts_by_rank() was derived from group_batch, a state holds it as a dict.
         # And before group_batch was kept as the op's tensor, as a list.
         state.pop("counts_by_rank", None)
-        state["group_batch"] = torch.tensor(state.get("group_batch", []), dtype=torch.int64).reshape(-1, 3)
+        group_batch = state.get("group_batch", [])
+        if not isinstance(group_batch, torch.Tensor):
+            state["group_batch"] = torch.tensor(group_batch, dtype=torch.int64).reshape(-1, 3)
         super().__setstate__(state)
 
     @property
@@ -90,6 +92,8 @@ class GroupSafetyState(SafetyState):
 
     def after_group_batch(self, counters: torch.Tensor | None, shape: Sequence[int], group_batch: torch.Tensor,
                           group: str, uses_running_stats: bool) -> None:
+        """After a training forward over `group` (its name): records the
+        group's batch for the messages, then SafetyState.after_group_totals."""
         count, examples, finite = group_totals(group_batch)
         if self.group_name != group:
             self.group_name = group

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._ops import LIBRARY, events_pending, group_totals, snapshot_counters
+from ._ops import LIBRARY, events_pending, snapshot_counters
 from .caller_warnings import warn_per_call
 from .contract import NUM_COUNTERS, Counter
 from .errors import DegenerateBatchError, NonFiniteError
@@ -94,7 +94,7 @@ class SafetyState:
                 group_batch: torch.Tensor | None = None, group: str = "") -> None:
         """The one entry point of the forwards, eager and compiled (the observe
         op); `group_batch` and `group` (its name) after a synchronized batch."""
-        if group_batch is not None:
+        if group_batch is not None:  # a SafeSyncBatchNorm's (GroupSafetyState.after_group_batch)
             # A copy: the state keeps it, and compiled code may reuse an op's
             # output buffer for a later one once this op has read it.
             self.after_group_batch(counters, shape, group_batch.clone(), group,
@@ -150,18 +150,12 @@ class SafetyState:
             f"{torch.Size(shape)}: the batch variance is 0/0. {hint}"
         )
 
-    def after_group_batch(self, counters: torch.Tensor | None, shape: Sequence[int], group_batch: torch.Tensor,
-                          group: str, uses_running_stats: bool) -> None:
+    def after_group_totals(self, counters: torch.Tensor | None, shape: Sequence[int], count: int, examples: int,
+                           group_batch: torch.Tensor, uses_running_stats: bool) -> None:
         """After a training forward with a process group's statistics: what a
         local forward decides from its input's shape, decided from the group's
         batch (group_batch: values per channel, examples and finite statistics
-        by rank), the same on every rank."""
-        count, examples, _ = group_totals(group_batch)
-        self.after_group_totals(counters, shape, count, examples, group_batch, uses_running_stats)
-
-    def after_group_totals(self, counters: torch.Tensor | None, shape: Sequence[int], count: int, examples: int,
-                           group_batch: torch.Tensor, uses_running_stats: bool) -> None:
-        """after_group_batch's decisions, given the group's totals."""
+        by rank; count and examples its totals), the same on every rank."""
         if count == 0:
             return
         if count == 1:
