@@ -5,6 +5,7 @@ same errors and warnings at the same step."""
 from __future__ import annotations
 
 import copy
+import math
 import re
 import warnings
 
@@ -22,6 +23,16 @@ def _model():
                                                     nn.Conv2d(8, 4, 3), nn.BatchNorm2d(4), nn.ReLU()))
 
 
+@pytest.fixture(params=["lowered", "kernels"])
+def compiled_path(request, monkeypatch):
+    """Each of the two ways compiled code runs a CPU batch norm, whatever the input's size:
+    lowered to ATen ops, or the fused kernels kept (lowering.KERNELS_FROM_VALUES_PER_CHANNEL)."""
+    threshold = math.inf if request.param == "lowered" else 0
+    monkeypatch.setitem(torch_safebn.lowering.KERNELS_FROM_VALUES_PER_CHANNEL, "cpu", threshold)
+    return request.param
+
+
+@pytest.mark.usefixtures("compiled_path")
 @pytest.mark.parametrize("training", [True, False])
 def test_compiled_model_matches_eager(training):
     torch._dynamo.reset()
@@ -131,6 +142,7 @@ def _train_the_report_model(seed, compiled, steps=12):
     return step, message, warned, model[0].safety_counters.tolist()
 
 
+@pytest.mark.usefixtures("compiled_path")
 def test_compiled_code_raises_and_warns_as_eager_at_the_same_step():
     eager = _train_the_report_model(seed=0, compiled=False)
     compiled = _train_the_report_model(seed=0, compiled=True)
@@ -185,23 +197,43 @@ def _dynamo_graph_targets(model, x):
     return targets
 
 
-def test_compiling_lowers_the_batch_norm_to_aten_ops_that_inductor_fuses():
-    """On a device in LOWERED_DEVICE_TYPES the compiled graph normalizes with aten ops (no opaque
-    safebn kernel for inductor to work around) and keeps the guard's update and the host's observe
-    as ops; taken out of the set, the device gets the fused safebn op."""
-    model, x = _model(), torch.randn(4, 3, 10, 10)
-    lowered = _dynamo_graph_targets(model, x)
+def test_compiled_code_lowers_small_batch_norms_and_keeps_the_kernels_for_large_ones():
+    """Under KERNELS_FROM_VALUES_PER_CHANNEL values per channel the compiled graph normalizes
+    with aten ops (no opaque safebn kernel for inductor to work around) and keeps the guard's
+    update and the host's observe as ops; from it on, it runs the fused safebn op."""
+    model = _model()
+    from_values = torch_safebn.lowering.KERNELS_FROM_VALUES_PER_CHANNEL["cpu"]
+    small = torch.randn(4, 3, 10, 10)  # 400 and 256 values per channel
+    assert 400 < from_values
+    lowered = _dynamo_graph_targets(model, small)
     assert "safebn.batch_norm_train.default" not in lowered
     assert lowered.count("safebn.update_running_stats.default") == 2
     assert lowered.count("safebn.observe.default") == 2
     assert sum("native_batch_norm" in target for target in lowered) == 4  # the guard's statistics, the output
-    assert _dynamo_graph_targets(model.eval(), x).count("safebn.check_running_stats.default") == 2
-    torch_safebn.lowering.LOWERED_DEVICE_TYPES.discard("cpu")
-    try:
-        opaque = _dynamo_graph_targets(model.train(), x)
-    finally:
-        torch_safebn.lowering.LOWERED_DEVICE_TYPES.add("cpu")
-    assert opaque.count("safebn.batch_norm_train.default") == 2 and "safebn.update_running_stats.default" not in opaque
+    assert _dynamo_graph_targets(model.eval(), small).count("safebn.check_running_stats.default") == 2
+    side = math.ceil(math.sqrt(from_values / 2)) + 2  # both batch norms at from_values or more
+    kept = _dynamo_graph_targets(model.train(), torch.randn(2, 3, side, side))
+    assert kept.count("safebn.batch_norm_train.default") == 2 and "safebn.update_running_stats.default" not in kept
+
+
+def test_compiled_code_hands_the_fused_ops_channels_last_activations_without_copies():
+    """Inductor runs a compiled convnet's convolutions channels-last; the ops take any strides
+    (the flexible_layout tag), so they get the convolution's output as it is and the next
+    convolution gets theirs: every activation-sized buffer, forward and backward, has the
+    convolutions' strides (without the tag, four copies to and from contiguous per batch norm)."""
+    from torch._inductor.utils import run_and_get_code
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch_safebn.convert_model(nn.Sequential(
+        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 24, 3, padding=1)))
+    x = torch.randn(8, 16, 48, 48)  # 18432 values per channel: the fused kernels
+    _, codes = run_and_get_code(lambda: torch.compile(model, fullgraph=True)(x).sum().backward())
+    code = "\n".join(codes)
+    assert code.count("torch.ops.safebn.forward_train.default(") == 1
+    assert code.count("torch.ops.safebn.backward.default(") == 1
+    # The batch norm's input, output and gradients (the model's output and its gradient have 24 channels).
+    assert "(8, 32, 48, 48), (73728, 1, 1536, 32)" in code  # inductor's choice: channels-last
+    assert "(8, 32, 48, 48), (73728, 2304, 48, 1)" not in code  # and nothing copied to contiguous
 
 
 class _SqueezeExcite(nn.Module):
@@ -245,6 +277,7 @@ def _native_and_converted(act):
     return native, torch_safebn.convert_model(copy.deepcopy(native))
 
 
+@pytest.mark.usefixtures("compiled_path")
 @pytest.mark.parametrize("act", [nn.ReLU, nn.SiLU, nn.Hardswish], ids=["relu", "fused_silu", "fused_hardswish"])
 def test_compiled_converted_model_trains_as_compiled_native_to_rounding(act):
     """Three SGD steps in float64 under inductor, then an eval forward: outputs, gradients,
@@ -272,6 +305,7 @@ def test_compiled_converted_model_trains_as_compiled_native_to_rounding(act):
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.usefixtures("compiled_path")
 def test_a_nan_batch_in_a_compiled_step_leaves_the_buffers_counts_and_raises():
     """The guard inside the compiled graph: the running statistics and num_batches_tracked keep
     their values, the counters record the skipped update, NonFiniteError names the step, and no
@@ -300,6 +334,7 @@ def test_a_nan_batch_in_a_compiled_step_leaves_the_buffers_counts_and_raises():
     assert int(model[1].num_batches_tracked) == 2
 
 
+@pytest.mark.usefixtures("compiled_path")
 def test_compiled_eval_checks_the_running_statistics():
     """In eval mode the lowered graph still checks what it normalizes with: a NaN running_var
     raises as in eager, and the counters say which statistic was at fault."""
@@ -316,6 +351,7 @@ def test_compiled_eval_checks_the_running_statistics():
     assert model[1].safety_counters.tolist() == eager[1].safety_counters.tolist()
 
 
+@pytest.mark.usefixtures("compiled_path")
 @pytest.mark.parametrize("options", [
     {"momentum": None}, {"track_running_stats": False}, {"affine": False}, {"checks": False},
     {"on_degenerate": "running_stats"}, {"freeze_stats": True}, {"on_nonfinite": "skip"},
@@ -349,6 +385,7 @@ def test_compiled_steps_match_eager_under_every_option(options):
         torch.testing.assert_close(b, a, rtol=1e-12, atol=0, msg=name)
 
 
+@pytest.mark.usefixtures("compiled_path")
 def test_compiled_bfloat16_keeps_float32_statistics():
     """bfloat16 input, float32 buffers (as under autocast): the compiled guard updates the running
     statistics from float32 statistics, as the eager op does, not from ones rounded to bfloat16

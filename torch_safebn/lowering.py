@@ -19,25 +19,39 @@ squeeze-excitation's mean that reads it took a kernel and a pass over the
 activation each). The statistics the guard reads are native_batch_norm's,
 asked for first, which the compiler computes once.
 
-torch.export keeps the fused ops (an exported program runs the kernels), and
-so does a device type missing from LOWERED_DEVICE_TYPES (change it before
-compiling). benchmarks/README.md has the model-level measurements behind
-the default."""
+Which calls are lowered is measured, not assumed. On the CPU, inductor's
+channels-last code for a batch norm of many values per channel walks the
+whole activation once per block of 8 channels in its reductions and writes the
+activation's gradient out before reducing it, where the fused kernels read
+each value once or twice; for few values per channel the two are within a few
+percent and inductor's fusion with the neighbours decides. So a call keeps the
+fused ops from KERNELS_FROM_VALUES_PER_CHANNEL of its device type on (change
+it before compiling: dynamo reads it while tracing), and torch.export keeps
+them always (an exported program runs the kernels). benchmarks/compiled_choice.py
+times both per shape; benchmarks/README.md has the models' times behind the
+threshold."""
 from __future__ import annotations
+
+import math
 
 import torch
 
 from ._ops import OPS
 from .contract import accumulate_dtype, values_per_channel
 
-__all__ = ["LOWERED_DEVICE_TYPES", "lowers", "batch_norm_train", "batch_norm_eval"]
+__all__ = ["KERNELS_FROM_VALUES_PER_CHANNEL", "lowers", "batch_norm_train", "batch_norm_eval"]
 
-LOWERED_DEVICE_TYPES = {"cpu", "cuda"}
+# Per device type, the values per channel from which compiled code keeps the
+# fused kernels: 0 keeps them for every call, math.inf lowers every call, a
+# device type missing keeps them. CUDA's is unmeasured (no GPU was at hand):
+# lowered, as native's batch norm is there.
+KERNELS_FROM_VALUES_PER_CHANNEL = {"cpu": 4096, "cuda": math.inf}
 
 
 def lowers(input: torch.Tensor) -> bool:
     """Whether this call, being compiled, is written in ATen ops."""
-    return input.device.type in LOWERED_DEVICE_TYPES and not torch.compiler.is_exporting()
+    return (values_per_channel(input) < KERNELS_FROM_VALUES_PER_CHANNEL.get(input.device.type, 0)
+            and not torch.compiler.is_exporting())
 
 
 def batch_norm_train(input, weight, bias, running_mean, running_var, num_batches_tracked, counters, momentum, eps,

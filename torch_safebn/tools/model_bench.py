@@ -46,9 +46,9 @@ __all__ = ["FORMAT", "IMPLS", "ROW_FIELDS", "VARIANTS", "Config", "NotInstalled"
 
 FORMAT = "torch_safebn.model/1"
 VARIANTS = ("eager", "compile")
-# converted-kernels: the converted model compiled with its fused ops kept whole, not
-# lowered to ATen ops (torch_safebn/lowering.py): the compiled path's alternative,
-# timed beside it to choose between them.
+# converted-kernels: the converted model compiled with its fused ops kept whole for
+# every batch norm, none lowered to ATen ops (torch_safebn/lowering.py), timed beside
+# converted, whose compiled code keeps them only from a number of values per channel.
 IMPLS = ("native", "converted", "converted-kernels")
 LR, MOMENTUM = 0.01, 0.9  # the step's cost does not depend on them; small enough not to diverge on one batch
 DEFAULT_MIN_RUN_TIME = 10.0  # timed seconds per implementation and config: steps take 0.01 to 10 s
@@ -189,18 +189,17 @@ def compile_model(model: nn.Module) -> Callable:
 
 # -- steps -------------------------------------------------------------------------------------
 def _with_fused_ops(step: Callable[[], None], device_type: str) -> Callable[[], None]:
-    """step, compiled and run with the safebn ops kept whole on device_type.
-    Set around every call, not only the compiling one: a later compilation of
-    the same code must see the same choice."""
+    """step, compiled and run with the safebn ops kept whole on device_type
+    for every batch norm. Set around every call, not only the compiling one:
+    a later compilation of the same code must see the same choice."""
     def kept() -> None:
-        lowered = lowering.LOWERED_DEVICE_TYPES
-        was_lowered = device_type in lowered
-        lowered.discard(device_type)
+        thresholds = lowering.KERNELS_FROM_VALUES_PER_CHANNEL
+        was = thresholds.pop(device_type, None)  # a device type missing keeps the fused ops
         try:
             step()
         finally:
-            if was_lowered:
-                lowered.add(device_type)
+            if was is not None:
+                thresholds[device_type] = was
 
     return kept
 
