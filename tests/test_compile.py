@@ -197,13 +197,17 @@ def _dynamo_graph_targets(model, x):
     return targets
 
 
-def test_compiled_code_lowers_small_batch_norms_and_keeps_the_kernels_for_large_ones():
-    """Under KERNELS_FROM_VALUES_PER_CHANNEL values per channel the compiled graph normalizes
-    with aten ops (no opaque safebn kernel for inductor to work around) and keeps the guard's
-    update and the host's observe as ops; from it on, it runs the fused safebn op."""
-    model = _model()
+def test_compiled_code_keeps_the_kernels_for_large_batch_norms_with_an_activation():
+    """A plain batch norm, and one with a fused activation under KERNELS_FROM_VALUES_PER_CHANNEL
+    values per channel, is written in aten ops in the compiled graph (no opaque safebn kernel
+    for inductor to work around), the guard's update and the host's observe ops of its own; a
+    batch norm with a fused activation from that size on runs the fused safebn op."""
+    torch.manual_seed(0)
+    model = torch_safebn.convert_model(nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 4, 3, padding=1), torch_safebn.SafeBatchNormAct2d(4, act=nn.SiLU())))
     from_values = torch_safebn.lowering.KERNELS_FROM_VALUES_PER_CHANNEL["cpu"]
-    small = torch.randn(4, 3, 10, 10)  # 400 and 256 values per channel
+    small = torch.randn(4, 3, 10, 10)  # 400 values per channel
     assert 400 < from_values
     lowered = _dynamo_graph_targets(model, small)
     assert "safebn.batch_norm_train.default" not in lowered
@@ -211,9 +215,10 @@ def test_compiled_code_lowers_small_batch_norms_and_keeps_the_kernels_for_large_
     assert lowered.count("safebn.observe.default") == 2
     assert sum("native_batch_norm" in target for target in lowered) == 4  # the guard's statistics, the output
     assert _dynamo_graph_targets(model.eval(), small).count("safebn.check_running_stats.default") == 2
-    side = math.ceil(math.sqrt(from_values / 2)) + 2  # both batch norms at from_values or more
-    kept = _dynamo_graph_targets(model.train(), torch.randn(2, 3, side, side))
-    assert kept.count("safebn.batch_norm_train.default") == 2 and "safebn.update_running_stats.default" not in kept
+    side = math.ceil(math.sqrt(from_values / 2))
+    large = _dynamo_graph_targets(model.train(), torch.randn(2, 3, side, side))
+    assert large.count("safebn.batch_norm_train.default") == 1  # the SiLU's
+    assert large.count("safebn.update_running_stats.default") == 1  # the plain one's guard
 
 
 def test_compiled_code_hands_the_fused_ops_channels_last_activations_without_copies():
@@ -225,7 +230,8 @@ def test_compiled_code_hands_the_fused_ops_channels_last_activations_without_cop
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = torch_safebn.convert_model(nn.Sequential(
-        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 24, 3, padding=1)))
+        nn.Conv2d(16, 32, 3, padding=1), torch_safebn.SafeBatchNormAct2d(32, act=nn.SiLU()),
+        nn.Conv2d(32, 24, 3, padding=1)))
     x = torch.randn(8, 16, 48, 48)  # 18432 values per channel: the fused kernels
     _, codes = run_and_get_code(lambda: torch.compile(model, fullgraph=True)(x).sum().backward())
     code = "\n".join(codes)

@@ -152,7 +152,7 @@ def guarded_forward(bn: nn.Module, input: torch.Tensor, activation: int = 0, act
     compiling = torch.compiler.is_compiling()
     # The activation's arguments only where there is one: a plain call parses two fewer.
     fused = (activation, activation_param) if activation else ()
-    lowered = compiling and lowering.lowers(input)
+    lowered = compiling and lowering.lowers(input, activation)
     evaluate = lowering.batch_norm_eval if lowered else _EVAL
 
     if not (training or running_mean is None):

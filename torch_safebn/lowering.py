@@ -24,12 +24,15 @@ channels-last code for a batch norm of many values per channel walks the
 whole activation once per block of 8 channels in its reductions and writes the
 activation's gradient out before reducing it, where the fused kernels read
 each value once or twice; for few values per channel the two are within a few
-percent and inductor's fusion with the neighbours decides. So a call keeps the
-fused ops from KERNELS_FROM_VALUES_PER_CHANNEL of its device type on (change
-it before compiling: dynamo reads it while tracing), and torch.export keeps
-them always (an exported program runs the kernels). benchmarks/compiled_choice.py
-times both per shape; benchmarks/README.md has the models' times behind the
-threshold."""
+percent. That decides for a batch norm with a fused activation (timm's
+BatchNormAct2d): it keeps the fused ops from KERNELS_FROM_VALUES_PER_CHANNEL
+of its device type on. A plain batch norm is lowered whatever its size: in
+resnets inductor fuses it with the separate ReLU and the residual add, which
+a kept op prevents, and that costs more than the kernels save. Change the
+setting before compiling (dynamo reads it while tracing). torch.export keeps
+the fused ops always (an exported program runs the kernels).
+benchmarks/compiled_choice.py times both paths per shape; benchmarks/README.md
+has the models' times behind the choice."""
 from __future__ import annotations
 
 import math
@@ -41,17 +44,20 @@ from .contract import accumulate_dtype, values_per_channel
 
 __all__ = ["KERNELS_FROM_VALUES_PER_CHANNEL", "lowers", "batch_norm_train", "batch_norm_eval"]
 
-# Per device type, the values per channel from which compiled code keeps the
-# fused kernels: 0 keeps them for every call, math.inf lowers every call, a
-# device type missing keeps them. CUDA's is unmeasured (no GPU was at hand):
-# lowered, as native's batch norm is there.
+# Per device type, the values per channel from which a compiled batch norm
+# with a fused activation keeps the fused kernels; 0 keeps them for every call,
+# plain batch norms included, and so does a device type missing; math.inf
+# lowers every call. CUDA's is unmeasured (no GPU was at hand): lowered, as
+# native's batch norm is there.
 KERNELS_FROM_VALUES_PER_CHANNEL = {"cpu": 4096, "cuda": math.inf}
 
 
-def lowers(input: torch.Tensor) -> bool:
+def lowers(input: torch.Tensor, activation: int) -> bool:
     """Whether this call, being compiled, is written in ATen ops."""
-    return (values_per_channel(input) < KERNELS_FROM_VALUES_PER_CHANNEL.get(input.device.type, 0)
-            and not torch.compiler.is_exporting())
+    if torch.compiler.is_exporting():
+        return False
+    kernels_from = KERNELS_FROM_VALUES_PER_CHANNEL.get(input.device.type, 0)
+    return kernels_from > 0 and (not activation or values_per_channel(input) < kernels_from)
 
 
 def batch_norm_train(input, weight, bias, running_mean, running_var, num_batches_tracked, counters, momentum, eps,

@@ -71,7 +71,8 @@ ROW_FIELDS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "batch_size": (int, "images per step"),
     "image_size": (int, "height and width of the images"),
     "impl": (str, "native (the model as built), converted (convert_model of a copy of it), or converted-kernels "
-                  "(compile only: the converted model compiled with its fused ops kept, not lowered to ATen ops)"),
+                  "(compile only: the converted model compiled with its fused ops kept for every batch norm, none "
+                  "lowered to ATen ops)"),
     "variant": (str, "eager, or compile (torch.compile(model); compilation is not timed)"),
     "layout": (str, "the model's and the images' memory format: contiguous or channels_last"),
     "dtype": (str, "the activations' dtype: float32, bfloat16 or float64"),
