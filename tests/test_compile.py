@@ -65,7 +65,7 @@ def test_no_graph_break():
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
 
 
-def _graphs_over_batch_sizes(model, dynamic):
+def _graphs_over_batch_sizes(model, dynamic, side=10):
     """How many graphs torch.compile makes for a training step over changing batch sizes."""
     torch._dynamo.reset()
     graphs = []
@@ -77,16 +77,24 @@ def _graphs_over_batch_sizes(model, dynamic):
 
     compiled = torch.compile(model, backend=counting, dynamic=dynamic, fullgraph=True)
     for n in (2, 3, 4, 5, 8, 2, 7, 9, 10, 11, 12, 13):
-        compiled(torch.randn(n, 3, 10, 10)).sum().backward()
+        compiled(torch.randn(n, 3, side, side)).sum().backward()
     return len(graphs)
 
 
 @pytest.mark.parametrize("dynamic", [None, True])
 def test_changing_batch_sizes_recompile_no_more_than_native(dynamic):
+    """At 20 x 20 the batches cross KERNELS_FROM_VALUES_PER_CHANNEL (400 to 5200 values per
+    channel): a batch norm with a fused activation must not guard on which side a batch is."""
     torch.manual_seed(0)
     native = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.BatchNorm2d(8))
     safe = torch_safebn.convert_model(copy.deepcopy(native))
-    assert _graphs_over_batch_sizes(safe, dynamic) <= _graphs_over_batch_sizes(native, dynamic) <= 2
+    fused = copy.deepcopy(safe)
+    fused[1], fused[2] = torch_safebn.SafeBatchNormAct2d(8, act=nn.SiLU()), nn.Identity()
+    assert 400 * 13 >= torch_safebn.lowering.KERNELS_FROM_VALUES_PER_CHANNEL["cpu"] > 400 * 2
+    natives = _graphs_over_batch_sizes(native, dynamic, side=20)
+    assert natives <= 2
+    assert _graphs_over_batch_sizes(safe, dynamic, side=20) <= natives
+    assert _graphs_over_batch_sizes(fused, dynamic, side=20) <= natives
 
 
 def test_mark_dynamic_batch():
@@ -342,7 +350,7 @@ def test_a_nan_batch_in_a_compiled_step_leaves_the_buffers_counts_and_raises():
 
 @pytest.mark.usefixtures("compiled_path")
 def test_compiled_eval_checks_the_running_statistics():
-    """In eval mode the lowered graph still checks what it normalizes with: a NaN running_var
+    """In eval mode either compiled graph still checks what it normalizes with: a NaN running_var
     raises as in eager, and the counters say which statistic was at fault."""
     torch._dynamo.reset()
     model = _model().eval()
@@ -363,7 +371,7 @@ def test_compiled_eval_checks_the_running_statistics():
     {"on_degenerate": "running_stats"}, {"freeze_stats": True}, {"on_nonfinite": "skip"},
 ], ids=lambda options: ",".join(f"{k}={v}" for k, v in options.items()))
 def test_compiled_steps_match_eager_under_every_option(options):
-    """Each option takes its own branch of the lowered path; compiled (aot_eager: the lowering
+    """Each option takes its own branch of either compiled path; compiled (aot_eager: the lowering
     happens while dynamo traces) and eager agree on outputs, input gradients and every buffer,
     counters included, over steps of changing batch sizes, a single example, one value per
     channel (where the option allows it), and an eval step."""

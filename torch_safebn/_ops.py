@@ -42,7 +42,7 @@ def _register_reference() -> None:
     global _REFERENCE_LIBRARY
     _REFERENCE_LIBRARY = torch.library.Library("safebn", "DEF")
     for name, schema in SCHEMAS.items():
-        _REFERENCE_LIBRARY.define(name + schema)
+        _REFERENCE_LIBRARY.define(name + schema, tags=(torch.Tag.flexible_layout,))  # as csrc/ops.cpp
         if name not in _PYTHON_KERNELS:
             key = "CompositeImplicitAutograd" if name in _TRACED_THROUGH else "CompositeExplicitAutograd"
             _REFERENCE_LIBRARY.impl(name, getattr(reference, name), key)

@@ -12,7 +12,8 @@ the context:
   - eager: the fused kernels (safebn::batch_norm_train / batch_norm_eval);
   - the process group's statistics: safebn::sync_batch_norm_train (distributed.py);
   - compiled: ATen ops that inductor fuses with their neighbours, and the
-    guard as an op (lowering.py); every host action goes through the
+    guard as an op, or the fused kernels where lowering.lowers measured them
+    faster (lowering.py); every host action goes through the
     safebn::observe op, so that it happens at run time, in the step that saw it;
   - torch.func transforms: native's ops, and the guard on the plain values
     (transforms.py);

@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ._ops import OPS
 from .contract import accumulate_dtype, values_per_channel
@@ -57,7 +58,13 @@ def lowers(input: torch.Tensor, activation: int) -> bool:
     if torch.compiler.is_exporting():
         return False
     kernels_from = KERNELS_FROM_VALUES_PER_CHANNEL.get(input.device.type, 0)
-    return kernels_from > 0 and (not activation or values_per_channel(input) < kernels_from)
+    if kernels_from <= 0:
+        return False
+    if not activation or math.isinf(kernels_from):
+        return True
+    # Only a size known while tracing keeps the kernels: a guard on a dynamic
+    # batch's size would compile once per side of the threshold.
+    return not statically_known_true(values_per_channel(input) >= kernels_from)
 
 
 def batch_norm_train(input, weight, bias, running_mean, running_var, num_batches_tracked, counters, momentum, eps,
