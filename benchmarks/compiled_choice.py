@@ -49,17 +49,11 @@ class Block(nn.Module):
 
 
 def kept_from(values: float):
-    """A step run with compiled code keeping the fused kernels from `values` per channel on the CPU,
-    set around every call: dynamo guards on the setting, and a call must find its own compilation."""
+    """A step run with compiled code keeping the fused kernels from `values` per channel on the CPU."""
     def wrap(step):
         def run():
-            setting = lowering.KERNELS_FROM_VALUES_PER_CHANNEL
-            was = setting["cpu"]
-            setting["cpu"] = values
-            try:
+            with lowering.kernels_from("cpu", values):
                 step()
-            finally:
-                setting["cpu"] = was
         return run
     return wrap
 

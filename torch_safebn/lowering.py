@@ -35,7 +35,9 @@ benchmarks/compiled_choice.py times both paths per shape; benchmarks/README.md
 has the models' times behind the choice."""
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
@@ -43,7 +45,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from ._ops import OPS
 from .contract import accumulate_dtype, values_per_channel
 
-__all__ = ["KERNELS_FROM_VALUES_PER_CHANNEL", "lowers", "batch_norm_train", "batch_norm_eval"]
+__all__ = ["KERNELS_FROM_VALUES_PER_CHANNEL", "kernels_from", "lowers", "batch_norm_train", "batch_norm_eval"]
 
 # Per device type, the values per channel from which a compiled batch norm
 # with a fused activation keeps the fused kernels; 0 keeps them for every call,
@@ -51,6 +53,23 @@ __all__ = ["KERNELS_FROM_VALUES_PER_CHANNEL", "lowers", "batch_norm_train", "bat
 # lowers every call. CUDA's is unmeasured (no GPU was at hand): lowered, as
 # native's batch norm is there.
 KERNELS_FROM_VALUES_PER_CHANNEL = {"cpu": 4096, "cuda": math.inf}
+
+
+@contextlib.contextmanager
+def kernels_from(device_type: str, values: float) -> Iterator[None]:
+    """KERNELS_FROM_VALUES_PER_CHANNEL[device_type] = values inside the block.
+    Wrap every call of a compiled function in it, not only the compiling one:
+    dynamo guards on the setting, so a call finds the compilation made under
+    the same value."""
+    was = KERNELS_FROM_VALUES_PER_CHANNEL.get(device_type)
+    KERNELS_FROM_VALUES_PER_CHANNEL[device_type] = values
+    try:
+        yield
+    finally:
+        if was is None:
+            del KERNELS_FROM_VALUES_PER_CHANNEL[device_type]
+        else:
+            KERNELS_FROM_VALUES_PER_CHANNEL[device_type] = was
 
 
 def lowers(input: torch.Tensor, activation: int) -> bool:

@@ -191,16 +191,10 @@ def compile_model(model: nn.Module) -> Callable:
 # -- steps -------------------------------------------------------------------------------------
 def _with_fused_ops(step: Callable[[], None], device_type: str) -> Callable[[], None]:
     """step, compiled and run with the safebn ops kept whole on device_type
-    for every batch norm. Set around every call, not only the compiling one:
-    a later compilation of the same code must see the same choice."""
+    for every batch norm."""
     def kept() -> None:
-        thresholds = lowering.KERNELS_FROM_VALUES_PER_CHANNEL
-        was = thresholds.pop(device_type, None)  # a device type missing keeps the fused ops
-        try:
+        with lowering.kernels_from(device_type, 0):
             step()
-        finally:
-            if was is not None:
-                thresholds[device_type] = was
 
     return kept
 
