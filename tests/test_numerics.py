@@ -1,12 +1,17 @@
-"""Accumulation accuracy: statistics of large-offset data in float32."""
+"""Accumulation accuracy: statistics of large-offset data in float32, bfloat16 rounding, every walk
+of the CPU kernels (thread counts, ghost chunks, outputs written with non-temporal stores)."""
 from __future__ import annotations
+
+import gc
 
 import pytest
 import torch
 
 from conftest import LAYOUTS, forward_eval, forward_train, make_input
+from torch_safebn.contract import Activation
 
 OPS = torch.ops.safebn
+SILU = int(Activation.SILU)
 
 
 @pytest.mark.parametrize("shape,layout", [((64, 2, 128, 128), "contiguous"), ((64, 2, 128, 128), "channels_last"),
@@ -135,3 +140,60 @@ def test_every_thread_count_counts_every_value(shape, layout, chunk, many_thread
     torch.testing.assert_close(dx.double(), x64.grad, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(dw.double(), w64.grad, rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(db.double(), b64.grad, rtol=1e-4, atol=1e-3)
+
+
+def _into_a_poisoned_block(call):
+    """call() once more after its first output, filled with NaN, was freed: the second output
+    lands on that block (csrc/cpu/large_buffers.h), so that a value no store wrote shows as NaN."""
+    first = call()
+    first.fill_(float("nan"))
+    del first
+    return call()
+
+
+@pytest.mark.parametrize("shape,dtype,layout,chunk,activation", [
+    ((6, 16, 255, 261), torch.float32, "contiguous", 0, 0),   # planes fused, runs starting mid cache line
+    ((24, 2, 512, 260), torch.float32, "contiguous", 0, 0),   # planes sliced
+    ((820, 64, 11, 11), torch.float32, "contiguous", 0, 0),   # rows of 121, several to a tile
+    ((1640, 64, 11, 11), torch.bfloat16, "contiguous", 0, 0),  # rows starting at odd values
+    ((12288, 515), torch.float32, "contiguous", 0, 0),         # blocks wider than a tile, in pieces
+    ((96, 64, 32, 33), torch.float32, "channels_last", 0, 0),  # blocks of 4 pixels
+    ((96, 64, 32, 33), torch.float32, "channels_last", 16, SILU),  # ghost chunks; SiLU's dz written in place
+    ((96, 3, 150, 150), torch.float32, "channels_last", 0, 0),  # blocks of 258 values
+    ((96, 128, 32, 33), torch.bfloat16, "channels_last", 0, SILU),  # bfloat16 in pairs
+])
+def test_outputs_of_24_mib_and_more_are_streamed_whole(shape, dtype, layout, chunk, activation, two_threads):
+    """From 24 MiB on, the forward, eval and input gradient are written with non-temporal stores
+    through a tile (csrc/cpu/passes.h, output_store; kernel_impl.h, write_rows): every value, in
+    every walk, against float64."""
+    assert torch.empty(shape, dtype=dtype).nbytes >= 24 << 20
+    C = shape[1]
+    x = make_input(shape, dtype, layout)
+    dy = make_input(shape, dtype, layout, seed=1)
+    weight, bias = torch.rand(C) + 0.5, torch.randn(C)
+    running_mean, running_var = torch.randn(C), torch.rand(C) + 0.5
+    gc.collect()
+    gc.disable()
+    try:
+        output = _into_a_poisoned_block(lambda: OPS.forward_train(
+            x, weight, bias, None, None, None, None, 0.1, 1e-5, activation, 0.0, chunk)[0])
+        _, mean, invstd = OPS.forward_train(x, weight, bias, None, None, None, None, 0.1, 1e-5, activation, 0.0, chunk)
+        dx = _into_a_poisoned_block(lambda: OPS.backward(
+            dy, x, weight, bias, mean, invstd, True, [True, False, False], activation, 0.0, chunk)[0])
+        evaluated = _into_a_poisoned_block(lambda: OPS.batch_norm_eval(
+            x, weight, bias, running_mean, running_var, None, 1e-5, activation, 0.0))
+    finally:
+        gc.enable()
+    act = torch.nn.functional.silu if activation == SILU else (lambda t: t)
+    x64 = x.double().requires_grad_()
+    parts = x64.split(chunk) if chunk else [x64]
+    expected = act(torch.cat([torch.nn.functional.batch_norm(part, None, None, weight.double(), bias.double(),
+                                                             training=True, eps=1e-5) for part in parts]))
+    expected.backward(dy.double())
+    expected_eval = act(torch.nn.functional.batch_norm(x.double(), running_mean.double(), running_var.double(),
+                                                       weight.double(), bias.double(), eps=1e-5))
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for name, got, want in (("output", output, expected.detach()), ("eval", evaluated, expected_eval),
+                            ("grad_input", dx, x64.grad)):
+        assert got.stride() == x.stride(), name
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")

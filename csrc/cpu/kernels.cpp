@@ -8,12 +8,37 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdint>
+#include <cstring>
 #include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 namespace safebn {
 namespace cpu {
 
+// Each instruction set's NonTemporal: store(dst, src) copies kBytes from src
+// to dst, which is aligned to kBytes, without reading dst's cache line from
+// memory first; fence() orders those stores before whatever follows. kBytes
+// 0: the processor has none, and Store::kStreamed writes as kCached does.
 namespace baseline {
+#if defined(__x86_64__)
+struct NonTemporal {  // SSE2, in every x86-64 processor
+  static constexpr int64_t kBytes = 16;
+  static void store(char* dst, const char* src) {
+    _mm_stream_si128(reinterpret_cast<__m128i*>(dst), _mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+  }
+  static void fence() { _mm_sfence(); }
+};
+#else
+struct NonTemporal {
+  static constexpr int64_t kBytes = 0;
+  static void store(char*, const char*) {}
+  static void fence() {}
+};
+#endif
 #include "kernel_impl.h"
 }  // namespace baseline
 
@@ -22,6 +47,13 @@ namespace baseline {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 namespace avx2 {
+struct NonTemporal {
+  static constexpr int64_t kBytes = 32;
+  static void store(char* dst, const char* src) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
+  }
+  static void fence() { _mm_sfence(); }
+};
 #include "kernel_impl.h"
 }  // namespace avx2
 #pragma GCC pop_options
@@ -29,6 +61,13 @@ namespace avx2 {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,prefer-vector-width=512")
 namespace avx512 {
+struct NonTemporal {
+  static constexpr int64_t kBytes = 64;
+  static void store(char* dst, const char* src) {
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), _mm512_loadu_si512(src));
+  }
+  static void fence() { _mm_sfence(); }
+};
 #include "kernel_impl.h"
 }  // namespace avx512
 #pragma GCC pop_options

@@ -88,6 +88,14 @@ struct GradInputLanes {
   const acc_t* proj;
 };
 
+// How an elementwise kernel writes its output. kCached: plain stores, which
+// read each cache line from memory before writing it and leave it in the
+// caches. kStreamed: non-temporal stores, which write whole lines straight
+// to memory: for an output too large to be read back from the cache anyway,
+// a pass that moves a third to a quarter fewer bytes, and whose inputs stay
+// in the last-level cache rather than making room for the output.
+enum class Store { kCached, kStreamed };
+
 // The kernels for one activation (activation.h): the normalizations write
 // act((x - mean) * scale + bias), and the gradient's sums and the input
 // gradient take dy times act' at that value, recomputed; `param` is the
@@ -99,7 +107,7 @@ struct KernelTable {
   // Contiguous layouts, one channel's plane indices [begin, end) (i = n * S + s).
   Welford<acc_t> (*plane_stats)(const T* x, const Geometry& g, int64_t c, int64_t begin, int64_t end);
   void (*plane_normalize)(const T* x, T* y, const Geometry& g, int64_t c, int64_t begin, int64_t end,
-                          acc_t mean, acc_t scale, acc_t bias, acc_t param);
+                          acc_t mean, acc_t scale, acc_t bias, acc_t param, Store store);
   // Adds sum(dz) and sum(dz * (x - mean)) over the slice to the two totals;
   // every *_grad_sums also writes dz where `dz` is not null (see
   // stores_activation_grad).
@@ -107,31 +115,31 @@ struct KernelTable {
                           int64_t end, acc_t mean, acc_t scale, acc_t bias, acc_t param, double* sum_dy,
                           double* sum_dy_xmu);
   void (*plane_grad_input)(const T* dy, const T* x, T* dx, const Geometry& g, int64_t c, int64_t begin,
-                           int64_t end, const GradInputCoefficients<acc_t>& k, acc_t param);
+                           int64_t end, const GradInputCoefficients<acc_t>& k, acc_t param, Store store);
 
   // Contiguous layouts, the (n, c) rows [begin, end) (row n * C + c), with
   // per-channel arrays; the sums are added to the outputs.
   void (*rows_stats)(const T* x, const Geometry& g, int64_t begin, int64_t end, const acc_t* shift,
                      ShiftedSums* totals);
   void (*rows_normalize)(const T* x, T* y, const Geometry& g, int64_t begin, int64_t end, const acc_t* mean,
-                         const acc_t* scale, const acc_t* bias, acc_t param);
+                         const acc_t* scale, const acc_t* bias, acc_t param, Store store);
   void (*rows_grad_sums)(const T* dy, const T* x, T* dz, const Geometry& g, int64_t begin, int64_t end,
                          const acc_t* mean, const acc_t* scale, const acc_t* bias, acc_t param, double* sum_dy,
                          double* sum_dy_xmu);
   void (*rows_grad_input)(const T* dy, const T* x, T* dx, const Geometry& g, int64_t begin, int64_t end,
-                          const GradInputCoefficients<acc_t>* k, acc_t param);
+                          const GradInputCoefficients<acc_t>* k, acc_t param, Store store);
 
   // Rows [begin, end) of `b`. Per-lane arrays have b.width entries, in
   // lane_order<T>(b); per-channel outputs b.channels entries, added to.
   void (*blocks_stats)(const T* x, const Blocks& b, int64_t begin, int64_t end, const acc_t* shift,
                        ShiftedSums* totals);
   void (*blocks_normalize)(const T* x, T* y, const Blocks& b, int64_t begin, int64_t end,
-                           const acc_t* mean, const acc_t* scale, const acc_t* bias, acc_t param);
+                           const acc_t* mean, const acc_t* scale, const acc_t* bias, acc_t param, Store store);
   void (*blocks_grad_sums)(const T* dy, const T* x, T* dz, const Blocks& b, int64_t begin, int64_t end,
                            const acc_t* mean, const acc_t* scale, const acc_t* bias, acc_t param, double* sum_dy,
                            double* sum_dy_xmu);
   void (*blocks_grad_input)(const T* dy, const T* x, T* dx, const Blocks& b, int64_t begin, int64_t end,
-                            const GradInputLanes<acc_t>& k, acc_t param);
+                            const GradInputLanes<acc_t>& k, acc_t param, Store store);
 };
 
 // Whether the backward writes dz = dy * act'(z) into the input gradient's
