@@ -147,8 +147,11 @@ def _into_a_poisoned_block(call):
     lands on that block (csrc/cpu/large_buffers.h), so that a value no store wrote shows as NaN."""
     first = call()
     first.fill_(float("nan"))
+    address = first.data_ptr()
     del first
-    return call()
+    second = call()
+    assert second.data_ptr() == address, "the output did not reuse the poisoned block"
+    return second
 
 
 @pytest.mark.parametrize("shape,dtype,layout,chunk,activation", [
@@ -158,14 +161,16 @@ def _into_a_poisoned_block(call):
     ((1640, 64, 11, 11), torch.bfloat16, "contiguous", 0, 0),  # rows starting at odd values
     ((12288, 515), torch.float32, "contiguous", 0, 0),         # blocks wider than a tile, in pieces
     ((96, 64, 32, 33), torch.float32, "channels_last", 0, 0),  # blocks of 4 pixels
-    ((96, 64, 32, 33), torch.float32, "channels_last", 16, SILU),  # ghost chunks; SiLU's dz written in place
+    ((96, 64, 32, 33), torch.float32, "channels_last", 16, SILU),  # ghost chunks; dx from dz in place, cached
     ((96, 3, 150, 150), torch.float32, "channels_last", 0, 0),  # blocks of 258 values
     ((96, 128, 32, 33), torch.bfloat16, "channels_last", 0, SILU),  # bfloat16 in pairs
+    ((12288, 1030), torch.bfloat16, "contiguous", 0, 0),  # pairs in pieces of rows that start mid-line
 ])
 def test_outputs_of_24_mib_and_more_are_streamed_whole(shape, dtype, layout, chunk, activation, two_threads):
-    """From 24 MiB on, the forward, eval and input gradient are written with non-temporal stores
-    through a tile (csrc/cpu/passes.h, output_store; kernel_impl.h, write_rows): every value, in
-    every walk, against float64."""
+    """From 24 MiB on, the forward's and eval's output and the input gradient (but where it is
+    computed in place from SiLU's dz) are written with non-temporal stores through a tile
+    (csrc/cpu/passes.h, output_store; kernel_impl.h, write_rows): every value, in every walk,
+    against float64."""
     assert torch.empty(shape, dtype=dtype).nbytes >= 24 << 20
     C = shape[1]
     x = make_input(shape, dtype, layout)

@@ -89,11 +89,12 @@ struct GradInputLanes {
 };
 
 // How an elementwise kernel writes its output. kCached: plain stores, which
-// read each cache line from memory before writing it and leave it in the
-// caches. kStreamed: non-temporal stores, which write whole lines straight
-// to memory: for an output too large to be read back from the cache anyway,
-// a pass that moves a third to a quarter fewer bytes, and whose inputs stay
-// in the last-level cache rather than making room for the output.
+// read each cache line not yet in cache from memory before writing it, and
+// leave it in the caches. kStreamed: non-temporal stores, which write whole
+// lines straight to memory: for an output too large to be read back from
+// the cache anyway, a pass with one or two inputs then moves a third or a
+// quarter fewer bytes, and its inputs stay in the last-level cache rather than
+// making room for the output.
 enum class Store { kCached, kStreamed };
 
 // The kernels for one activation (activation.h): the normalizations write

@@ -262,6 +262,14 @@ cpu::Store output_store(const Chunks& chunks, int64_t tensors) {
   return tensors * values * int64_t(sizeof(T)) >= kStreamFromBytes ? cpu::Store::kStreamed : cpu::Store::kCached;
 }
 
+// The input gradient's: dy, x and dx, or, computed in place from dz
+// (`in_place`), cached: each line of dx was just read as dz, so a plain store
+// reads nothing from memory, and a streamed one would only evict it.
+template <typename T>
+cpu::Store input_gradient_store(const Chunks& chunks, bool in_place) {
+  return in_place ? cpu::Store::kCached : output_store<T>(chunks, 3);
+}
+
 // A per-channel array (a row of C per chunk) repeated over the lanes of a row
 // of each of every chunk's blocks, in the order the kernels for T read them
 // (cpu::lane_order); (i, block): chunk i's for p.blocks[block]. Empty for
@@ -401,7 +409,7 @@ void grad_input_all(const T* dy, const T* x, T* dx, const Chunks& chunks,
   const acc_t param = acc_t(activation.param);
   const int64_t C = chunks[0].g.channels;
   const Tasks tasks = elementwise_pass(chunks, after_reduction);
-  const cpu::Store store = output_store<T>(chunks, dy == dx ? 2 : 3);  // dy, x, dx; dz in place of dx
+  const cpu::Store store = input_gradient_store<T>(chunks, dy == dx);
   if (chunks[0].plan.elementwise_by_rows) {
     run_by_rows(tasks, chunks, after_reduction, [&](size_t i, const Chunk& chunk, int64_t lo, int64_t hi) {
       kern.rows_grad_input(dy + chunk.offset, x + chunk.offset, dx + chunk.offset, chunk.g, lo, hi,
@@ -448,7 +456,7 @@ GradSums reduce_grads(const T* dy, const T* x, T* dx, const Chunks& chunks, cons
   const ActivationArg input_activation = dz != nullptr ? ActivationArg{} : z.activation;
   const auto& input_kernels = cpu::kernels<T>(input_activation.kind);
   const Tasks tasks(chunks, reduction_tasks);
-  const cpu::Store store = output_store<T>(chunks, dz != nullptr ? 2 : 3);  // as grad_input_all's
+  const cpu::Store store = input_gradient_store<T>(chunks, dz != nullptr);
   GradSums sums(chunks.size() * C);
   // Planes not fused: a slice's sums per task; rows and blocks: a task's sums per channel.
   GradSums partial(planes ? tasks.size() : tasks.size() * C);
