@@ -245,15 +245,12 @@ void run_by_blocks(const Tasks& tasks, const Chunks& chunks, bool after_reductio
 
 // How a pass over every chunk writes its output (cpu::Store), `tensors`
 // being how many tensors of the input's size it reads and writes: streamed
-// once those no longer fit in the last-level cache, from 48 MiB, one and a
-// half times the 32 MB of the machines measured. On the AMD EPYC VM (2
-// threads, AVX-512), a standalone loop of y = a * x + b over float32 took
-// 10 to 32% less time streamed over 17 to 52 MB per tensor, and 12 to 22%
-// more over 8 MB. With memory warm, an eval of [8192, 512] float32 (two
-// tensors of 17 MB, which stay in the cache from call to call) took 0.41 to
-// 0.47 ms with plain stores and 0.66 to 0.79 ms streamed; the backward of
-// [128, 256, 14, 14] channels-last float32 (three tensors of 26 MB) 3.35 to
-// 4.14 ms plain and 2.99 to 3.20 ms streamed.
+// once they take 48 MiB, well past the 32 MB last-level cache of the
+// machines measured, which other processes share. In standalone loops on the
+// AMD EPYC VM (2 threads, AVX-512), streaming took 10 to 32% less time over
+// 34 MB and more in all (y = a * x + b, 17 to 52 MB per tensor; dx = a * dy
+// + b * x, 17 to 105 MB), as long over 25 MB (three tensors of 8 MB, or two
+// of 13 MB: -4 to +7%), and 12 to 22% more over 17 MB in two tensors.
 template <typename T>
 cpu::Store output_store(const Chunks& chunks, int64_t tensors) {
   constexpr int64_t kStreamFromBytes = int64_t(48) << 20;
