@@ -76,14 +76,14 @@ def lowers(input: torch.Tensor, activation: int) -> bool:
     """Whether this call, being compiled, is written in ATen ops."""
     if torch.compiler.is_exporting():
         return False
-    kernels_from = KERNELS_FROM_VALUES_PER_CHANNEL.get(input.device.type, 0)
-    if kernels_from <= 0:
+    threshold = KERNELS_FROM_VALUES_PER_CHANNEL.get(input.device.type, 0)
+    if threshold <= 0:
         return False
-    if not activation or math.isinf(kernels_from):
+    if not activation or math.isinf(threshold):
         return True
     # Only a size known while tracing keeps the kernels: a guard on a dynamic
     # batch's size would compile once per side of the threshold.
-    return not statically_known_true(values_per_channel(input) >= kernels_from)
+    return not statically_known_true(values_per_channel(input) >= threshold)
 
 
 def batch_norm_train(input, weight, bias, running_mean, running_var, num_batches_tracked, counters, momentum, eps,

@@ -249,7 +249,7 @@ void run_by_blocks(const Tasks& tasks, const Chunks& chunks, bool after_reductio
 // machines measured, which other processes share. In standalone loops on the
 // AMD EPYC VM (2 threads, AVX-512), streaming took 10 to 32% less time over
 // 34 MB and more in all (y = a * x + b, 17 to 52 MB per tensor; dx = a * dy
-// + b * x, 17 to 105 MB), as long over 25 MB (three tensors of 8 MB, or two
+// + b * x, 17 to 105 MB), about as long over 25 MB (three tensors of 8 MB, or two
 // of 13 MB: -4 to +7%), and 12 to 22% more over 17 MB in two tensors.
 template <typename T>
 cpu::Store output_store(const Chunks& chunks, int64_t tensors) {
