@@ -9,6 +9,7 @@ package checks at import."""
 import glob
 import os
 import re
+import subprocess
 
 from setuptools import find_packages, setup
 
@@ -89,9 +90,24 @@ def _extension():
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, extra_link_args=link_flags)
 
 
+def _source_commit():
+    """The checkout's commit, with "+changes" where its compiled sources differ
+    from it; None outside a git checkout (an sdist)."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        changed = git("status", "--porcelain", "--", "csrc", "setup.py", "torch_safebn/contract.def",
+                      "torch_safebn/ops.def")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("+changes" if changed else "")
+
+
 class BuildExtension(cpp_extension.BuildExtension):
     """torch's BuildExtension, which also writes _build_info.py beside _C: the
-    torch it was built for (see torch_safebn/_extension.py)."""
+    torch it was built for (see torch_safebn/_extension.py), and the commit of
+    the sources, which benchmark results record."""
 
     def build_extension(self, ext):
         super().build_extension(ext)
@@ -108,7 +124,8 @@ class BuildExtension(cpp_extension.BuildExtension):
         path = os.path.join(os.path.dirname(self.get_ext_fullpath(ext.name)), "_build_info.py")
         with open(path, "w") as f:
             f.write('"""Written by setup.py when it built _C beside this file."""\n'
-                    f"TORCH_VERSION = {str(torch.__version__)!r}\n")
+                    f"TORCH_VERSION = {str(torch.__version__)!r}\n"
+                    f"SOURCE_COMMIT = {_source_commit()!r}\n")
 
 
 setup(

@@ -3,7 +3,7 @@ and channels_last, fwd / bwd / fwdbwd / eval) against native eager batch norm an
 torch.compile, on 2 threads set explicitly. About 17 to 20 minutes on 2 cores for
 each state of memory.
 
-    python benchmarks/cpu_suite.py [--memory cold|warm|both] [--name NAME] [more bench options, e.g. --min-run-time 1]
+    python benchmarks/cpu_suite.py [--memory cold|warm|both] [--name NAME] [--runs N] [more bench options, e.g. --min-run-time 1]
 
 Memory, because on large tensors it decides as much as the kernels do: glibc gives
 a freed block of tens of MB back to the system, so the next call that allocates
@@ -16,14 +16,25 @@ kernels are compared alone. Default: both, one process each.
 writes benchmarks/results/NAME.json and .png (cold), NAME-warm.json and .png
 (warm), and prints the tables; NAME is full-cpu unless told (a run of part of
 the suite, say --passes fwdbwd, should not overwrite the whole suite's).
+
+--runs N (default 1) runs each state of memory N times, each run a process of
+its own, because on a VM one process's ratios near the size of the last-level
+cache can sit 30% from the next one's (where its pages landed decides how much
+of a tensor the cache holds). Run k > 1 writes NAME[-warm]-runK.json and .png;
+NAME[-warm]-runs.json then holds, per workload, safebn's time over the best
+peer's in every run and their median, and per run and over the medians, the
+workloads safebn was fastest in and the geometric mean.
 """
 import argparse
 import json
+import math
 import os
+import statistics
 import subprocess
 import sys
+from datetime import datetime, timezone
 
-from torch_safebn.tools.layer_bench import write_json
+from torch_safebn.tools.layer_bench import workload_groups, write_json
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -35,8 +46,13 @@ MEMORY = {
 }
 
 
-def options(memory: str, name: str) -> list[str]:
-    path = os.path.join(RESULTS, name + ("" if memory == "cold" else f"-{memory}"))
+def result_path(memory: str, name: str, run: int = 1) -> str:
+    """A run's results, without the extension."""
+    return os.path.join(RESULTS, name + ("" if memory == "cold" else f"-{memory}") + ("" if run == 1 else f"-run{run}"))
+
+
+def options(memory: str, name: str, run: int) -> list[str]:
+    path = result_path(memory, name, run)
     return ["bench", "--device", "cpu", "--preset", "full",
             "--dtypes", "float32,bfloat16", "--layouts", "contiguous,channels_last",
             "--passes", "fwd,bwd,fwdbwd,eval", "--peers", "native,compile",
@@ -44,10 +60,11 @@ def options(memory: str, name: str) -> list[str]:
             "--json", f"{path}.json", "--plot", f"{path}.png"]
 
 
-def run(memory: str, name: str, more: list[str]) -> int:
-    """One suite in a process of its own, its JSON stating the state of memory."""
+def run(memory: str, name: str, run: int, more: list[str]) -> tuple[int, str]:
+    """One suite in a process of its own, its JSON stating the state of memory:
+    (exit status, the JSON's path)."""
     env = dict(os.environ, **(WARM_MEMORY if memory == "warm" else {}))
-    argv = options(memory, name) + more  # later options override these
+    argv = options(memory, name, run) + more  # later options override these
     status = subprocess.call([sys.executable, "-m", "torch_safebn", *argv], env=env)
     path = argv[max(i for i, arg in enumerate(argv) if arg == "--json") + 1]  # the last one given
     if status == 0:
@@ -55,12 +72,64 @@ def run(memory: str, name: str, more: list[str]) -> int:
             result = json.load(f)
         result["memory"] = {"state": memory, "meaning": MEMORY[memory]}
         write_json(result, path)
-    return status
+    return status, path
+
+
+def over_best_peer(path: str) -> dict[tuple, float]:
+    """Per workload of a run, safebn's time over the fastest peer's."""
+    with open(path) as f:
+        groups = workload_groups(json.load(f)["rows"])
+    return {key: 1 / impls["safebn"]["speedup_vs_best_peer"] for key, impls in groups.items()}
+
+
+def verdict(ratios: list[float]) -> dict:
+    """The workloads safebn was fastest in, and the geometric mean of its time over the best peer's."""
+    return {"fastest": sum(ratio <= 1.0 for ratio in ratios), "workloads": len(ratios),
+            "geomean_over_best_peer": math.exp(statistics.fmean(math.log(ratio) for ratio in ratios))}
+
+
+def summarize(memory: str, paths: list[str]) -> dict:
+    """Every run's ratios per workload, their medians, and the verdict of each run and of the medians."""
+    runs = [over_best_peer(path) for path in paths]
+    medians = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+    return {
+        "format": "torch_safebn.cpu_suite_runs/1", "created": datetime.now(timezone.utc).isoformat(),
+        "memory": {"state": memory, "meaning": MEMORY[memory]},
+        "over_best_peer": "safebn's median time over the fastest peer's, same workload and run (under 1: faster)",
+        "runs": [{"file": os.path.basename(path), **verdict(list(run.values()))} for path, run in zip(paths, runs)],
+        "medians": verdict(list(medians.values())),
+        "workloads": [{"pass": key[0], "shape": list(key[1]), "layout": key[2], "dtype": key[3], "param_dtype": key[4],
+                       "over_best_peer": [run[key] for run in runs], "median": medians[key]} for key in medians],
+    }
+
+
+def suite(memory: str, name: str, runs: int, more: list[str]) -> int:
+    """The suite `runs` times for one state of memory, and with several runs their summary."""
+    paths = []
+    for index in range(1, runs + 1):
+        status, path = run(memory, name, index, more)
+        if status != 0:
+            return status
+        paths.append(path)
+    if runs > 1:
+        summary = summarize(memory, paths)
+        with open(result_path(memory, name) + "-runs.json", "w") as f:
+            json.dump(summary, f, indent=1)
+        print(f"{memory}: " + "; ".join(
+            f"run {index}: fastest in {r['fastest']} of {r['workloads']}, geomean {r['geomean_over_best_peer']:.3f}"
+            for index, r in enumerate(summary["runs"], 1)) +
+            f"; medians: fastest in {summary['medians']['fastest']}, geomean "
+            f"{summary['medians']['geomean_over_best_peer']:.3f}")
+    return 0
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False)
     parser.add_argument("--memory", choices=[*MEMORY, "both"], default="both")
     parser.add_argument("--name", default="full-cpu")
+    parser.add_argument("--runs", type=int, default=1)
     args, more = parser.parse_known_args()
-    sys.exit(max(run(memory, args.name, more) for memory in (MEMORY if args.memory == "both" else [args.memory])))
+    if args.runs < 1:
+        parser.error("--runs takes 1 or more")
+    sys.exit(max(suite(memory, args.name, args.runs, more)
+                 for memory in (MEMORY if args.memory == "both" else [args.memory])))

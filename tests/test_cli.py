@@ -279,7 +279,7 @@ def test_cpu_suite_runs_issue_5s_workloads_cold_and_warm():
         (128, 256, 14, 14), (8192, 512), (4, 32, 16, 32, 32),
     }
     suite = runpy.run_path(str(REPOSITORY / "benchmarks" / "cpu_suite.py"))
-    argv = suite["options"]("cold", "full-cpu")
+    argv = suite["options"]("cold", "full-cpu", 1)
     options = dict(zip(argv[1::2], argv[2::2]))
     assert options["--preset"] == "full" and options["--threads"] == "2"
     assert set(options["--dtypes"].split(",")) == {"float32", "bfloat16"}
@@ -287,6 +287,31 @@ def test_cpu_suite_runs_issue_5s_workloads_cold_and_warm():
     assert set(options["--passes"].split(",")) == {"fwd", "bwd", "fwdbwd", "eval"}
     assert set(options["--peers"].split(",")) == {"native", "compile"}
     # memory warm: a process of its own, glibc told to keep what is freed, results beside the cold ones
-    warm = suite["options"]("warm", "full-cpu")
+    warm = suite["options"]("warm", "full-cpu", 1)
     assert options["--json"].endswith("full-cpu.json") and warm[warm.index("--json") + 1].endswith("full-cpu-warm.json")
     assert set(suite["WARM_MEMORY"]) == {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"}
+    # later runs beside the first, which keeps its name
+    second = suite["options"]("warm", "full-cpu", 2)
+    assert second[second.index("--json") + 1].endswith("full-cpu-warm-run2.json")
+
+
+def test_cpu_suite_summary_takes_each_workloads_median_over_the_runs(tmp_path):
+    suite = runpy.run_path(str(REPOSITORY / "benchmarks" / "cpu_suite.py"))
+
+    def result(path, speedups):  # speedups: safebn's over the best peer, per workload
+        rows = [{"pass": "fwd", "shape": [8, c], "layout": "contiguous", "dtype": "float32", "param_dtype": "float32",
+                 "impl": impl, "speedup_vs_best_peer": speedup if impl == "safebn" else None}
+                for c, speedup in speedups.items() for impl in ("safebn", "native")]
+        path.write_text(json.dumps({"rows": rows}))
+        return str(path)
+
+    paths = [result(tmp_path / "a.json", {4: 2.0, 8: 0.5}), result(tmp_path / "b.json", {4: 1.0, 8: 0.8}),
+             result(tmp_path / "c.json", {4: 0.8, 8: 2.0})]
+    summary = suite["summarize"]("warm", paths)
+    by_channels = {w["shape"][1]: w for w in summary["workloads"]}
+    assert by_channels[4]["over_best_peer"] == [0.5, 1.0, 1.25] and by_channels[4]["median"] == 1.0
+    assert by_channels[8]["over_best_peer"] == [2.0, 1.25, 0.5] and by_channels[8]["median"] == 1.25
+    assert [run["fastest"] for run in summary["runs"]] == [1, 1, 1]
+    assert summary["medians"]["fastest"] == 1 and summary["medians"]["workloads"] == 2
+    assert summary["medians"]["geomean_over_best_peer"] == pytest.approx(1.25 ** 0.5)
+    assert summary["memory"]["state"] == "warm"

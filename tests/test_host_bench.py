@@ -5,10 +5,13 @@ and check what comes out."""
 import contextlib
 import io
 import json
+import os
 
 import pytest
 import torch
 
+import torch_safebn
+from torch_safebn import _extension
 from torch_safebn.tools import host_bench, layer_bench
 from torch_safebn.tools.cli import main
 from torch_safebn.tools.text import WIDTH
@@ -44,6 +47,9 @@ def test_host_rows_follow_their_documented_fields(cpu_run):
     machine = result["machine"]
     assert machine["threads"] == 1 and machine["device_type"] == "cpu"
     assert machine["cpus"] >= 1 and machine["cpu"] and "copy_gb_per_s" not in machine
+    # which build ran: the package's directory and the commit setup.py built _C from
+    assert machine["torch_safebn_path"] == os.path.dirname(os.path.abspath(torch_safebn.__file__))
+    assert machine["torch_safebn_build"] == _extension.built_from()
     for row in result["rows"]:
         assert list(row) == list(host_bench.ROW_FIELDS)  # in order
         for field, (kind, _) in host_bench.ROW_FIELDS.items():

@@ -16,14 +16,25 @@ import urllib.parse
 import torch
 
 
-def built_for() -> str | None:
-    """The torch version _C was built against, or None where setup.py did not
-    record one (no build yet, or a build by an older setup.py)."""
+def _build_info(name: str) -> str | None:
+    """What setup.py recorded about _C's build under `name`, or None where it
+    did not (no build yet, or a build by an older setup.py)."""
     try:
         build_info = importlib.import_module("._build_info", __package__)
     except ModuleNotFoundError:
         return None
-    return build_info.TORCH_VERSION
+    return getattr(build_info, name, None)
+
+
+def built_for() -> str | None:
+    """The torch version _C was built against, or None."""
+    return _build_info("TORCH_VERSION")
+
+
+def built_from() -> str | None:
+    """The commit _C was built from ("+changes" where its compiled sources
+    differed from it), or None (an sdist, an older build)."""
+    return _build_info("SOURCE_COMMIT")
 
 
 def load() -> str | None:

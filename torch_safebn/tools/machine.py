@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import torch
 
 import torch_safebn
+from torch_safebn import _extension
 
 __all__ = ["device_name", "machine_block", "torch_threads", "usable_cpus"]
 
@@ -47,6 +48,9 @@ def machine_block(device: torch.device, threads: int) -> dict:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch_version": torch.__version__,
         "torch_safebn_version": torch_safebn.__version__,
+        # Which build ran: an A/B of two builds in one checkout is only as good as these.
+        "torch_safebn_build": _extension.built_from(),
+        "torch_safebn_path": os.path.dirname(os.path.abspath(torch_safebn.__file__)),
         "backend": torch_safebn.backend(),
         "threads": threads,
         # Other processes on the same cores slow every row alike and widen the IQRs.
