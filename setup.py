@@ -72,8 +72,11 @@ def _extension():
     include_dirs = [os.path.join(HERE, "csrc"), os.path.join(HERE, "torch_safebn")]
     # A new torch in the same environment rebuilds _C (its headers are not
     # among the sources setuptools compares against the built file).
+    # The headers too: setuptools rebuilds only when a file it is told of is newer than _C.
     depends = [os.path.join(TORCH_DIR, "version.py"), os.path.join(HERE, "torch_safebn", "contract.def"),
-               os.path.join(HERE, "torch_safebn", "ops.def")]
+               os.path.join(HERE, "torch_safebn", "ops.def"),
+               *sorted(glob.glob(os.path.join(HERE, "csrc", "**", "*.h"), recursive=True)),
+               *sorted(glob.glob(os.path.join(HERE, "csrc", "**", "*.cuh"), recursive=True))]
     if not _cuda_build_possible():
         return cpp_extension.CppExtension(
             "torch_safebn._C", sources, include_dirs=include_dirs, depends=depends,
@@ -92,10 +95,12 @@ def _extension():
 
 def _source_commit():
     """The checkout's commit, with "+changes" where its compiled sources differ
-    from it; None outside a git checkout (an sdist)."""
+    from it; None outside a git checkout of this project (an sdist)."""
     def git(*args):
         return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True, check=True).stdout.strip()
     try:
+        if os.path.realpath(git("rev-parse", "--show-toplevel")) != os.path.realpath(HERE):
+            return None  # an sdist unpacked inside another checkout
         commit = git("rev-parse", "--short", "HEAD")
         changed = git("status", "--porcelain", "--", "csrc", "setup.py", "torch_safebn/contract.def",
                       "torch_safebn/ops.def")

@@ -3,7 +3,8 @@ and channels_last, fwd / bwd / fwdbwd / eval) against native eager batch norm an
 torch.compile, on 2 threads set explicitly. About 17 to 20 minutes on 2 cores for
 each state of memory.
 
-    python benchmarks/cpu_suite.py [--memory cold|warm|both] [--name NAME] [--runs N] [more bench options, e.g. --min-run-time 1]
+    python benchmarks/cpu_suite.py [--memory cold|warm|both] [--name NAME] [--runs N]
+                                   [more bench options, e.g. --min-run-time 1]
 
 Memory, because on large tensors it decides as much as the kernels do: glibc gives
 a freed block of tens of MB back to the system, so the next call that allocates
@@ -46,13 +47,14 @@ MEMORY = {
 }
 
 
-def result_path(memory: str, name: str, run: int = 1) -> str:
-    """A run's results, without the extension."""
-    return os.path.join(RESULTS, name + ("" if memory == "cold" else f"-{memory}") + ("" if run == 1 else f"-run{run}"))
+def result_path(memory: str, name: str, index: int = 1) -> str:
+    """Run `index`'s results, without the extension."""
+    suffix = ("" if memory == "cold" else f"-{memory}") + ("" if index == 1 else f"-run{index}")
+    return os.path.join(RESULTS, name + suffix)
 
 
-def options(memory: str, name: str, run: int) -> list[str]:
-    path = result_path(memory, name, run)
+def options(memory: str, name: str, index: int) -> list[str]:
+    path = result_path(memory, name, index)
     return ["bench", "--device", "cpu", "--preset", "full",
             "--dtypes", "float32,bfloat16", "--layouts", "contiguous,channels_last",
             "--passes", "fwd,bwd,fwdbwd,eval", "--peers", "native,compile",
@@ -60,11 +62,11 @@ def options(memory: str, name: str, run: int) -> list[str]:
             "--json", f"{path}.json", "--plot", f"{path}.png"]
 
 
-def run(memory: str, name: str, run: int, more: list[str]) -> tuple[int, str]:
-    """One suite in a process of its own, its JSON stating the state of memory:
-    (exit status, the JSON's path)."""
+def run_once(memory: str, name: str, index: int, more: list[str]) -> tuple[int, str]:
+    """Run `index` of the suite, in a process of its own, its JSON stating the
+    state of memory: (exit status, the JSON's path)."""
     env = dict(os.environ, **(WARM_MEMORY if memory == "warm" else {}))
-    argv = options(memory, name, run) + more  # later options override these
+    argv = options(memory, name, index) + more  # later options override these
     status = subprocess.call([sys.executable, "-m", "torch_safebn", *argv], env=env)
     path = argv[max(i for i, arg in enumerate(argv) if arg == "--json") + 1]  # the last one given
     if status == 0:
@@ -76,22 +78,26 @@ def run(memory: str, name: str, run: int, more: list[str]) -> tuple[int, str]:
 
 
 def over_best_peer(path: str) -> dict[tuple, float]:
-    """Per workload of a run, safebn's time over the fastest peer's."""
+    """Per workload of a run timed against peers, safebn's time over the fastest peer's."""
     with open(path) as f:
         groups = workload_groups(json.load(f)["rows"])
-    return {key: 1 / impls["safebn"]["speedup_vs_best_peer"] for key, impls in groups.items()}
+    return {key: 1 / impls["safebn"]["speedup_vs_best_peer"] for key, impls in groups.items()
+            if impls["safebn"]["speedup_vs_best_peer"]}
 
 
 def verdict(ratios: list[float]) -> dict:
     """The workloads safebn was fastest in, and the geometric mean of its time over the best peer's."""
+    geomean = math.exp(statistics.fmean(math.log(ratio) for ratio in ratios)) if ratios else None
     return {"fastest": sum(ratio <= 1.0 for ratio in ratios), "workloads": len(ratios),
-            "geomean_over_best_peer": math.exp(statistics.fmean(math.log(ratio) for ratio in ratios))}
+            "geomean_over_best_peer": geomean}
 
 
 def summarize(memory: str, paths: list[str]) -> dict:
-    """Every run's ratios per workload, their medians, and the verdict of each run and of the medians."""
+    """Every run's ratios per workload, their medians (over the runs that timed
+    the workload), and the verdict of each run and of the medians."""
     runs = [over_best_peer(path) for path in paths]
-    medians = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+    keys = list(dict.fromkeys(key for run in runs for key in run))
+    medians = {key: statistics.median(run[key] for run in runs if key in run) for key in keys}
     return {
         "format": "torch_safebn.cpu_suite_runs/1", "created": datetime.now(timezone.utc).isoformat(),
         "memory": {"state": memory, "meaning": MEMORY[memory]},
@@ -99,7 +105,7 @@ def summarize(memory: str, paths: list[str]) -> dict:
         "runs": [{"file": os.path.basename(path), **verdict(list(run.values()))} for path, run in zip(paths, runs)],
         "medians": verdict(list(medians.values())),
         "workloads": [{"pass": key[0], "shape": list(key[1]), "layout": key[2], "dtype": key[3], "param_dtype": key[4],
-                       "over_best_peer": [run[key] for run in runs], "median": medians[key]} for key in medians],
+                       "over_best_peer": [run.get(key) for run in runs], "median": medians[key]} for key in keys],
     }
 
 
@@ -107,19 +113,19 @@ def suite(memory: str, name: str, runs: int, more: list[str]) -> int:
     """The suite `runs` times for one state of memory, and with several runs their summary."""
     paths = []
     for index in range(1, runs + 1):
-        status, path = run(memory, name, index, more)
+        status, path = run_once(memory, name, index, more)
         if status != 0:
             return status
         paths.append(path)
     if runs > 1:
         summary = summarize(memory, paths)
         with open(result_path(memory, name) + "-runs.json", "w") as f:
-            json.dump(summary, f, indent=1)
+            f.write(json.dumps(summary, indent=1) + "\n")
         print(f"{memory}: " + "; ".join(
-            f"run {index}: fastest in {r['fastest']} of {r['workloads']}, geomean {r['geomean_over_best_peer']:.3f}"
+            f"run {index}: fastest in {r['fastest']} of {r['workloads']}, geomean {r['geomean_over_best_peer']}"
             for index, r in enumerate(summary["runs"], 1)) +
             f"; medians: fastest in {summary['medians']['fastest']}, geomean "
-            f"{summary['medians']['geomean_over_best_peer']:.3f}")
+            f"{summary['medians']['geomean_over_best_peer']}")
     return 0
 
 
@@ -131,5 +137,7 @@ if __name__ == "__main__":
     args, more = parser.parse_known_args()
     if args.runs < 1:
         parser.error("--runs takes 1 or more")
+    if args.runs > 1 and {"--json", "--plot"} & set(more):
+        parser.error("--runs names each run's files itself: leave out --json and --plot (use --name)")
     sys.exit(max(suite(memory, args.name, args.runs, more)
                  for memory in (MEMORY if args.memory == "both" else [args.memory])))

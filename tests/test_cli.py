@@ -315,3 +315,9 @@ def test_cpu_suite_summary_takes_each_workloads_median_over_the_runs(tmp_path):
     assert summary["medians"]["fastest"] == 1 and summary["medians"]["workloads"] == 2
     assert summary["medians"]["geomean_over_best_peer"] == pytest.approx(1.25 ** 0.5)
     assert summary["memory"]["state"] == "warm"
+    # a workload missing from a run: its median over the runs that timed it
+    paths.append(result(tmp_path / "d.json", {4: 0.1}))
+    summary = suite["summarize"]("warm", paths)
+    by_channels = {w["shape"][1]: w for w in summary["workloads"]}
+    assert by_channels[4]["over_best_peer"] == [0.5, 1.0, 1.25, 10.0] and by_channels[4]["median"] == 1.125
+    assert by_channels[8]["over_best_peer"] == [2.0, 1.25, 0.5, None] and by_channels[8]["median"] == 1.25

@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -49,7 +50,9 @@ def test_host_rows_follow_their_documented_fields(cpu_run):
     assert machine["cpus"] >= 1 and machine["cpu"] and "copy_gb_per_s" not in machine
     # which build ran: the package's directory and the commit setup.py built _C from
     assert machine["torch_safebn_path"] == os.path.dirname(os.path.abspath(torch_safebn.__file__))
-    assert machine["torch_safebn_build"] == _extension.built_from()
+    build = machine["torch_safebn_build"]
+    assert build == _extension.built_from()
+    assert build is None or re.fullmatch(r"[0-9a-f]{7,40}(\+changes)?", build), build
     for row in result["rows"]:
         assert list(row) == list(host_bench.ROW_FIELDS)  # in order
         for field, (kind, _) in host_bench.ROW_FIELDS.items():

@@ -12,13 +12,14 @@ constexpr int64_t kLanes = 32;
 constexpr int64_t kRowLanes = 16;
 // Widest strip of a block whose lane sums are kept on the stack.
 constexpr int64_t kMaxStrip = 1024;
-// Bytes of lane sums per sum that a block's reduction keeps in registers
-// while it walks kFlushRows rows: with a strip's sums on the stack, each
-// row's adds waited on the stores of the row before (one AVX-512 thread took
-// 80 us for the statistics of channels-last float32 [8, 64, 32, 32] this
-// way, against 104 us; and 46 us with the lanes added to their channels once
-// per call, sum_blocks).
+// Bytes of lane sums per sum that a block's statistics keep in registers
+// while they walk kFlushRows rows (32 float32 lanes: two AVX-512 or four
+// AVX2 registers): with the sums on the stack, each row's adds waited on the
+// stores of the row before.
 constexpr int64_t kRegisterSumBytes = 128;
+// The most bytes of kFlushRows rows that the statistics walk in register
+// pieces (sum_blocks).
+constexpr int64_t kPieceRowsBytes = int64_t(64) << 10;
 
 // Statistics are accumulated as sums of x - shift and (x - shift)^2, with the
 // shift a value of the same channel: two independent FMAs per element, where
@@ -431,14 +432,16 @@ inline void sum_blocks(const Blocks& b, int64_t begin, int64_t end, const Inputs
     // Words of a row whose sums fit in registers: kWords at a time, and a
     // narrower piece at the end of a strip.
     constexpr int64_t kWords = std::max<int64_t>(1, kRegisterSumBytes / int64_t(sizeof(acc_t)) / V);
-    // The statistics of rows that lie one after another in a single strip
-    // (channels-last ones, and contiguous ones of a few values per channel)
-    // are summed a piece of kWords words at a time down kFlushRows rows.
-    // Everything else walks row by row along the strip, in memory order:
-    // rows far apart (contiguous [64, 512, 7, 7]: 100 KB) took 20% longer in
-    // pieces, each piece a stream of its own per row, and so did the two
-    // inputs of the gradient's sums at memory speed ([8192, 512]).
-    const bool in_pieces = N == 1 && b.stride == b.width && order.words <= kMaxStrip / V;
+    // The statistics of rows no wider than a strip, kFlushRows of which take
+    // at most kPieceRowsBytes (channels-last rows, [8192, 512]), are summed a
+    // piece of kWords words at a time down those rows. Wider rows, and the
+    // gradient's two inputs, are walked row by row along each strip, in
+    // memory order: in pieces, each row read as a stream of its own, the
+    // statistics of contiguous [64, 512, 7, 7] (rows of 25088 values) took
+    // 20% longer on one thread, those of [8192, 1024] float32 (128 KB of
+    // rows) 5 to 25% longer, and the gradient's sums of [8192, 512] 30%.
+    const bool in_pieces =
+        N == 1 && order.words <= kMaxStrip / V && kFlushRows * b.width * int64_t(sizeof(T)) <= kPieceRowsBytes;
     // The sums of a strip of words [i0, i0 + strip_words) in double: value k
     // of word i0 + i at k * strip_words + i.
     double lane_a[kMaxStrip], lane_b[kMaxStrip];
@@ -485,11 +488,11 @@ inline void sum_blocks(const Blocks& b, int64_t begin, int64_t end, const Inputs
         for (; w0 + kWords <= strip_words; w0 += kWords) sum_piece(w0, std::integral_constant<int64_t, kWords>{});
         if (w0 < strip_words) sum_piece(w0, strip_words - w0);
       }
-      // A channel's lanes summed in registers, then added once, after every
-      // row: adding each lane to its channel's total chains the S lanes of a
-      // contiguous input through memory, and the lanes of a channels-last
-      // row, a channel each, cost as much as their sums when added every
-      // kFlushRows rows.
+      // A channel's lanes summed in registers, then added once per strip,
+      // after all the rows: adding each lane to its channel's total chains
+      // the S lanes of a contiguous input through memory, and the lanes of a
+      // channels-last row, a channel each, cost as much as their sums when
+      // added every kFlushRows rows.
       b.for_each_channel_span(i0 * V, (i0 + strip_words) * V, [&](int64_t first, int64_t last, int64_t c) {
         double span_a = 0, span_b = 0;
         for (int64_t j = first; j < last; ++j) {
