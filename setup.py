@@ -70,9 +70,9 @@ def _extension():
                "csrc/composite.cpp", "csrc/autograd.cpp", "csrc/sync.cpp", "csrc/cpu/kernels.cpp", "csrc/cpu/batch_norm_cpu.cpp"]
     # csrc/ and the contract the C++ code shares with the Python layer
     include_dirs = [os.path.join(HERE, "csrc"), os.path.join(HERE, "torch_safebn")]
-    # A new torch in the same environment rebuilds _C (its headers are not
-    # among the sources setuptools compares against the built file).
-    # The headers too: setuptools rebuilds only when a file it is told of is newer than _C.
+    # setuptools rebuilds _C only when a file it compares against it is newer:
+    # torch's version (a new torch in the same environment), the contract, and
+    # csrc's headers, none of which are among the sources.
     depends = [os.path.join(TORCH_DIR, "version.py"), os.path.join(HERE, "torch_safebn", "contract.def"),
                os.path.join(HERE, "torch_safebn", "ops.def"),
                *sorted(glob.glob(os.path.join(HERE, "csrc", "**", "*.h"), recursive=True)),
