@@ -87,13 +87,15 @@ def test_bfloat16_rounds_like_torch_in_every_walk(shape, layout):
     assert_same_bits(dx, (dy.float() * w).to(torch.bfloat16))
 
 
-@pytest.mark.parametrize("shape", [(3, 5, 7), (3, 5, 33), (3, 5, 65), (15, 17, 143), (2, 3, 1025), (5, 2, 3001)])
+@pytest.mark.parametrize("shape", [(3, 5, 7), (3, 5, 33), (3, 5, 65), (15, 17, 143), (2, 3, 1025), (5, 2, 3001),
+                                   (5, 70, 33)])
 def test_bfloat16_statistics_count_every_value(shape, two_threads):
     """The sums take bfloat16 in pairs: a run of odd length (S = 7, 33, 65, 143, 1025) leaves a last
     value outside them, rows walked one by one (S = 65, 143) start at odd positions, the two tasks of
     (15, 17, 143) split its rows mid-channel (at row 128 of 255), and slices of a plane ((5, 2, 3001) is
-    split across tasks) start mid-row at odd positions. None may be dropped or counted twice: a value
-    more or less moves the mean ~1e-3."""
+    split across tasks) start mid-row at odd positions; rows wider than a strip ((5, 70, 33): 2310
+    values) are summed two at a time, an odd one left to sum alone. None may be dropped or counted
+    twice: a value more or less moves the mean ~1e-3."""
     x = make_input(shape, torch.bfloat16)
     var64, mean64 = torch.var_mean(x.double(), dim=[0, 2], correction=0)
     mean, var = OPS.batch_stats(x)

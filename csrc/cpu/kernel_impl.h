@@ -417,6 +417,16 @@ constexpr int64_t piece_capacity(int64_t strip) {
   else return Words::value;
 }
 
+// GCC's unroll-and-jam (-O3) had sum_blocks' row walk read two rows at a
+// time, its per-lane sums staying in place from row to row: the gradient's
+// sums of channels_last [32, 64, 56, 56] float32, whose 51 MB outgrow the
+// cache, took 3.8 ms on one thread against native's 1.5, and 1.8 one row at
+// a time. Off for sum_blocks alone: without it everywhere, the contiguous
+// inputs' plane and row walks took up to 1.7 times as long.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("no-loop-unroll-and-jam")
+#endif
 // Adds the sums of rows [begin, end) into per-channel totals: add(values, k,
 // lane, a, b) adds the terms of value k of a word, whose per-lane constants
 // are at `lane`. Lanes are summed in strips of up to kMaxStrip values: in
@@ -442,6 +452,11 @@ inline void sum_blocks(const Blocks& b, int64_t begin, int64_t end, const Inputs
     // rows) 5 to 25% longer, and the gradient's sums of [8192, 512] 30%.
     const bool in_pieces =
         N == 1 && order.words <= kMaxStrip / V && kFlushRows * b.width * int64_t(sizeof(T)) <= kPieceRowsBytes;
+    // Rows wider than a strip are read a strip of each at a time, short
+    // streams the prefetchers barely start on: two rows at a time keep more
+    // loads in flight. Rows within a strip follow one another as one stream,
+    // which reading two rows at a time splits in two.
+    const bool rows_in_pairs = order.words > kMaxStrip / V;
     // The sums of a strip of words [i0, i0 + strip_words) in double: value k
     // of word i0 + i at k * strip_words + i.
     double lane_a[kMaxStrip], lane_b[kMaxStrip];
@@ -461,18 +476,24 @@ inline void sum_blocks(const Blocks& b, int64_t begin, int64_t end, const Inputs
             std::fill_n(a[k], int64_t(words), acc_t(0));
             std::fill_n(s[k], int64_t(words), acc_t(0));
           }
-          for (int64_t r = r0; r < r1; ++r) {
-            const Inputs<T, N> row = advanced(in, b.offset + r * b.stride + (i0 + w0) * V);
-            // A pass over the row per value of a word: one contiguous stream
-            // of sums each, which the compiler vectorizes once k is a constant.
+          // The words of `rows` (one or two rows' Inputs) added in one pass
+          // per value of a word: one contiguous stream of sums each, which
+          // the compiler vectorizes once k is a constant.
+          auto sweep = [&](const auto&... rows) {
 #pragma GCC unroll 2
             for (int k = 0; k < V; ++k) {
               acc_t* __restrict__ a_k = a[k];
               acc_t* __restrict__ s_k = s[k];
               const int64_t lane = k * order.words + i0 + w0;
-              for (int64_t i = 0; i < int64_t(words); ++i) add(unpack_words<P>(row, i), k, lane + i, a_k[i], s_k[i]);
+              for (int64_t i = 0; i < int64_t(words); ++i)
+                (add(unpack_words<P>(rows, i), k, lane + i, a_k[i], s_k[i]), ...);
             }
-          }
+          };
+          auto row = [&](int64_t r) { return advanced(in, b.offset + r * b.stride + (i0 + w0) * V); };
+          int64_t r = r0;
+          if (rows_in_pairs)
+            for (; r + 1 < r1; r += 2) sweep(row(r), row(r + 1));
+          for (; r < r1; ++r) sweep(row(r));
           for (int k = 0; k < V; ++k) {
             for (int64_t i = 0; i < int64_t(words); ++i) {
               lane_a[k * strip_words + w0 + i] += a[k][i];
@@ -506,6 +527,10 @@ inline void sum_blocks(const Blocks& b, int64_t begin, int64_t end, const Inputs
     }
   });
 }
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
 
 // out = f(values, k, lane) over rows [begin, end), a word at a time, written as `store` says.
 template <typename T, size_t N, typename F>
