@@ -295,6 +295,19 @@ def test_cpu_suite_runs_issue_5s_workloads_cold_and_warm():
     assert second[second.index("--json") + 1].endswith("full-cpu-warm-run2.json")
 
 
+def test_reductions_times_the_sums_natives_backward_computes():
+    """benchmarks/reductions.py: native's gradient sums, timed beside safebn's, are the same two sums
+    (grad_weight and grad_bias with invstd 1); native takes float32 statistics only with float32 input."""
+    bench = runpy.run_path(str(REPOSITORY / "benchmarks" / "reductions.py"))
+    ops = bench["case_ops"]("4x3x5x6:channels_last:float32")
+    assert set(ops) == {"stats", "grad_sums", "native_grad_sums"}
+    _, grad_weight, grad_bias = ops["grad_sums"]()
+    _, native_weight, native_bias = ops["native_grad_sums"]()
+    torch.testing.assert_close(grad_weight, native_weight)
+    torch.testing.assert_close(grad_bias, native_bias)
+    assert set(bench["case_ops"]("5x7:contiguous:bfloat16")) == {"stats", "grad_sums"}
+
+
 def test_cpu_suite_summary_takes_each_workloads_median_over_the_runs(tmp_path):
     suite = runpy.run_path(str(REPOSITORY / "benchmarks" / "cpu_suite.py"))
 
