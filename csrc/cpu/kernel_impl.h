@@ -417,12 +417,14 @@ constexpr int64_t piece_capacity(int64_t strip) {
   else return Words::value;
 }
 
-// GCC's unroll-and-jam (-O3) had sum_blocks' row walk read two rows at a
-// time, its per-lane sums staying in place from row to row: the gradient's
+// GCC's unroll-and-jam (-O3) paired every row of sum_blocks' walk with the
+// next, its per-lane sums staying in place from row to row: the gradient's
 // sums of channels_last [32, 64, 56, 56] float32, whose 51 MB outgrow the
-// cache, took 3.8 ms on one thread against native's 1.5, and 1.8 one row at
-// a time. Off for sum_blocks alone: without it everywhere, the contiguous
-// inputs' plane and row walks took up to 1.7 times as long.
+// cache, took 3.5 to 4.7 ms on one thread against native's 1.6 to 2.8, and
+// 2.0 to 2.2 one row at a time. The walk pairs rows itself where that pays
+// (rows_in_pairs), and the compiler's pairing is off for sum_blocks alone:
+// off everywhere, the contiguous inputs' plane and row walks took up to 1.7
+// times as long. benchmarks/README.md, "Rows one at a time past the cache".
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC push_options
 #pragma GCC optimize("no-loop-unroll-and-jam")
