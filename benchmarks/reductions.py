@@ -1,12 +1,12 @@
 """The CPU reductions alone: safebn.batch_stats (the forward's statistics) and
 safebn.backward_reduce (the gradient's two sums) per case, and for float32
 native's gradient sums beside them (native_batch_norm_backward without the
-input gradient, which computes the same two sums). Median of 7 blocks of
-50 ms per op, one thread unless told, in this process: run it once per build
-to compare two builds (benchmarks/README.md "Running": from outside the
+input gradient, which computes the same two sums). A case's ops timed in
+turns (torch_safebn.tools.timing), one thread unless told, in this process:
+run it once per build to compare two builds (benchmarks/README.md "Running": from outside the
 checkout, PYTHONPATH set to each build, the builds taking turns).
 
-    python benchmarks/reductions.py [--threads 1] [--json PATH] SHAPE:LAYOUT:DTYPE ...
+    python benchmarks/reductions.py [--threads 1] [--min-run-time 0.35] [--json PATH] SHAPE:LAYOUT:DTYPE ...
     e.g. 32x64x56x56:channels_last:float32 8192x512:contiguous:float32
 
 prints one JSON object (the machine and build, the times in us); --json
@@ -14,26 +14,13 @@ appends it to PATH as a line.
 """
 import argparse
 import json
-import statistics
-import time
 
 import torch
 
 from torch_safebn.tools.machine import machine_block
+from torch_safebn.tools.timing import time_in_turns
 
 OPS = torch.ops.safebn
-
-
-def median_us(fn, blocks: int = 7, block_s: float = 0.05) -> float:
-    times = []
-    for _ in range(blocks):
-        fn()
-        start, calls = time.perf_counter(), 0
-        while time.perf_counter() - start < block_s:
-            fn()
-            calls += 1
-        times.append((time.perf_counter() - start) / calls * 1e6)
-    return statistics.median(times)
 
 
 def case_ops(spec: str) -> dict:
@@ -57,14 +44,16 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("cases", nargs="+", metavar="SHAPE:LAYOUT:DTYPE")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--min-run-time", type=float, default=0.35, help="seconds of timed calls per op")
     parser.add_argument("--json", help="append the result to this file as a line")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     # the machine block names the build timed (torch_safebn_build, torch_safebn_path)
     result = {"machine": machine_block(torch.device("cpu"), args.threads), "us": {}}
     for spec in args.cases:
-        for name, fn in case_ops(spec).items():
-            result["us"][f"{name} {spec}"] = round(median_us(fn), 1)
+        ops = case_ops(spec)
+        for name, measurement in zip(ops, time_in_turns(list(ops.values()), args.threads, args.min_run_time)):
+            result["us"][f"{name} {spec}"] = round(measurement.median * 1e6, 1)
     line = json.dumps(result)
     print(line)
     if args.json:
