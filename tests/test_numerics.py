@@ -15,6 +15,7 @@ SILU = int(Activation.SILU)
 
 
 @pytest.mark.parametrize("shape,layout", [((64, 2, 128, 128), "contiguous"), ((64, 2, 128, 128), "channels_last"),
+                                          ((16, 64, 32, 32), "channels_last"),  # rows folded into one piece
                                           ((1_000_000, 2), "contiguous")])
 def test_large_offset_variance_in_float32(shape, layout):
     """1e4 + N(0, 1): a naive sum of squares in float32 loses every digit of
@@ -101,6 +102,33 @@ def test_bfloat16_statistics_count_every_value(shape, two_threads):
     mean, var = OPS.batch_stats(x)
     torch.testing.assert_close(mean.double(), mean64, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(var.double(), var64, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(16, 64, 17, 16), (8, 32, 33, 9), (3, 16, 7, 5)])
+def test_channels_last_rows_folded_into_one_piece(shape, dtype, two_threads):
+    """Channels-last rows whose channels repeat within a piece of register sums (C = 64, 32, 16 on
+    AVX-512; 32, 16 on AVX2) are summed a row at a time, each of the row's pieces added onto the
+    first (kernel_impl.h, sum_blocks), for the statistics and the gradient's sums alike; (3, 16, 7, 5)
+    ends in a block too narrow to fold. Every value must land in its channel: the statistics and the
+    three gradients against float64."""
+    x = make_input(shape, dtype, "channels_last")
+    dy = make_input(shape, dtype, "channels_last", seed=1)
+    channels = shape[1]
+    weight, bias = torch.rand(channels) + 0.5, torch.randn(channels)
+    _, mean, invstd = OPS.forward_train(x, weight, bias, None, None, None, None, 0.1, 1e-5, 0, 0.0, 0)
+    _, dw, db = OPS.backward(dy, x, weight, bias, mean, invstd, True, [False, True, True], 0, 0.0, 0)
+    x64, dy64 = x.double(), dy.double()
+    dims = [0, 2, 3]
+    var64, mean64 = torch.var_mean(x64, dim=dims, correction=0)
+    invstd64 = (var64 + 1e-5).rsqrt()
+    per_channel = (1, channels, 1, 1)
+    torch.testing.assert_close(mean.double(), mean64, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(invstd.double(), invstd64, rtol=1e-5, atol=0)
+    # the gradient's sums at the kernel's own statistics, so that only the sums are compared
+    xhat = (x64 - mean.double().view(per_channel)) * invstd.double().view(per_channel)
+    torch.testing.assert_close(db.double(), dy64.sum(dims), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(dw.double(), (dy64 * xhat).sum(dims), rtol=1e-5, atol=1e-4)
 
 
 @pytest.fixture(params=[3, 4, 8])

@@ -20,11 +20,13 @@
 namespace safebn {
 namespace cpu {
 
-// Each instruction set's NonTemporal: store(dst, src) copies kBytes from src
+// Each instruction set's kVectorBytes, the width of its vector registers,
+// and NonTemporal: store(dst, src) copies kBytes from src
 // to dst, which is aligned to kBytes, without reading dst's cache line from
 // memory first; fence() orders those stores before whatever follows. kBytes
 // 0: the processor has none, and Store::kStreamed writes as kCached does.
 namespace baseline {
+constexpr int64_t kVectorBytes = 16;
 #if defined(__x86_64__)
 struct NonTemporal {  // SSE2, in every x86-64 processor
   static constexpr int64_t kBytes = 16;
@@ -48,6 +50,7 @@ struct NonTemporal {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 namespace avx2 {
+constexpr int64_t kVectorBytes = 32;
 struct NonTemporal {
   static constexpr int64_t kBytes = 32;
   static void store(char* dst, const char* src) {
@@ -62,6 +65,7 @@ struct NonTemporal {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,prefer-vector-width=512")
 namespace avx512 {
+constexpr int64_t kVectorBytes = 64;
 struct NonTemporal {
   static constexpr int64_t kBytes = 64;
   static void store(char* dst, const char* src) {
