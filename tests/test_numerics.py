@@ -104,14 +104,15 @@ def test_bfloat16_statistics_count_every_value(shape, two_threads):
     torch.testing.assert_close(var.double(), var64, rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(16, 64, 17, 16), (8, 32, 33, 9), (3, 16, 7, 5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(16, 64, 17, 16), (8, 32, 33, 9), (3, 16, 7, 5), (1, 64, 3, 3)])
 def test_channels_last_rows_folded_into_one_piece(shape, dtype, two_threads):
     """Channels-last rows whose channels repeat within a piece of register sums (C = 64, 32, 16 on
     AVX-512; 32, 16 on AVX2) are summed a row at a time, each of the row's pieces added onto the
     first (kernel_impl.h, sum_blocks), for the statistics and the gradient's sums alike; (3, 16, 7, 5)
-    ends in a block too narrow to fold. Every value must land in its channel: the statistics and the
-    three gradients against float64."""
+    ends in a block too narrow to fold, (1, 64, 3, 3) in one of a single piece (AVX-512). Every value
+    must land in its channel: the statistics, and the weight's and bias's gradients, against
+    float64."""
     x = make_input(shape, dtype, "channels_last")
     dy = make_input(shape, dtype, "channels_last", seed=1)
     channels = shape[1]

@@ -13,11 +13,17 @@ constexpr int64_t kRowLanes = 16;
 // Widest strip of a block whose lane sums are kept on the stack.
 constexpr int64_t kMaxStrip = 1024;
 // Bytes of lane sums per sum that a block's statistics keep in registers
-// while they walk kFlushRows rows: four vector registers (kVectorBytes, set
-// per instruction set by kernels.cpp), so that two sums and their shifts
-// take 12 of AVX2's 16 registers. With the sums on the stack, each row's
-// adds waited on the stores of the row before.
-constexpr int64_t kRegisterSumBytes = 4 * kVectorBytes;
+// while they walk kFlushRows rows (32 float32 lanes: two AVX-512 or four
+// AVX2 registers): with the sums on the stack, each row's adds waited on the
+// stores of the row before.
+constexpr int64_t kRegisterSumBytes = 128;
+// Bytes of lane sums per sum of a folded row (sum_blocks): four vector
+// registers (kVectorBytes, set per instruction set by kernels.cpp), so that
+// channels-last C = 64 folds on AVX-512. Not the pieces' size too: in pieces
+// of 64 lanes, rows of 4 * 64 + 32 values (channels-last C = 96) left their
+// last 32 lanes to sums on the stack, and their statistics took 15 to 27%
+// longer.
+constexpr int64_t kFoldedSumBytes = 4 * kVectorBytes;
 // The most bytes of kFlushRows rows that the statistics walk in register
 // pieces (sum_blocks).
 constexpr int64_t kPieceRowsBytes = int64_t(64) << 10;
@@ -455,18 +461,21 @@ inline void sum_blocks(const Blocks& b, int64_t begin, int64_t end, const Inputs
     // rows) 5 to 25% longer, and the gradient's sums of [8192, 512] 30%.
     const bool in_pieces =
         N == 1 && order.words <= kMaxStrip / V && kFlushRows * b.width * int64_t(sizeof(T)) <= kPieceRowsBytes;
-    // Rows whose channels repeat every kWords words (channels-last C = 64,
-    // 32, 16, ... on AVX-512) are summed a whole row at a time into one
-    // register piece, its pieces folded onto the first, for statistics and
-    // gradient alike. Read in memory order, the statistics of channels-last
-    // [64, 64, 112, 112] float32 took 7.2 to 7.5 ms on one thread, against
-    // 18.2 to 18.3 with each piece walked down 32 rows: on this VM reads in
-    // any other order than ascending ran at half the speed past the cache
+    // Rows whose channels repeat every kFoldedWords words (channels-last
+    // C = 64, 32, 16, ... in float32 or bfloat16 on AVX-512) are summed a
+    // whole row at a time into one register piece, each of its pieces added
+    // onto the first's lanes, whose channels they repeat: for statistics and
+    // gradient alike, and within one strip, so never two rows at a time.
+    // Read in memory order, the statistics of channels-last [64, 64, 112, 112]
+    // float32 took 7.2 to 7.5 ms on one thread, against 18.2 to 18.3 with
+    // each piece walked down 32 rows: on this VM reads in any other order
+    // than ascending ran at half the speed past the cache
     // (benchmarks/README.md, "Channels-last rows folded"). Each lane then
     // holds `folds` values per row, kFlushRows rows at a time.
-    const int64_t folds = order.words / kWords;
-    const bool folded = order.words % kWords == 0 && order.words <= kMaxStrip / V &&
-                        (kWords * V) % (b.per_channel * b.channels) == 0 && folds * kFlushRows <= kFlushEvery;
+    constexpr int64_t kFoldedWords = std::max<int64_t>(1, kFoldedSumBytes / int64_t(sizeof(acc_t)) / V);
+    const int64_t folds = order.words / kFoldedWords;
+    const bool folded = order.words % kFoldedWords == 0 && order.words <= kMaxStrip / V &&
+                        (kFoldedWords * V) % (b.per_channel * b.channels) == 0 && folds * kFlushRows <= kFlushEvery;
     // Rows wider than a strip are read a strip of each at a time, short
     // streams the prefetchers barely start on: two rows at a time keep more
     // loads in flight. Rows within a strip follow one another as one stream,
@@ -483,8 +492,10 @@ inline void sum_blocks(const Blocks& b, int64_t begin, int64_t end, const Inputs
         const int64_t r1 = std::min(end, r0 + kFlushRows);
         // Words [w0, w0 + words) over rows [r0, r1), and the `fold` - 1
         // pieces of as many words after them in each row, summed in acc_t
-        // (registers, when `words` is the constant kWords), then flushed.
-        auto sum_piece = [&](int64_t w0, auto words, int64_t fold) {
+        // (registers, when `words` is a constant), then flushed. `fold` is
+        // the constant 1 unless the rows are folded: a count known only at
+        // run time made the other walks 5 to 19% slower.
+        auto sum_piece = [&](int64_t w0, auto words, auto fold) {
           using Words = decltype(words);
           constexpr int64_t kCapacity = piece_capacity<Words>(kMaxStrip / V);
           acc_t a[V][kCapacity], s[V][kCapacity];
@@ -510,7 +521,7 @@ inline void sum_blocks(const Blocks& b, int64_t begin, int64_t end, const Inputs
           if (rows_in_pairs)
             for (; r + 1 < r1; r += 2) sweep(row(r), row(r + 1));
           for (; r < r1; ++r)
-            for (int64_t f = 0; f < fold; ++f) sweep(advanced(row(r), f * int64_t(words) * V));
+            for (int64_t f = 0; f < int64_t(fold); ++f) sweep(advanced(row(r), f * int64_t(words) * V));
           for (int k = 0; k < V; ++k) {
             for (int64_t i = 0; i < int64_t(words); ++i) {
               lane_a[k * strip_words + w0 + i] += a[k][i];
@@ -518,18 +529,19 @@ inline void sum_blocks(const Blocks& b, int64_t begin, int64_t end, const Inputs
             }
           }
         };
-        const std::integral_constant<int64_t, kWords> piece_words;
+        const std::integral_constant<int64_t, 1> kOnce{};
         if (folded) {
-          sum_piece(0, piece_words, folds);
+          sum_piece(0, std::integral_constant<int64_t, kFoldedWords>{}, folds);
           continue;
         }
         if (!in_pieces) {
-          sum_piece(0, strip_words, 1);
+          sum_piece(0, strip_words, kOnce);
           continue;
         }
         int64_t w0 = 0;
-        for (; w0 + kWords <= strip_words; w0 += kWords) sum_piece(w0, piece_words, 1);
-        if (w0 < strip_words) sum_piece(w0, strip_words - w0, 1);
+        for (; w0 + kWords <= strip_words; w0 += kWords)
+          sum_piece(w0, std::integral_constant<int64_t, kWords>{}, kOnce);
+        if (w0 < strip_words) sum_piece(w0, strip_words - w0, kOnce);
       }
       // A channel's lanes summed in registers, then added once per strip,
       // after all the rows: adding each lane to its channel's total chains
