@@ -17,6 +17,7 @@ import json
 
 import torch
 
+from torch_safebn.tools.layer_bench import parse_shape
 from torch_safebn.tools.machine import machine_block
 from torch_safebn.tools.timing import time_in_turns
 
@@ -26,7 +27,7 @@ OPS = torch.ops.safebn
 def case_ops(spec: str) -> dict:
     """The ops to time for one SHAPE:LAYOUT:DTYPE."""
     shape, layout, dtype = spec.split(":")
-    shape = [int(v) for v in shape.split("x")]
+    shape = parse_shape(shape)
     memory_format = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}[layout]
     x, dy = (torch.randn(shape).to(getattr(torch, dtype), memory_format=memory_format) for _ in range(2))
     channels, dims = shape[1], [0, *range(2, len(shape))]
